@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Everything that a user can cause (a bad path, a corrupt file, a checkpoint that does not fit, an
+out-of-range option) is raised as :class:`EkgError` with one sentence saying what is wrong and
+how to fix it. The CLI prints it as one line and exits non-zero; no traceback.
+"""
+
+from __future__ import annotations
+
+
+class EkgError(Exception):
+    """An error caused by the user's input, with a message meant for humans."""
+
+
+class DataError(EkgError):
+    """Missing, malformed or mismatching data (layout, checksum, shapes)."""
+
+
+class CheckpointError(EkgError):
+    """A file that is not a checkpoint, or one that does not fit the requested model."""
