@@ -1,0 +1,271 @@
+"""ekg's checkpoint format, and importers for the checkpoints users bring.
+
+Our format is a ``torch.save`` of plain containers and tensors, so it loads with
+``torch.load(weights_only=True)`` (no code can run on load)::
+
+    {"format": "ekg-checkpoint", "version": 1,
+     "arch": {...ResNetSpec: depth, shortcut, padding, stage_widths, block_widths, num_classes...},
+     "preprocess": {"normalization": {"name", "mean", "std"}, "input_size": [3, 32, 32]},
+     "dataset": {"name": "cifar10", "num_classes": 10},
+     "state_dict": {...},
+     "meta": {"source": ..., "created": ..., "ekg_version": ..., ...}}
+
+The architecture record holds every channel width, so a pruned model reloads without the original,
+and the preprocessing record means ``ekg test`` needs no extra flags.
+
+Importers (both through restricted unpicklers that cannot execute code):
+
+* the original EKG release's TensorFlow pickle (``res56_cifar10.pkl``: TF variable names → numpy);
+* akamaster's ``.th`` files (legacy torch serialization, read by torch's ``weights_only`` loader).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, safe_pickle
+from .errors import CheckpointError, EkgError
+from .io import atomic_path
+from .models import CifarResNet, ResNetSpec, arch_name, build_model, spec_for
+
+FORMAT = "ekg-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A model with everything needed to use it: architecture, preprocessing, provenance."""
+
+    model: CifarResNet
+    normalization: dict[str, Any]
+    dataset: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, int, int] = (3, 32, 32)
+
+    @property
+    def spec(self) -> ResNetSpec:
+        return self.model.spec
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.spec.num_classes
+
+    @property
+    def arch(self) -> str:
+        return arch_name(self.model.spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "arch": self.spec.to_dict(),
+            "preprocess": {"normalization": dict(self.normalization), "input_size": list(self.input_size)},
+            "dataset": dict(self.dataset),
+            "state_dict": state,
+            "meta": dict(self.meta),
+        }
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    """Write ``ckpt`` atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    meta = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "ekg_version": __version__, **ckpt.meta}
+    payload = ckpt.to_dict()
+    payload["meta"] = meta
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with one readable error when the weights do not fit the model."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (first: {wrong[0]})")
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (first: {unexpected[0]})")
+        raise CheckpointError(
+            f"the weights in {source} do not fit architecture {arch_name(model.spec) if hasattr(model, 'spec') else type(model).__name__}: "
+            + "; ".join(parts)
+            + " — check --arch, or convert the file with `ekg convert` without --arch to detect it"
+        )
+    full = dict(own)
+    full.update({k: v.to(own[k].dtype) for k, v in state.items()})
+    model.load_state_dict(full)
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True, or None if the file is not a torch file at all."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
+            AttributeError, ImportError, KeyError, IndexError, TypeError):
+        return None
+
+
+def load_checkpoint(path: str | Path, *, arch: str | None = None) -> Checkpoint:
+    """Load a model file of any supported kind: an ekg checkpoint, the original EKG release's
+    TensorFlow pickle, or an akamaster ``.th``. ``arch`` forces a registry architecture for the
+    imported formats (an error if the weights do not fit it)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint file (e.g. {path}/pruned.pt)")
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if arch is not None:
+            raise EkgError(f"{path} is an ekg checkpoint, which records its architecture; drop --arch")
+        return _from_payload(obj, str(path))
+    if isinstance(obj, dict) and "state_dict" in obj:
+        return import_akamaster(obj, str(path), arch=arch)
+    if obj is None:
+        if _looks_like_pickle(path):
+            data = safe_pickle.load(path, encoding="latin1")
+            if isinstance(data, dict) and "conv/kernel:0" in data:
+                return import_ekg_tf(data, str(path), arch=arch)
+    raise CheckpointError(
+        f"{path} is not a model checkpoint ekg can read: expected an ekg checkpoint (.pt, written by "
+        "`ekg convert`/`ekg train`), the original EKG TensorFlow pickle (res56_cifar10.pkl) or an "
+        "akamaster .th file"
+    )
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _from_payload(obj: dict[str, Any], source: str) -> Checkpoint:
+    if obj.get("version", 0) > VERSION:
+        raise CheckpointError(f"{source} was written by a newer ekg (format version {obj['version']}); upgrade ekg")
+    try:
+        model = build_model(obj["arch"])
+        pre = obj["preprocess"]
+        norm = dict(pre["normalization"])
+        state = obj["state_dict"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{source} is an incomplete ekg checkpoint (missing {e})") from None
+    load_state_dict_checked(model, state, source)
+    return Checkpoint(model=model, normalization=norm, dataset=dict(obj.get("dataset", {})),
+                      meta=dict(obj.get("meta", {})), input_size=tuple(pre.get("input_size", (3, 32, 32))))
+
+
+# ----------------------------------------------------------------------------- importers
+
+def _normalization(name: str) -> dict[str, Any]:
+    from .data import get_normalization  # data is the home of the presets
+
+    n = get_normalization(name)
+    return {"name": name, "mean": list(n.mean), "std": list(n.std)}
+
+
+def _dataset_record(num_classes: int) -> dict[str, Any]:
+    return {"name": {10: "cifar10", 100: "cifar100"}.get(num_classes, "custom"), "num_classes": num_classes}
+
+
+def _resolve_spec(arch: str | None, detected: ResNetSpec, source: str) -> ResNetSpec:
+    if arch is None:
+        return detected
+    return spec_for(arch, detected.num_classes)
+
+
+_TF_BLOCK = re.compile(r"BasicBlock(\d+)\.(\d+)/")
+
+
+def import_ekg_tf(weights: dict[str, Any], source: str, *, arch: str | None = None) -> Checkpoint:
+    """Map the original release's TF variables to our ResNet (projection shortcuts, TF padding).
+
+    Conv kernels (kh, kw, cin, cout) become (cout, cin, kh, kw); BN gamma/beta/moving stats become
+    weight/bias/running stats; the fc kernel (in, out) is transposed.
+    """
+    arrays = {k: np.asarray(v) for k, v in weights.items() if not k.startswith("__")}
+    blocks = {(int(m.group(1)), int(m.group(2))) for k in arrays if (m := _TF_BLOCK.match(k))}
+    if not blocks or "fc/kernel:0" not in arrays:
+        raise CheckpointError(f"{source} does not look like an EKG ResNet (no BasicBlock*/fc variables)")
+    n = max(j for _, j in blocks) + 1
+    num_classes = int(arrays["fc/kernel:0"].shape[-1])
+    detected = ResNetSpec(depth=6 * n + 2, num_classes=num_classes, shortcut="B", padding="tf_same")
+    spec = _resolve_spec(arch, detected, source)
+
+    def conv(name: str) -> torch.Tensor:
+        return torch.from_numpy(arrays[f"{name}/kernel:0"].transpose(3, 2, 0, 1).copy())
+
+    def bn(name: str, prefix: str, out: dict[str, torch.Tensor]) -> None:
+        for tf_key, key in (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
+                            ("moving_variance", "running_var")):
+            out[f"{prefix}.{key}"] = torch.from_numpy(arrays[f"{name}/{tf_key}:0"].reshape(-1).copy())
+
+    state: dict[str, torch.Tensor] = {}
+    try:
+        state["conv1.weight"] = conv("conv")
+        bn("bn", "bn1", state)
+        for s, j in sorted(blocks):
+            tf, pt = f"BasicBlock{s}.{j}", f"layer{s + 1}.{j}"
+            for c in (1, 2):
+                state[f"{pt}.conv{c}.weight"] = conv(f"{tf}/conv{c}")
+                bn(f"{tf}/bn{c}", f"{pt}.bn{c}", state)
+            if f"{tf}/conv3/kernel:0" in arrays:
+                state[f"{pt}.shortcut.0.weight"] = conv(f"{tf}/conv3")
+                bn(f"{tf}/bn3", f"{pt}.shortcut.1", state)
+        state["linear.weight"] = torch.from_numpy(arrays["fc/kernel:0"].T.copy())
+        state["linear.bias"] = torch.from_numpy(arrays["fc/biases:0"].reshape(-1).copy())
+    except KeyError as e:
+        raise CheckpointError(f"{source} is missing the TF variable {e}") from None
+    model = build_model(spec)
+    load_state_dict_checked(model, state, source)
+    norm = "ekg_tf_cifar100" if num_classes == 100 else "ekg_tf_cifar10"
+    return Checkpoint(model=model, normalization=_normalization(norm), dataset=_dataset_record(num_classes),
+                      meta={"source": source, "imported_from": "ekg-tensorflow"})
+
+
+_AKA_BLOCK = re.compile(r"layer(\d)\.(\d+)\.")
+
+
+def import_akamaster(obj: dict[str, Any], source: str, *, arch: str | None = None) -> Checkpoint:
+    """akamaster/pytorch_resnet_cifar10 checkpoints: option-A ResNets, ``module.`` key prefix,
+    inputs normalised with the ImageNet mean/std."""
+    raw = obj["state_dict"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: 'state_dict' is not a dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in raw.items()}
+    if "linear.weight" not in state:
+        raise CheckpointError(f"{source} does not look like an akamaster CIFAR ResNet (no linear.weight)")
+    blocks = {(int(m.group(1)), int(m.group(2))) for k in state if (m := _AKA_BLOCK.match(k))}
+    n = max((j for _, j in blocks), default=-1) + 1
+    num_classes = int(state["linear.weight"].shape[0])
+    try:
+        detected = ResNetSpec(depth=6 * n + 2, num_classes=num_classes, shortcut="A", padding="torch")
+    except EkgError as e:
+        raise CheckpointError(f"{source}: cannot infer a CIFAR ResNet from its tensors ({e})") from None
+    spec = _resolve_spec(arch, detected, source)
+    model = build_model(spec)
+    load_state_dict_checked(model, state, source)
+    meta = {"source": source, "imported_from": "akamaster"}
+    if "best_prec1" in obj:
+        meta["reported_top1"] = float(obj["best_prec1"])
+    return Checkpoint(model=model, normalization=_normalization("imagenet"),
+                      dataset=_dataset_record(num_classes), meta=meta)
