@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,9 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
 def _torch_load(path: Path) -> Any:
     """torch.load with weights_only=True, or None if the file is not a torch file at all."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 3": we handle the failure below
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
             AttributeError, ImportError, KeyError, IndexError, TypeError):
         return None
@@ -187,10 +190,8 @@ def _dataset_record(num_classes: int) -> dict[str, Any]:
     return {"name": {10: "cifar10", 100: "cifar100"}.get(num_classes, "custom"), "num_classes": num_classes}
 
 
-def _resolve_spec(arch: str | None, detected: ResNetSpec, source: str) -> ResNetSpec:
-    if arch is None:
-        return detected
-    return spec_for(arch, detected.num_classes)
+def _resolve_spec(arch: str | None, detected: ResNetSpec) -> ResNetSpec:
+    return detected if arch is None else spec_for(arch, detected.num_classes)
 
 
 _TF_BLOCK = re.compile(r"BasicBlock(\d+)\.(\d+)/")
@@ -209,7 +210,7 @@ def import_ekg_tf(weights: dict[str, Any], source: str, *, arch: str | None = No
     n = max(j for _, j in blocks) + 1
     num_classes = int(arrays["fc/kernel:0"].shape[-1])
     detected = ResNetSpec(depth=6 * n + 2, num_classes=num_classes, shortcut="B", padding="tf_same")
-    spec = _resolve_spec(arch, detected, source)
+    spec = _resolve_spec(arch, detected)
 
     def conv(name: str) -> torch.Tensor:
         return torch.from_numpy(arrays[f"{name}/kernel:0"].transpose(3, 2, 0, 1).copy())
@@ -261,7 +262,7 @@ def import_akamaster(obj: dict[str, Any], source: str, *, arch: str | None = Non
         detected = ResNetSpec(depth=6 * n + 2, num_classes=num_classes, shortcut="A", padding="torch")
     except EkgError as e:
         raise CheckpointError(f"{source}: cannot infer a CIFAR ResNet from its tensors ({e})") from None
-    spec = _resolve_spec(arch, detected, source)
+    spec = _resolve_spec(arch, detected)
     model = build_model(spec)
     load_state_dict_checked(model, state, source)
     meta = {"source": source, "imported_from": "akamaster"}

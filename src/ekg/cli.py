@@ -1,0 +1,269 @@
+"""The ``ekg`` command line: a thin layer over the Python API.
+
+Every user error is one line on stderr (``ekg: error: ...``) and a non-zero exit; nothing is left
+half-written. ``EKG_DEBUG=1`` shows tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import EkgError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _add_model_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    from .pretrained import DEFAULT_MODEL
+
+    p.add_argument("--model", default=default or DEFAULT_MODEL, metavar="CKPT",
+                   help="checkpoint path (ekg .pt, EKG TF .pkl, akamaster .th) or a pretrained name "
+                        "(see `ekg models`); default: %(default)s")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="cifar10", metavar="DIR",
+                   help="folder containing (or being) cifar-10-batches-py / cifar-100-python, an official "
+                        ".tar.gz, a train/ test/ class-folder tree or its zips, or the name cifar10/cifar100 "
+                        "(looked up under $EKG_DATA); default: %(default)s")
+    p.add_argument("--download", action="store_true",
+                   help="download missing data or pretrained weights (needs a network)")
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N; default: auto")
+
+
+def _open_model(args: argparse.Namespace, arch: str | None = None) -> Any:
+    from .checkpoint import load_checkpoint
+    from .pretrained import resolve_model
+
+    return load_checkpoint(resolve_model(args.model, download=getattr(args, "download", False)), arch=arch)
+
+
+def _open_data(args: argparse.Namespace) -> Any:
+    from .data import load_data
+
+    return load_data(args.data, download=args.download, progress=sys.stderr.isatty())
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from .data import get_normalization
+    from .evaluate import evaluate, measure_latency
+    from .flops import count
+    from .runtime import resolve_device
+
+    ckpt = _open_model(args)
+    data = _open_data(args)
+    if ckpt.num_classes != data.num_classes:
+        raise EkgError(
+            f"the model predicts {ckpt.num_classes} classes but the data ({data.name}, {args.data}) has "
+            f"{data.num_classes}: use a checkpoint trained on this dataset"
+        )
+    split = data.test if args.split == "test" else data.train
+    if tuple(split.images.shape[1:]) != tuple(ckpt.input_size):
+        raise EkgError(f"the model expects {tuple(ckpt.input_size)} inputs but the images are "
+                       f"{tuple(split.images.shape[1:])}")
+    device = resolve_device(args.device)
+    model = ckpt.model.to(device)
+    norm = get_normalization(ckpt.normalization)
+    result: dict[str, Any] = {"model": str(args.model), "arch": ckpt.arch, "data": str(args.data),
+                              "split": args.split, "bn_mode": args.bn_mode}
+    result.update(evaluate(model, split, norm, batch_size=args.batch_size, device=device, bn_mode=args.bn_mode))
+    counts = count(ckpt.model, ckpt.input_size)
+    result.update({"flops": counts.flops, "params": counts.params, "flops_convention": counts.convention})
+    if args.latency:
+        cpu_model = ckpt.model.to("cpu")
+        result["latency_cpu"] = [measure_latency(cpu_model, ckpt.input_size, b) for b in args.latency_batch]
+    if args.json:
+        _print_json(result)
+    else:
+        _print_test(result)
+    return 0
+
+
+def _print_test(r: dict[str, Any]) -> None:
+    from .flops import human
+
+    print(f"model   {r['model']}  ({r['arch']})")
+    print(f"data    {r['data']}  [{r['split']}, {r['n_images']} images, BN {r['bn_mode']}]")
+    print(f"top-1   {r['top1']:.2f}%    top-5 {r['top5']:.2f}%    loss {r['loss']:.4f}")
+    print(f"FLOPs   {human(r['flops'])}  ({r['flops_convention']})")
+    print(f"params  {human(r['params'])}")
+    for lat in r.get("latency_cpu", []):
+        print(f"latency batch {lat['batch_size']:>3}: {lat['median_ms']:.2f} ms median, "
+              f"{lat['images_per_s']:.0f} images/s on CPU ({lat['threads']} threads)")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .flops import count, human
+
+    ckpt = _open_model(args)
+    counts = count(ckpt.model, ckpt.input_size, bn_ops=args.bn_ops)
+    info = {"model": str(args.model), "arch": ckpt.arch, "spec": ckpt.spec.to_dict(),
+            "num_classes": ckpt.num_classes, "normalization": ckpt.normalization,
+            "input_size": list(ckpt.input_size), "meta": ckpt.meta, **counts.to_dict()}
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{info['arch']}: {human(counts.flops)} FLOPs ({counts.convention}), {human(counts.params)} params, "
+          f"{ckpt.num_classes} classes, normalization {ckpt.normalization.get('name', 'custom')}")
+    print(f"{'layer':28s} {'type':6s} {'in':>5s} {'out':>5s} {'kernel':>7s} {'stride':>6s} {'output':>7s} "
+          f"{'FLOPs':>12s} {'params':>8s}")
+    for r in counts.layers:
+        k = "x".join(map(str, r.kernel)) if r.kernel else "-"
+        s = str(r.stride[0]) if r.stride else "-"
+        o = "x".join(map(str, r.output_hw)) if r.output_hw else "-"
+        print(f"{r.name:28s} {r.type:6s} {r.in_channels:5d} {r.out_channels:5d} {k:>7s} {s:>6s} {o:>7s} "
+              f"{r.flops:12,d} {r.params:8,d}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .flops import count, human
+
+    src = Path(args.src)
+    if Path(args.out).resolve() == src.resolve():
+        raise EkgError("--out must differ from the source file")
+    ckpt = load_checkpoint(src, arch=args.arch)
+    save_checkpoint(ckpt, args.out)
+    c = count(ckpt.model, ckpt.input_size)
+    print(f"wrote {args.out}: {ckpt.arch}, {ckpt.num_classes} classes, {human(c.flops)} FLOPs, "
+          f"{human(c.params)} params, normalization {ckpt.normalization['name']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import AugmentConfig
+    from .train import TrainConfig, train
+
+    aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=args.jitter)
+    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.wd, schedule=args.schedule, warmup_epochs=args.warmup,
+                      normalization=args.normalization, augment=aug, seed=args.seed, amp=args.amp,
+                      device=args.device, limit_train=args.limit_train, limit_test=args.limit_test)
+    cfg.validate()
+    from .models import spec_for
+
+    spec_for(cfg.arch)  # a bad --arch fails before the data is read
+    data = _open_data(args)
+    path = train(cfg, data, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"trained model: {path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import model_names
+    from .pretrained import PRETRAINED
+
+    print("architectures (ekg train --arch):")
+    print("  " + ", ".join(model_names()))
+    print("pretrained (--model NAME):")
+    for p in PRETRAINED.values():
+        print(f"  {p.name:24s} {p.description}; {p.expected_top1}% on the exact CIFAR-10 test subset")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ekg", description="Filter pruning of pretrained CNNs with EKG.")
+    parser.add_argument("--version", action="version", version=f"ekg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("test", help="accuracy, loss, FLOPs, params (and CPU latency) of a model",
+                       description="Evaluate a model. BN runs in inference mode unless --bn-mode batch.")
+    _add_model_arg(p)
+    _add_data_args(p)
+    _add_device_arg(p)
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--bn-mode", choices=("eval", "batch"), default="eval",
+                   help="eval: running statistics (default); batch: each test batch's statistics, as the "
+                        "original EKG test.py did")
+    p.add_argument("--latency", action="store_true", help="also measure CPU latency")
+    p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 64], metavar="B")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("info", help="per-layer widths, FLOPs and params of a model")
+    _add_model_arg(p)
+    p.add_argument("--download", action="store_true", help="download a missing pretrained model")
+    p.add_argument("--bn-ops", action="store_true", help="add 2 ops per BN output element (the original code's count)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert an EKG TF pickle or akamaster .th into an ekg checkpoint")
+    p.add_argument("src", help="res56_cifar10.pkl (original EKG release) or an akamaster .th")
+    p.add_argument("--out", required=True, metavar="DST.pt")
+    p.add_argument("--arch", default=None, help="force an architecture name (default: detected)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train a CIFAR baseline from scratch")
+    p.add_argument("--arch", default="resnet56", help="architecture name (see `ekg models`); default: %(default)s")
+    _add_data_args(p)
+    _add_device_arg(p)
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
+    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+                   help="cosine, or step (×0.1 at 50%% and 75%%)")
+    p.add_argument("--warmup", type=float, default=0.0, help="linear warm-up epochs")
+    p.add_argument("--normalization", default="auto", help="normalization preset; auto = the dataset's own")
+    p.add_argument("--pad", type=int, default=4)
+    p.add_argument("--pad-mode", choices=("reflect", "zeros"), default="reflect")
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--jitter", action="store_true", help="add the EKG colour jitter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list architectures and pretrained checkpoints")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EkgError as e:
+        print(f"ekg: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("ekg: interrupted; finished work is saved (re-run with --resume where the command has it)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # an ekg bug or an environment problem: still one line, unless debugging
+        if os.environ.get("EKG_DEBUG"):
+            raise
+        print(f"ekg: internal error: {type(e).__name__}: {e} (set EKG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

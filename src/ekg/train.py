@@ -1,0 +1,228 @@
+"""Training a CIFAR baseline from scratch (``ekg train``).
+
+Short on purpose (airbench/nanoGPT style): data lives on the training device as uint8 and is
+augmented in batches there; the learning rate is a pure function of the step, and every epoch's
+randomness comes from a generator seeded by (seed, epoch), so a run resumed from its last
+checkpoint ends with exactly the weights of an uninterrupted run.
+
+Run directory::
+
+    RUN/config.json     the TrainConfig
+    RUN/last.pt         training state after the last finished epoch (model, optimizer, epoch)
+    RUN/model.pt        the trained model as an ekg checkpoint (updated every epoch)
+    RUN/log.jsonl       one JSON line per epoch
+    RUN/tb/             TensorBoard curves
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, save_checkpoint
+from .data import AugmentConfig, DataSplits, get_normalization, iterate_batches
+from .errors import EkgError
+from .evaluate import evaluate
+from .io import atomic_path, write_json
+from .models import create_model
+from .runtime import autocast, resolve_amp, resolve_device
+
+SCHEDULES = ("cosine", "step")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a baseline run. Defaults: the usual CIFAR ResNet recipe."""
+
+    arch: str = "resnet56"
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"          # cosine, or step: ×0.1 at 50% and 75% of training
+    warmup_epochs: float = 0.0
+    normalization: str = "auto"       # a preset name; auto = the dataset's own (cifar10 / cifar100)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    amp: str = "auto"
+    device: str = "auto"
+    eval_batch_size: int = 512
+    limit_train: int | None = None    # use only the first N training images (quick runs, tests)
+    limit_test: int | None = None
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise EkgError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise EkgError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise EkgError(f"--lr must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise EkgError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def lr_at(cfg: TrainConfig, progress: float) -> float:
+    """Learning rate at ``progress`` ∈ [0, 1) of training (linear warm-up, then the schedule)."""
+    warm = cfg.warmup_epochs / cfg.epochs
+    if progress < warm:
+        return cfg.lr * (progress / warm)
+    if cfg.schedule == "cosine":
+        t = (progress - warm) / max(1e-12, 1 - warm)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    return cfg.lr * (0.1 ** sum(progress >= m for m in (0.5, 0.75)))
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator for one epoch's shuffling and augmentation: a function of (seed, epoch) only."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + epoch)
+    return g
+
+
+# Keys of the training-state file that must match for --resume to be meaningful.
+_RESUME_KEYS = ("arch", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+                "warmup_epochs", "normalization", "augment", "seed", "limit_train")
+
+
+def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool = False,
+          progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Train ``cfg.arch`` on ``data`` into run directory ``out``; return the path of model.pt."""
+    cfg.validate()
+    out = Path(out)
+    state_path = out / "last.pt"
+    if state_path.exists() and not resume:
+        raise EkgError(f"{out} already holds a training run; add --resume to continue it or choose another --out")
+    if resume and not state_path.exists():
+        raise EkgError(f"nothing to resume: {state_path} does not exist")
+
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    norm_name = cfg.normalization
+    if norm_name == "auto":
+        norm_name = data.name if data.name in ("cifar10", "cifar100") else "cifar10"
+    normalization = get_normalization(norm_name)
+
+    train_set = data.train if cfg.limit_train is None else data.train.subset(range(min(cfg.limit_train, len(data.train))))
+    test_set = data.test if cfg.limit_test is None else data.test.subset(range(min(cfg.limit_test, len(data.test))))
+    train_set, test_set = train_set.to(device), test_set.to(device)
+
+    model = create_model(cfg.arch, data.num_classes, seed=cfg.seed).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch = 0
+    if resume:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        saved = state["config"]
+        diff = [k for k in _RESUME_KEYS if saved.get(k) != cfg.to_dict().get(k)]
+        if diff:
+            raise EkgError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(diff)}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"])
+        if start_epoch >= cfg.epochs:
+            return out / "model.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", cfg.to_dict())
+    writer = _tensorboard(out / "tb")
+
+    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            gen = epoch_generator(cfg.seed, epoch, device)
+            batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment,
+                                      normalization=normalization, drop_last=True)
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not progress, leave=False, dynamic_ncols=True)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen = 0
+            for i, (x, y) in enumerate(bar):
+                lr = lr_at(cfg, (epoch * steps_per_epoch + i) / total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with autocast(device, amp_dtype):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                if progress and i % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+            test = evaluate(model, test_set, normalization, batch_size=cfg.eval_batch_size, device=device)
+            record = {
+                "epoch": epoch + 1, "train_loss": (loss_sum / max(seen, 1)).item(),
+                "train_top1": 100.0 * correct.item() / max(seen, 1), "test_top1": test["top1"],
+                "test_top5": test["top5"], "test_loss": test["loss"], "lr": lr,
+                "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds,
+            }
+            _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_name, record)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for k, v in record.items():
+                    if k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
+            if progress:
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                           f"train {record['train_top1']:.2f}%  test {test['top1']:.2f}%  ({record['seconds']:.1f}s)")
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        if writer is not None:
+            writer.close()
+    return out / "model.pt"
+
+
+def _save_epoch(out: Path, cfg: TrainConfig, data: DataSplits, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, epoch: int, norm_name: str, record: dict[str, Any]) -> None:
+    """model.pt first, then last.pt: last.pt is the commit point for --resume."""
+    norm = get_normalization(norm_name)
+    ckpt = Checkpoint(model=model, normalization={"name": norm_name, "mean": list(norm.mean), "std": list(norm.std)},
+                      dataset={"name": data.name, "num_classes": data.num_classes},
+                      meta={"trained_by": "ekg train", "epoch": epoch, "metrics": record})
+    save_checkpoint(ckpt, out / "model.pt")
+    state = {"config": cfg.to_dict(), "epoch": epoch,
+             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
+    with atomic_path(out / "last.pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _tensorboard(logdir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+        tqdm.write("warning: tensorboard is not installed; curves go to log.jsonl only")
+        return None
+    return SummaryWriter(str(logdir))

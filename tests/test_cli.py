@@ -1,0 +1,175 @@
+"""End-to-end CLI: the interface other tools call, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ekg.checkpoint import Checkpoint, save_checkpoint
+from ekg.cli import main
+from ekg.data import get_normalization
+from ekg.models import create_model
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ekg: error: "), err
+    assert "Traceback" not in err
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+
+
+@pytest.fixture(scope="module")
+def res56(tmp_path_factory, shared_data):
+    out = tmp_path_factory.mktemp("conv") / "res56.pt"
+    assert main(["convert", str(shared_data / "pretrained/ekg_tf/res56_cifar10.pkl"), "--out", str(out)]) == 0
+    return out
+
+
+def test_console_script_convert_test_info(tmp_path, shared_data, cifar10_exact):
+    """The interface outside checks call, through the installed `ekg` executable."""
+    exe = shutil.which("ekg") or str(Path(sys.executable).parent / "ekg")
+    dst = tmp_path / "DST.pt"
+    subprocess.run([exe, "convert", str(shared_data / "pretrained/akamaster/resnet20-12fca82f.th"), "--out", str(dst)],
+                   check=True, capture_output=True)
+    r = subprocess.run([exe, "test", "--model", str(dst), "--data", str(cifar10_exact), "--json"],
+                       check=True, capture_output=True, text=True)
+    res = json.loads(r.stdout)
+    assert {"top1", "top5", "loss", "flops", "params", "n_images"} <= set(res)
+    assert res["n_images"] == 1017 and abs(res["top1"] - 91.6) <= 0.2
+    assert res["flops"] == 40_551_040
+    r = subprocess.run([exe, "info", "--model", str(dst), "--json"], check=True, capture_output=True, text=True)
+    info = json.loads(r.stdout)
+    assert info["flops"] == res["flops"] and info["params"] == res["params"]
+    assert info["spec"]["stage_widths"] == [16, 32, 64]
+    convs = [layer for layer in info["layers"] if layer["type"] == "conv"]
+    assert len(convs) == 19 and convs[0]["out_channels"] == 16
+
+
+def test_test_json_on_converted_ekg_model(capsys, res56, cifar10_exact):
+    code, out, _ = run_cli(capsys, "test", "--model", res56, "--data", cifar10_exact, "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["top1"] >= 93.3 and res["n_images"] == 1017
+    assert res["flops"] == 125_747_840 and res["bn_mode"] == "eval"
+    assert 99.0 <= res["top5"] <= 100.0 and 0.1 < res["loss"] < 0.5
+
+
+def test_test_accepts_the_data_root_folder_itself(capsys, res56, cifar10_exact):
+    code, out, _ = run_cli(capsys, "test", "--model", res56, "--data", cifar10_exact / "cifar-10-batches-py", "--json")
+    assert code == 0 and json.loads(out)["n_images"] == 1017
+
+
+def test_batch_statistics_mode_and_latency(capsys, res56, cifar10_exact):
+    code, out, _ = run_cli(capsys, "test", "--model", res56, "--data", cifar10_exact, "--json", "--bn-mode", "batch",
+                           "--latency", "--latency-batch", "1", "8")
+    assert code == 0
+    res = json.loads(out)
+    assert res["bn_mode"] == "batch" and res["top1"] > 90
+    assert [lat["batch_size"] for lat in res["latency_cpu"]] == [1, 8]
+    assert all(lat["median_ms"] > 0 for lat in res["latency_cpu"])
+
+
+def test_pretrained_name_and_default_data_resolve_through_ekg_data(capsys, monkeypatch, shared_data):
+    monkeypatch.setenv("EKG_DATA", str(shared_data))
+    code, out, _ = run_cli(capsys, "test", "--json")  # built-in defaults: EKG ResNet-56 on cifar10
+    assert code == 0
+    res = json.loads(out)
+    assert res["model"] == "ekg_resnet56_cifar10" and res["top1"] >= 93.3
+
+
+def test_human_readable_output(capsys, res56):
+    code, out, _ = run_cli(capsys, "info", "--model", res56)
+    assert code == 0 and "125.75 M FLOPs" in out and "layer3.8.conv2" in out
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "resnet110_a" in out and "ekg_resnet56_cifar10" in out
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_data_folder(capsys, res56, tmp_path):
+    code, _, err = run_cli(capsys, "test", "--model", res56, "--data", tmp_path / "nowhere")
+    assert_one_line_error(code, err, "nowhere")
+
+
+def test_truncated_batch_file(capsys, res56, tmp_path, cifar10_exact):
+    broken = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar10_exact / "cifar-10-batches-py", broken)
+    for p in broken.iterdir():
+        p.chmod(0o644)
+    data = (broken / "data_batch_3").read_bytes()
+    (broken / "data_batch_3").write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, "test", "--model", res56, "--data", tmp_path)
+    assert_one_line_error(code, err, "data_batch_3")
+
+
+def test_checkpoint_of_another_architecture(capsys, shared_data, tmp_path):
+    out = tmp_path / "x.pt"
+    code, _, err = run_cli(capsys, "convert", shared_data / "pretrained/akamaster/resnet32-d509ac18.th",
+                           "--arch", "resnet56_a", "--out", out)
+    assert_one_line_error(code, err, "do not fit architecture resnet56_a")
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cifar100_checkpoint_on_cifar10(capsys, tmp_path, cifar10_exact):
+    model = create_model("resnet20", 100)
+    ckpt = Checkpoint(model=model, normalization={"name": "cifar100", **get_normalization("cifar100").to_dict()},
+                      dataset={"name": "cifar100", "num_classes": 100})
+    path = save_checkpoint(ckpt, tmp_path / "c100.pt")
+    code, _, err = run_cli(capsys, "test", "--model", path, "--data", cifar10_exact)
+    assert_one_line_error(code, err, "100 classes", "10")
+
+
+def test_non_checkpoint_file(capsys, tmp_path, cifar10_exact):
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(os.urandom(4096))
+    code, _, err = run_cli(capsys, "test", "--model", junk, "--data", cifar10_exact)
+    assert_one_line_error(code, err, "not a model checkpoint")
+    code, _, err = run_cli(capsys, "info", "--model", cifar10_exact / "cifar-10-batches-py" / "batches.meta")
+    assert_one_line_error(code, err, "not a model checkpoint")
+
+
+def test_missing_model_file_and_bad_names(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("EKG_DATA", raising=False)
+    monkeypatch.setenv("EKG_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_cli(capsys, "info", "--model", tmp_path / "nope.pt")
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run_cli(capsys, "info", "--model", "ekg_resnet56_cifar10")
+    assert_one_line_error(code, err, "EKG_DATA", "--download")
+    code, _, err = run_cli(capsys, "train", "--arch", "resnet57", "--out", tmp_path / "r", "--data", tmp_path)
+    assert_one_line_error(code, err, "unknown model 'resnet57'")
+    code, _, err = run_cli(capsys, "train", "--arch", "resnet20", "--epochs", "0", "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "--epochs")
+
+
+def test_checksum_mismatch_of_a_pretrained_file(capsys, tmp_path, monkeypatch, shared_data):
+    fake_root = tmp_path / "data"
+    (fake_root / "pretrained/ekg_tf").mkdir(parents=True)
+    blob = (shared_data / "pretrained/ekg_tf/res56_cifar10.pkl").read_bytes()
+    (fake_root / "pretrained/ekg_tf/res56_cifar10.pkl").write_bytes(blob[:-10] + b"0" * 10)
+    monkeypatch.setenv("EKG_DATA", str(fake_root))
+    code, _, err = run_cli(capsys, "info", "--model", "ekg_resnet56_cifar10")
+    assert_one_line_error(code, err, "md5", "6645ed77fd4f94601279e592e9928961")
+
+
+def test_convert_refuses_to_overwrite_its_source(capsys, tmp_path, shared_data):
+    src = tmp_path / "r20.th"
+    shutil.copy(shared_data / "pretrained/akamaster/resnet20-12fca82f.th", src)
+    code, _, err = run_cli(capsys, "convert", src, "--out", src)
+    assert_one_line_error(code, err, "--out")
+    assert torch.load(src, map_location="cpu", weights_only=True)["best_prec1"] > 90
