@@ -27,11 +27,15 @@ _ALLOWED = {
 }
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle asked for a global outside the allow-list."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        raise RefusedGlobal(f"refusing to load global {module}.{name}")
 
 
 def load(path: str | Path, *, encoding: str = "ASCII") -> Any:
@@ -52,9 +56,9 @@ def loads(data: bytes, *, source: str = "<bytes>", encoding: str = "ASCII") -> A
     """Like :func:`load`, for bytes already in memory (``source`` names them in errors)."""
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
-    except pickle.UnpicklingError as e:
+    except RefusedGlobal as e:
         raise EkgError(f"{source} is not a safe data pickle ({e})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
         raise EkgError(
             f"{source} is truncated or corrupt and could not be unpickled ({type(e).__name__}: {e})"
         ) from None

@@ -1,0 +1,326 @@
+"""Channel groups from the model's dependency graph.
+
+The model is traced with ``torch.fx``; every tensor in the graph is given a *channel space*, and
+the rules below say how layers create, pass on or couple spaces:
+
+* a ``Conv2d`` (groups=1) creates a new space (its output channels) and *consumes* its input's;
+* BatchNorm, activations, pooling, dropout, identity and flattening of ``(N, C, 1, 1)`` pass the
+  space through;
+* an addition (or any elementwise op of two tensors) *couples* its inputs' spaces: they become one
+  group that must be pruned together (a residual stream);
+* a ``Linear`` consumes its input's space and creates the logits' space;
+* anything else — a zero-padding shortcut, a reshape, an unknown function — *freezes* the spaces it
+  touches: they are kept whole, and the group records why.
+
+A group's **mask points** are the activation outputs in its spaces (for a CIFAR ResNet: a block's
+inner ReLU, the stem's ReLU and every block's add+ReLU), where the EKG mask is applied and the
+Taylor scores are taken. The analytic FLOPs/params of any assignment of group widths follow from the
+per-layer coefficients collected here.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import EkgError
+
+_PASS_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Identity,
+                 nn.Dropout, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU)
+_ACT_FUNCS: set[Any] = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu}
+_PASS_FUNCS: set[Any] = _ACT_FUNCS | {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d,
+                                      F.dropout, torch.flatten}
+_ACT_METHODS = {"relu", "relu_"}
+_PASS_METHODS = _ACT_METHODS | {"flatten", "mean", "contiguous"}
+_JOIN_FUNCS: set[Any] = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd}
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be pruned together. ``producers`` are the convs that write them (their
+    count is the ``n`` of the step-size rule), ``consumers`` the convs/linears that read them."""
+
+    index: int
+    name: str
+    channels: int
+    producers: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    mask_nodes: list[str] = field(default_factory=list)
+    prunable: bool = True
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LayerCost:
+    """FLOPs/params of one conv/linear/BN as a function of the widths of its channel groups."""
+
+    name: str
+    kind: str                 # conv, linear or bn
+    in_group: int | None      # group index of its input channels (None: fixed)
+    out_group: int | None
+    in_channels: int
+    out_channels: int
+    flops_per_pair: int       # FLOPs per (input channel, output channel) pair: H·W·k·k/groups (1 for linear)
+    params_per_pair: int
+    bias: bool
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+        return min(ra, rb)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps convs (including subclasses such as Conv2dSame) and unknown custom modules as leaves."""
+
+    def __init__(self, leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear) + self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class DependencyGraph:
+    """The traced model, its channel groups and the per-layer cost coefficients."""
+
+    gm: fx.GraphModule
+    groups: list[ChannelGroup]
+    layers: list[LayerCost]
+    input_size: tuple[int, ...]
+
+    @property
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def full_widths(self) -> np.ndarray:
+        return np.array([g.channels for g in self.groups], dtype=np.int64)
+
+    def cost(self, widths: Sequence[int] | np.ndarray, *, bn_ops: bool = False) -> tuple[int, int]:
+        """(FLOPs, params) of the network with each group cut to ``widths[group.index]`` channels.
+
+        Same convention as :func:`ekg.flops.count` (MACs of conv+linear; ``bn_ops`` adds 2 per BN
+        output element), and equal to counting the slimmed model."""
+        w = np.asarray(widths, dtype=np.int64)
+        flops = params = 0
+        for layer in self.layers:
+            cin = w[layer.in_group] if layer.in_group is not None else layer.in_channels
+            cout = w[layer.out_group] if layer.out_group is not None else layer.out_channels
+            if layer.kind == "bn":
+                params += 2 * cout
+                if bn_ops:
+                    flops += 2 * layer.flops_per_pair * cout
+                continue
+            flops += layer.flops_per_pair * cin * cout
+            params += layer.params_per_pair * cin * cout + (cout if layer.bias else 0)
+        return int(flops), int(params)
+
+
+def _conv_is_plain(m: nn.Conv2d) -> bool:
+    return m.groups == 1
+
+
+def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
+                leaf_types: tuple[type, ...] = ()) -> DependencyGraph:
+    """Trace ``model`` and derive its channel groups (see the module doc for the rules)."""
+    from .models import ZeroPadShortcut  # known custom leaf
+
+    leaves = (ZeroPadShortcut,) + tuple(leaf_types)
+    try:
+        graph = _Tracer(leaves).trace(model)
+    except Exception as e:  # fx cannot trace data-dependent control flow
+        raise EkgError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
+                       "models with data-dependent control flow cannot be pruned") from None
+    gm = fx.GraphModule(model, graph)
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=p.device, dtype=p.dtype))
+    model.train(was_training)
+    modules = dict(gm.named_modules())
+
+    uf = _UnionFind()
+    space_channels: list[int] = []
+    frozen: dict[int, str] = {}
+    space: dict[str, int | None] = {}           # node name -> space id
+    producers: dict[int, list[str]] = {}
+    norms: dict[int, list[str]] = {}
+    consumers: dict[int, list[str]] = {}
+    acts: dict[int, list[str]] = {}
+    layer_refs: list[tuple[str, str, int | None, int | None, nn.Module, tuple[int, int]]] = []
+
+    def new_space(channels: int) -> int:
+        s = uf.new()
+        space_channels.append(channels)
+        return s
+
+    def freeze(s: int | None, why: str) -> None:
+        if s is not None:
+            frozen.setdefault(s, why)
+
+    def shape(n: fx.Node) -> tuple[int, ...] | None:
+        meta = n.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def in_space(n: fx.Node) -> int | None:
+        a = n.args[0] if n.args else None
+        return space.get(a.name) if isinstance(a, fx.Node) else None
+
+    for node in gm.graph.nodes:
+        out_shape = shape(node)
+        if node.op == "placeholder":
+            s = new_space(out_shape[1] if out_shape and len(out_shape) > 1 else 0)
+            freeze(s, "it is the model's input")
+            space[node.name] = s
+        elif node.op == "call_module":
+            m = modules[node.target]
+            src = in_space(node)
+            if isinstance(m, nn.Conv2d) and _conv_is_plain(m):
+                s = new_space(m.out_channels)
+                producers.setdefault(s, []).append(node.target)
+                if src is not None:
+                    consumers.setdefault(src, []).append(node.target)
+                layer_refs.append((node.target, "conv", src, s, m, out_shape[-2:]))
+                space[node.name] = s
+            elif isinstance(m, nn.Linear):
+                s = new_space(m.out_features)
+                freeze(s, "it is a linear layer's output")
+                if src is not None:
+                    consumers.setdefault(src, []).append(node.target)
+                layer_refs.append((node.target, "linear", src, None, m, (1, 1)))
+                space[node.name] = s
+            elif isinstance(m, _PASS_MODULES):
+                space[node.name] = src
+                if isinstance(m, nn.BatchNorm2d) and src is not None:
+                    norms.setdefault(src, []).append(node.target)
+                    layer_refs.append((node.target, "bn", src, src, m, out_shape[-2:]))
+                if isinstance(m, _ACT_MODULES) and src is not None:
+                    acts.setdefault(src, []).append(node.name)
+            else:
+                why = f"it passes through {type(m).__name__} '{node.target}', which ekg cannot prune through"
+                for a in node.all_input_nodes:
+                    freeze(space.get(a.name), why)
+                s = new_space(out_shape[1] if out_shape and len(out_shape) > 1 else 0)
+                freeze(s, why)
+                space[node.name] = s
+        elif node.op in ("call_function", "call_method"):
+            target = node.target
+            tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+            is_pass = target in _PASS_FUNCS if node.op == "call_function" else target in _PASS_METHODS
+            is_act = target in _ACT_FUNCS if node.op == "call_function" else target in _ACT_METHODS
+            if is_pass and len(tensor_args) == 1 and _keeps_channels(shape(tensor_args[0]), out_shape):
+                src = space.get(tensor_args[0].name)
+                space[node.name] = src
+                if is_act and src is not None:
+                    acts.setdefault(src, []).append(node.name)
+            elif node.op == "call_function" and target in _JOIN_FUNCS and len(tensor_args) == 2 and \
+                    shape(tensor_args[0]) == shape(tensor_args[1]) == out_shape:
+                a, b = (space.get(t.name) for t in tensor_args)
+                if a is None or b is None:
+                    space[node.name] = a if b is None else b
+                else:
+                    space[node.name] = uf.union(a, b)
+            elif len(tensor_args) == 1 and not node.kwargs and out_shape == shape(tensor_args[0]) and \
+                    target in (operator.mul, operator.truediv, torch.mul):  # scaling by a constant
+                space[node.name] = space.get(tensor_args[0].name)
+            else:
+                name = getattr(target, "__name__", str(target))
+                why = f"it passes through {name} ('{node.name}'), which ekg cannot prune through"
+                for a in node.all_input_nodes:
+                    freeze(space.get(a.name), why)
+                s = new_space(out_shape[1] if out_shape and len(out_shape) > 1 else 0)
+                freeze(s, why)
+                space[node.name] = s
+        elif node.op == "output":
+            for a in node.all_input_nodes:
+                freeze(space.get(a.name), "it is a model output")
+        else:  # get_attr
+            space[node.name] = None
+
+    # Collapse spaces into groups (roots of the union-find), in order of first appearance.
+    root_of = {s: uf.find(s) for s in range(len(space_channels))}
+    roots: list[int] = []
+    for s in range(len(space_channels)):
+        if root_of[s] not in roots:
+            roots.append(root_of[s])
+    group_index = {r: i for i, r in enumerate(roots)}
+    groups: list[ChannelGroup] = []
+    for r in roots:
+        members = [s for s in range(len(space_channels)) if root_of[s] == r]
+        g = ChannelGroup(index=len(groups), name="", channels=space_channels[r])
+        for s in members:
+            g.producers += producers.get(s, [])
+            g.norms += norms.get(s, [])
+            g.consumers += consumers.get(s, [])
+            g.mask_nodes += acts.get(s, [])
+        reasons = [frozen[s] for s in members if s in frozen]
+        g.name = g.producers[0] if g.producers else f"space{r}"
+        if len(g.producers) > 1:
+            g.name = f"stream:{g.producers[0]}"
+        if reasons:
+            g.prunable, g.reason = False, reasons[0]
+        elif not g.producers:
+            g.prunable, g.reason = False, "no conv produces these channels"
+        elif g.channels <= 1:
+            g.prunable, g.reason = False, "a single channel cannot be pruned"
+        elif not g.mask_nodes:
+            g.prunable, g.reason = False, "no activation follows these channels (no mask point)"
+        groups.append(g)
+
+    layers = []
+    for name, kind, gin, gout, m, hw in layer_refs:
+        gi = group_index[root_of[gin]] if gin is not None else None
+        go = group_index[root_of[gout]] if gout is not None else None
+        if kind == "conv":
+            kk = m.kernel_size[0] * m.kernel_size[1]
+            layers.append(LayerCost(name, kind, gi, go, m.in_channels, m.out_channels,
+                                    int(hw[0] * hw[1] * kk), kk, m.bias is not None))
+        elif kind == "linear":
+            layers.append(LayerCost(name, kind, gi, None, m.in_features, m.out_features, 1, 1, m.bias is not None))
+        else:
+            layers.append(LayerCost(name, kind, gi, go, m.num_features, m.num_features, int(hw[0] * hw[1]), 0, False))
+    return DependencyGraph(gm=gm, groups=groups, layers=layers, input_size=tuple(input_size))
+
+
+def _keeps_channels(src: tuple[int, ...] | None, dst: tuple[int, ...] | None) -> bool:
+    """True if an op keeps the batch and channel dimensions, e.g. (N, C, H, W) -> (N, C, h, w) or
+    (N, C); flattening (N, C, H, W) with H·W > 1 does not."""
+    return src is not None and dst is not None and len(src) >= 2 and len(dst) >= 2 and src[:2] == dst[:2]
+
+
+def describe(graph: DependencyGraph) -> list[dict[str, Any]]:
+    """One row per group, for logs and ``ekg info``."""
+    return [{"index": g.index, "name": g.name, "channels": g.channels, "producers": len(g.producers),
+             "mask_points": len(g.mask_nodes), "prunable": g.prunable, "reason": g.reason} for g in graph.groups]
+

@@ -1,0 +1,127 @@
+"""Shared pytest fixtures: the real data folder, and synthetic data in the official formats.
+
+The real data (``../shared/data`` beside the repository, or ``$EKG_SHARED_DATA``) is read-only
+and never copied into the repository. Tests that need it are skipped when it is absent, except
+under CI (``$CI`` set), where its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _require(path: Path, what: str) -> Path:
+    """``path`` if it exists; else skip the test (fail it under CI)."""
+    if not path.exists():
+        message = f"{what} not found at {path} (set EKG_SHARED_DATA to the shared data folder)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data root: ``$EKG_SHARED_DATA``, else ``<repo>/../shared/data``."""
+    env = os.environ.get("EKG_SHARED_DATA")
+    return _require(Path(env) if env else REPO_ROOT.parent / "shared" / "data", "the shared data folder")
+
+
+@pytest.fixture(scope="session")
+def cifar10_exact(shared_data: Path) -> Path:
+    """The folder holding ``cifar-10-batches-py/`` with the exact 1017-per-batch CIFAR-10 subset."""
+    return _require(shared_data / "cifar10" / "exact-subset", "the exact CIFAR-10 subset")
+
+
+@pytest.fixture(scope="session")
+def jpeg_dir(shared_data: Path) -> Path:
+    """The folder holding ``cifar10_jpeg_train.zip`` and ``cifar10_jpeg_test.zip`` (JPEG quality 75)."""
+    return _require(shared_data / "cifar10" / "jpeg75", "the CIFAR-10 JPEG zips")
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic CIFAR folders in the official python format
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticCifar:
+    """A synthetic official-format folder and the arrays written into it."""
+
+    folder: Path  # the cifar-10-batches-py/ or cifar-100-python/ folder
+    train_images: np.ndarray  # uint8 (N, 3, 32, 32)
+    train_labels: np.ndarray  # int64 (N,)
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+
+
+def _write_pickle(path: Path, obj: object) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
+
+
+def _random_split(rng: np.random.Generator, n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+    labels = np.arange(n) % num_classes  # every class present once n >= num_classes
+    rng.shuffle(labels)
+    return images, labels.astype(np.int64)
+
+
+def write_synthetic_cifar(root: Path, kind: str = "cifar10", *, per_batch: int = 20, seed: int = 0) -> SyntheticCifar:
+    """Write random images as an official CIFAR-10 (``cifar-10-batches-py/``: five data batches and a
+    test batch of ``per_batch`` images each) or CIFAR-100 (``cifar-100-python/``: train of
+    ``5 * per_batch`` and test of ``per_batch`` images) folder under ``root``, with bytes keys and
+    pickle protocol 4 like the originals."""
+    rng = np.random.default_rng(seed)
+    if kind == "cifar10":
+        classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        folder, label_key = root / "cifar-10-batches-py", b"labels"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        meta_name, meta = "batches.meta", {b"num_cases_per_batch": per_batch, b"num_vis": 3072,
+                                           b"label_names": [c.encode() for c in classes]}
+        sizes = [per_batch] * 6
+    elif kind == "cifar100":
+        classes = [f"class_{i:03d}" for i in range(100)]
+        folder, label_key = root / "cifar-100-python", b"fine_labels"
+        files = ["train", "test"]
+        meta_name, meta = "meta", {b"fine_label_names": [c.encode() for c in classes],
+                                   b"coarse_label_names": [f"super_{i}".encode() for i in range(20)]}
+        sizes = [5 * per_batch, per_batch]
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    folder.mkdir(parents=True)
+    parts = [_random_split(rng, n, len(classes)) for n in sizes]
+    for name, (images, labels) in zip(files, parts):
+        batch = {b"batch_label": name.encode(), label_key: labels.tolist(), b"data": images.reshape(len(images), 3072),
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(len(images))]}
+        if kind == "cifar100":
+            batch[b"coarse_labels"] = (labels // 5).tolist()
+        _write_pickle(folder / name, batch)
+    _write_pickle(folder / meta_name, meta)
+    train, test = parts[:-1], parts[-1]
+    return SyntheticCifar(folder, np.concatenate([p[0] for p in train]), np.concatenate([p[1] for p in train]),
+                          test[0], test[1], classes)
+
+
+@pytest.fixture
+def make_cifar(tmp_path: Path) -> Callable[..., SyntheticCifar]:
+    """A factory: ``make_cifar(kind="cifar10" | "cifar100", per_batch=20, seed=0, root=None)``.
+
+    Each call writes a fresh folder under ``root`` (default: a new folder in ``tmp_path``)."""
+    counter = iter(range(1_000_000))
+
+    def make(kind: str = "cifar10", *, per_batch: int = 20, seed: int = 0, root: Path | None = None) -> SyntheticCifar:
+        folder = root or tmp_path / f"synthetic{next(counter)}"
+        return write_synthetic_cifar(folder, kind, per_batch=per_batch, seed=seed)
+
+    return make
