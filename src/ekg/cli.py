@@ -167,6 +167,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .flops import human
+    from .prune import prune
+    from .search import SearchConfig
+
+    cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
+                       adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
+                       device=args.device, seed=args.seed)
+    cfg.validate()
+    ckpt = _open_model(args)
+    data = _open_data(args)
+    res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, progress=not args.quiet)
+    print(f"pruned model: {res.run_dir / 'pruned.pt'}  ({res.checkpoint.arch})")
+    print(f"FLOPs {human(res.flops)} (ratio {res.flops_ratio:.4f}), params {human(res.params)}, "
+          f"{res.steps} steps, {res.seconds:.0f} s")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import model_names
     from .pretrained import PRETRAINED
@@ -240,6 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prune", help="EKG sub-network search and slimming to a FLOPs budget",
+                       description="Adaptation epoch, greedy EKG search on D_val, slimming. Writes RUN/pruned.pt, "
+                                   "RUN/search.jsonl and the other artifacts of the run directory.")
+    _add_model_arg(p)
+    _add_data_args(p)
+    _add_device_arg(p)
+    p.add_argument("--keep", type=float, default=0.45, help="target FLOPs ratio in (0, 1); default: %(default)s")
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory")
+    p.add_argument("--importance", choices=("ekg", "taylor", "l1", "fpgm", "random"), default="ekg",
+                   help="channel scores: ekg (Taylor of the ensemble objective), taylor (of cross-entropy), "
+                        "l1, fpgm, random; default: %(default)s")
+    p.add_argument("--reward", choices=("ensemble", "val-loss"), default="ensemble",
+                   help="candidate reward: ensemble (J) or val-loss; default: %(default)s")
+    p.add_argument("--method", choices=("greedy", "uniform"), default="greedy",
+                   help="greedy search, or the same fraction removed from every group")
+    p.add_argument("--no-adapt", action="store_true", help="skip the adaptation epoch")
+    p.add_argument("--bn-ops", action="store_true", help="count BN ops in the FLOPs ratio, as the original code")
+    p.add_argument("--straightforward", action="store_true",
+                   help="evaluate every candidate on the whole network (slower, same decisions)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --importance random")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished step")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("models", help="list architectures and pretrained checkpoints")
     p.set_defaults(func=cmd_models)

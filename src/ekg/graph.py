@@ -40,7 +40,9 @@ _ACT_FUNCS: set[Any] = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish
 _PASS_FUNCS: set[Any] = _ACT_FUNCS | {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d,
                                       F.dropout, torch.flatten}
 _ACT_METHODS = {"relu", "relu_"}
-_PASS_METHODS = _ACT_METHODS | {"flatten", "mean", "contiguous"}
+_PASS_METHODS = _ACT_METHODS | {"flatten", "view", "reshape", "contiguous"}
+_REDUCTIONS = {"mean", "amax", "sum"}  # pass channels only when reducing dims other than 0 and 1
+_QUERY_METHODS = {"size", "dim", "numel"}  # return no tensor
 _JOIN_FUNCS: set[Any] = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd}
 
 
@@ -73,9 +75,10 @@ class LayerCost:
     out_group: int | None
     in_channels: int
     out_channels: int
-    flops_per_pair: int       # FLOPs per (input channel, output channel) pair: H·W·k·k/groups (1 for linear)
+    flops_per_pair: int       # FLOPs per (input channel, output channel) pair: H·W·k·k (1 for linear)
     params_per_pair: int
     bias: bool
+    groups: int = 1           # a grouped conv connects cin·cout/groups pairs
 
 
 class _UnionFind:
@@ -137,12 +140,13 @@ class DependencyGraph:
             cin = w[layer.in_group] if layer.in_group is not None else layer.in_channels
             cout = w[layer.out_group] if layer.out_group is not None else layer.out_channels
             if layer.kind == "bn":
-                params += 2 * cout
+                params += 2 * cout if layer.bias else 0
                 if bn_ops:
                     flops += 2 * layer.flops_per_pair * cout
                 continue
-            flops += layer.flops_per_pair * cin * cout
-            params += layer.params_per_pair * cin * cout + (cout if layer.bias else 0)
+            pairs = cin * cout // layer.groups
+            flops += layer.flops_per_pair * pairs
+            params += layer.params_per_pair * pairs + (cout if layer.bias else 0)
         return int(flops), int(params)
 
 
@@ -206,7 +210,14 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         elif node.op == "call_module":
             m = modules[node.target]
             src = in_space(node)
-            if isinstance(m, nn.Conv2d) and _conv_is_plain(m):
+            if isinstance(m, nn.Conv2d) and not _conv_is_plain(m):
+                why = f"grouped conv '{node.target}' (groups={m.groups}) is not supported yet"
+                freeze(src, why)
+                s = new_space(m.out_channels)
+                freeze(s, why)
+                layer_refs.append((node.target, "conv", src, s, m, out_shape[-2:]))
+                space[node.name] = s
+            elif isinstance(m, nn.Conv2d):
                 s = new_space(m.out_channels)
                 producers.setdefault(s, []).append(node.target)
                 if src is not None:
@@ -216,6 +227,10 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             elif isinstance(m, nn.Linear):
                 s = new_space(m.out_features)
                 freeze(s, "it is a linear layer's output")
+                in_shape = shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+                if src is not None and in_shape is not None and len(in_shape) != 2:
+                    freeze(src, f"linear layer '{node.target}' reads a {len(in_shape)}-D tensor")
+                    src = None
                 if src is not None:
                     consumers.setdefault(src, []).append(node.target)
                 layer_refs.append((node.target, "linear", src, None, m, (1, 1)))
@@ -234,10 +249,13 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                 s = new_space(out_shape[1] if out_shape and len(out_shape) > 1 else 0)
                 freeze(s, why)
                 space[node.name] = s
+        elif node.op in ("call_function", "call_method") and _is_query(node):
+            space[node.name] = None
         elif node.op in ("call_function", "call_method"):
             target = node.target
-            tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
-            is_pass = target in _PASS_FUNCS if node.op == "call_function" else target in _PASS_METHODS
+            tensor_args = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
+            is_pass = (target in _PASS_FUNCS if node.op == "call_function" else target in _PASS_METHODS) or \
+                (node.op == "call_method" and target in _REDUCTIONS and _reduces_spatial_only(node))
             is_act = target in _ACT_FUNCS if node.op == "call_function" else target in _ACT_METHODS
             if is_pass and len(tensor_args) == 1 and _keeps_channels(shape(tensor_args[0]), out_shape):
                 src = space.get(tensor_args[0].name)
@@ -305,12 +323,29 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         if kind == "conv":
             kk = m.kernel_size[0] * m.kernel_size[1]
             layers.append(LayerCost(name, kind, gi, go, m.in_channels, m.out_channels,
-                                    int(hw[0] * hw[1] * kk), kk, m.bias is not None))
+                                    int(hw[0] * hw[1] * kk), kk, m.bias is not None, m.groups))
         elif kind == "linear":
             layers.append(LayerCost(name, kind, gi, None, m.in_features, m.out_features, 1, 1, m.bias is not None))
         else:
-            layers.append(LayerCost(name, kind, gi, go, m.num_features, m.num_features, int(hw[0] * hw[1]), 0, False))
+            layers.append(LayerCost(name, kind, gi, go, m.num_features, m.num_features, int(hw[0] * hw[1]), 0,
+                                    bool(m.affine)))  # for BN, `bias` records affine parameters
     return DependencyGraph(gm=gm, groups=groups, layers=layers, input_size=tuple(input_size))
+
+
+def _is_query(node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.dim()``, ``x.shape``: ops that return numbers, not feature maps."""
+    if node.op == "call_method":
+        return node.target in _QUERY_METHODS
+    return node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device")
+
+
+def _reduces_spatial_only(node: fx.Node) -> bool:
+    """A reduction like ``x.mean((2, 3))`` that keeps the batch and channel dims."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return False
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return all(isinstance(d, int) and d >= 2 for d in dims)
 
 
 def _keeps_channels(src: tuple[int, ...] | None, dst: tuple[int, ...] | None) -> bool:

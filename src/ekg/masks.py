@@ -1,0 +1,262 @@
+"""The pseudo-supernet: pretrained weights plus one mask per channel group.
+
+A :class:`MaskedNetwork` re-plays the model's traced graph with two changes (method doc, "What a
+mask does in the forward pass"):
+
+1. at every mask point of a group (its activation outputs) the feature map is multiplied by the
+   group's 0/1 mask, so masked channels are exactly zero downstream; in the backward pass the
+   gradient goes through unchanged (as in the original release) and, while scores are being
+   collected, ``|Σ_{batch,h,w} (∂J/∂y)·y|`` is added to the group's score per batch and point;
+2. every conv/linear whose input or output channels are partly masked computes with the
+   norm-preserving kernel ``(W ⊙ M)·‖W‖/‖W ⊙ M‖``.
+
+Each group's :class:`Gate` holds the channel scores, their ranks (0 = most important) and the
+kept fraction ``rate``; the mask keeps the channels ranked below ``max(C·rate, 1)``.
+The masked network shares its parameters with the model it wraps; it never changes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.func import functional_call
+
+from .graph import ChannelGroup, DependencyGraph, build_graph
+
+
+def kept_channels(channels: int, rate: float) -> int:
+    """How many channels a mask keeps: those ranked below ``max(C·rate, 1)``, i.e.
+    ``ceil(C·rate)`` clamped to [1, C] (C·rate is rounded to 6 decimals against float noise)."""
+    return int(min(channels, max(1, math.ceil(round(channels * rate, 6)))))
+
+
+def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each channel by descending score (0 = highest); ties keep channel order."""
+    order = torch.argsort(-scores.double(), stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(order), device=order.device)
+    return ranks
+
+
+@dataclass
+class Gate:
+    """Per-group search state: scores, ranks and kept fraction."""
+
+    group: ChannelGroup
+    rate: float = 1.0
+    ranks: torch.Tensor | None = None  # None: channel order
+
+    @property
+    def channels(self) -> int:
+        return self.group.channels
+
+    @property
+    def n_producers(self) -> int:
+        return max(1, len(self.group.producers))
+
+    @property
+    def kept(self) -> int:
+        return kept_channels(self.channels, self.rate)
+
+    def mask(self, rate: float | None = None) -> torch.Tensor:
+        """Bool mask of the kept channels at ``rate`` (default: the gate's own)."""
+        ranks = self.ranks if self.ranks is not None else torch.arange(self.channels)
+        return ranks < kept_channels(self.channels, self.rate if rate is None else rate)
+
+
+class _MaskPoint(torch.autograd.Function):
+    """y = x·m; backward passes the gradient straight through and (optionally) adds the Taylor
+    score |Σ g·y| over batch and spatial dims to ``score``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
+        y = x * mask.view(1, -1, *([1] * (x.dim() - 2)))
+        ctx.score = score
+        if score is not None:
+            ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.score is not None:
+            (y,) = ctx.saved_tensors
+            dims = [0, *range(2, g.dim())]
+            ctx.score.add_((g * y).sum(dims).abs().to(ctx.score.dtype))
+        return g, None, None
+
+
+class GroupMask(nn.Module):
+    """The mask of one group, applied at each of its mask points. Change it with :meth:`set`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(channels))
+        self.register_buffer("score", torch.zeros(channels, dtype=torch.float64))
+        self.collect = False
+        self.partial = False
+        self.kept_index: torch.Tensor | None = None  # indices of kept channels when partial
+
+    def set(self, keep: torch.Tensor) -> None:
+        """Set the mask from a bool tensor of kept channels."""
+        keep = keep.to(self.mask.device, torch.bool)
+        self.mask.copy_(keep)
+        self.partial = not bool(keep.all())
+        self.kept_index = torch.nonzero(keep).flatten() if self.partial else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _MaskPoint.apply(x, self.mask, self.score if self.collect else None)
+
+
+class MaskedLayer(nn.Module):
+    """A conv/linear computed with the norm-preserving masked kernel.
+
+    With ``sliced=True`` it computes only the kept input/output channels and scatters the result
+    into a zero tensor of full width: the same function and gradients, fewer FLOPs."""
+
+    def __init__(self, layer: nn.Module, in_mask: GroupMask | None, out_mask: GroupMask | None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.sliced = False
+        # Plain attributes, not submodules: the masks are registered once, under `gates`.
+        self.__dict__["in_mask"] = in_mask
+        self.__dict__["out_mask"] = out_mask
+
+    def _partial(self, m: GroupMask | None) -> GroupMask | None:
+        return m if m is not None and m.partial else None
+
+    def effective_weight(self) -> torch.Tensor | None:
+        """``(W ⊙ M)·‖W‖/‖W ⊙ M‖``, or None when nothing is masked."""
+        w = self.layer.weight
+        m_in, m_out = self._partial(self.in_mask), self._partial(self.out_mask)
+        if m_in is None and m_out is None:
+            return None
+        shape = [1] * w.dim()
+        mw = w
+        if m_out is not None:
+            mw = mw * m_out.mask.view(-1, *shape[1:])
+        if m_in is not None:
+            mw = mw * m_in.mask.view(1, -1, *shape[2:])
+        return mw * (w.norm() / mw.norm().clamp_min(1e-30))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sliced:
+            return self._sliced_forward(x)
+        w = self.effective_weight()
+        if w is None:
+            return self.layer(x)
+        return functional_call(self.layer, {"weight": w}, (x,))
+
+    def _sliced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        m_in, m_out = self._partial(self.in_mask), self._partial(self.out_mask)
+        if m_in is None and m_out is None:
+            return self.layer(x)
+        w, b = self.layer.weight, self.layer.bias
+        ws = w
+        if m_out is not None:
+            ws = ws.index_select(0, m_out.kept_index)
+            b = b.index_select(0, m_out.kept_index) if b is not None else None
+        if m_in is not None:
+            ws = ws.index_select(1, m_in.kept_index)
+            x = x.index_select(1, m_in.kept_index)
+        ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))
+        y = functional_call(self.layer, {"weight": ws, "bias": b}, (x,))
+        if m_out is None:
+            return y
+        full = y.new_zeros((y.shape[0], w.shape[0], *y.shape[2:]))
+        if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last):
+            full = full.contiguous(memory_format=torch.channels_last)
+        return full.index_copy(1, m_out.kept_index, y)
+
+
+class MaskedNetwork(nn.Module):
+    """``model`` with a mask per prunable channel group (see the module doc)."""
+
+    def __init__(self, model: nn.Module, graph: DependencyGraph | None = None,
+                 input_size: tuple[int, ...] = (3, 32, 32)) -> None:
+        super().__init__()
+        self.graph = graph if graph is not None else build_graph(model, input_size)
+        self.model = model
+        self.gates = [Gate(g) for g in self.graph.prunable]
+        self.masks = nn.ModuleList(GroupMask(g.channels) for g in self.graph.prunable)
+        self.gm = self._rewrite()
+
+    # ------------------------------------------------------------------ graph rewrite
+    def _rewrite(self) -> fx.GraphModule:
+        src = self.graph.gm
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        mask_at = {name: i for i, g in enumerate(self.graph.prunable) for name in g.mask_nodes}
+        group_of_index = {g.index: i for i, g in enumerate(self.graph.prunable)}
+        root = nn.Module()
+        root.model = self.model
+        layer_groups = {c.name: (c.in_group, c.out_group) for c in self.graph.layers if c.kind in ("conv", "linear")}
+        for node in src.graph.nodes:
+            new = graph.node_copy(node, lambda n: env[n])
+            if node.op == "call_module":
+                new.target = f"model.{node.target}"
+                if node.target in layer_groups:
+                    gin, gout = layer_groups[node.target]
+                    mi = self.masks[group_of_index[gin]] if gin in group_of_index else None
+                    mo = self.masks[group_of_index[gout]] if gout in group_of_index else None
+                    if mi is not None or mo is not None:
+                        name = "masked_" + node.target.replace(".", "_")
+                        root.add_module(name, MaskedLayer(self.model.get_submodule(node.target), mi, mo))
+                        new.target = name
+            if node.name in mask_at:
+                i = mask_at[node.name]
+                name = f"mask_{i}"
+                if not hasattr(root, name):
+                    root.add_module(name, self.masks[i])
+                new = graph.call_module(name, (new,))
+            env[node] = new
+        return fx.GraphModule(root, graph)
+
+    # ------------------------------------------------------------------ state
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gm(x)
+
+    def apply_gates(self) -> None:
+        """Write every gate's current mask into the network."""
+        for gate, gm in zip(self.gates, self.masks):
+            gm.set(gate.mask())
+
+    def set_sliced(self, on: bool) -> None:
+        """Compute masked layers on their kept channels only (same function, fewer FLOPs)."""
+        for m in self.gm.modules():
+            if isinstance(m, MaskedLayer):
+                m.sliced = on
+
+    def set_rates(self, rates: Sequence[float]) -> None:
+        for gate, r in zip(self.gates, rates):
+            gate.rate = float(r)
+        self.apply_gates()
+
+    def rates(self) -> list[float]:
+        return [g.rate for g in self.gates]
+
+    def widths(self, rates: Sequence[float] | None = None) -> np.ndarray:
+        """Channel widths of every graph group (prunable ones at their kept count)."""
+        w = self.graph.full_widths()
+        rates = self.rates() if rates is None else rates
+        for gate, r in zip(self.gates, rates):
+            w[gate.group.index] = kept_channels(gate.channels, r)
+        return w
+
+    def kept_indices(self) -> dict[int, torch.Tensor]:
+        """Graph group index → indices of its kept channels (for slimming)."""
+        return {g.group.index: torch.nonzero(g.mask()).flatten() for g in self.gates}
+
+    def collect_scores(self, on: bool) -> None:
+        for gm in self.masks:
+            gm.collect = on
+            if on:
+                gm.score.zero_()
+
+    def scores(self) -> list[torch.Tensor]:
+        return [gm.score.detach().clone() for gm in self.masks]

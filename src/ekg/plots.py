@@ -1,0 +1,127 @@
+"""Figures of a pruning run: the search trajectory and the per-group widths.
+
+matplotlib is imported inside the functions (Agg backend, no display needed), so ``import ekg``
+stays light. Every figure is a 150 dpi PNG written atomically (:func:`ekg.io.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .io import atomic_path
+
+DPI = 150
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _values(log: Sequence[dict[str, Any]], key: str) -> list[float]:
+    out = []
+    for row in log:
+        v = row.get(key)
+        out.append(float(v) if v is not None else math.nan)
+    return out
+
+
+def plot_trajectory(log: list[dict], path: str | os.PathLike) -> Path:
+    """The search trajectory: val loss and J (top) and val accuracy (bottom) against the FLOPs
+    ratio, which falls from 1.0 to the budget (x axis inverted so the search reads left to right).
+
+    ``log`` rows as in ``SearchState.log`` (keys ``step``, ``flops_ratio``, ``val_loss``,
+    ``val_accuracy``, ``j``). Returns ``path``."""
+    if not log:
+        raise ValueError("plot_trajectory needs at least one log row")
+    plt = _pyplot()
+    x = _values(log, "flops_ratio")
+    loss, j, acc = _values(log, "val_loss"), _values(log, "j"), _values(log, "val_accuracy")
+    steps = [row.get("step", i) for i, row in enumerate(log)]
+
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6.5), constrained_layout=True)
+    marker = "o" if len(log) <= 60 else None
+    top.plot(x, loss, marker=marker, markersize=3, lw=1.5, color="tab:blue", label="val CE loss")
+    top.plot(x, j, marker=marker, markersize=3, lw=1.5, color="tab:orange", label="J (CE + ensemble CE)")
+    finite = [v for v in loss + j if math.isfinite(v)]
+    if finite and min(finite) > 0:
+        top.set_yscale("log")
+    top.set_ylabel("val loss / J (per sample)")
+    bottom.plot(x, acc, marker=marker, markersize=3, lw=1.5, color="tab:green", label="val accuracy")
+    bottom.set_ylabel("val accuracy (%)")
+    bottom.set_xlabel("FLOPs ratio (conv + linear MACs, pruned / original)")
+
+    # the final sub-network
+    xf = x[-1]
+    for ax, ys in ((top, (loss[-1], j[-1])), (bottom, (acc[-1],))):
+        for y in ys:
+            if math.isfinite(xf) and math.isfinite(y):
+                ax.plot([xf], [y], marker="*", markersize=14, color="tab:red", zorder=5, linestyle="none")
+    if math.isfinite(xf) and math.isfinite(acc[-1]):
+        bottom.annotate(f"final: ratio {xf:.3f}, acc {acc[-1]:.2f}%, step {steps[-1]}", (xf, acc[-1]),
+                        textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9, color="tab:red")
+    top.plot([], [], marker="*", markersize=10, color="tab:red", linestyle="none", label="final")
+
+    finite_x = [v for v in x if math.isfinite(v)]
+    if finite_x:
+        lo, hi = min(finite_x), max(finite_x)
+        pad = max(0.01, 0.03 * (hi - lo))
+        bottom.set_xlim(hi + pad, lo - pad)  # inverted: the search goes from 1.0 down to the budget
+    for ax in (top, bottom):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="best", fontsize=9)
+    top.set_title(f"Search trajectory ({len(log) - 1} steps)")
+    return _save(fig, path)
+
+
+def plot_widths(names: list[str], before: list[int], after: list[int], path: str | os.PathLike,
+                title: str = "") -> Path:
+    """Grouped bars of every channel group's width, original vs pruned. The figure widens with
+    the number of groups so that 30–60 rotated labels stay readable. Returns ``path``."""
+    if not (len(names) == len(before) == len(after)):
+        raise ValueError(f"names, before and after must have the same length, got "
+                         f"{len(names)}, {len(before)}, {len(after)}")
+    plt = _pyplot()
+    n = len(names)
+    width_in = min(max(6.0, 0.32 * n + 2.0), 40.0)
+    longest = max((len(str(s)) for s in names), default=0)
+    height_in = 4.0 + min(longest, 40) * 0.07
+    fig, ax = plt.subplots(figsize=(width_in, height_in), constrained_layout=True)
+    pos = list(range(n))
+    bar = 0.4
+    ax.bar([p - bar / 2 for p in pos], before, bar, label="original", color="tab:gray", alpha=0.6)
+    ax.bar([p + bar / 2 for p in pos], after, bar, label="pruned", color="tab:blue")
+    ax.set_xticks(pos)
+    ax.set_xticklabels([str(s) for s in names], rotation=70, ha="right", rotation_mode="anchor",
+                       fontsize=8 if n <= 40 else 7)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylabel("channels")
+    ax.set_xlabel("channel group")
+    if n <= 40:  # the kept count on each pruned bar, while there is room for it
+        for p, a in zip(pos, after):
+            ax.text(p + bar / 2, a, str(a), ha="center", va="bottom", fontsize=6, color="tab:blue")
+    top = max(list(before) + list(after) + [1])
+    ax.set_ylim(0, top * 1.2)  # headroom for the legend
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9, ncol=2)
+    total_b, total_a = sum(before), sum(after)
+    ax.set_title(title or f"Channel widths: {total_a} of {total_b} channels kept")
+    return _save(fig, path)

@@ -1,0 +1,500 @@
+"""EKG's greedy sub-network search (method doc, phases 1 and 2).
+
+The rules are small pure functions, each unit-tested:
+
+* :func:`step_size` — a group's step removes ``max(1/C, 0.2/n)`` of its channels;
+* :func:`step_cost` — the summed scores of the channels a step would remove;
+* :func:`trimmed_otsu_threshold` — the candidate filter;
+* :func:`objective` — ``J = CE(labels, z) + CE(softmax(K), z)``;
+* :func:`update_ensemble` — ``K ← (K·t + z)/(t + 1)``;
+* :func:`land_rate` — the fine landing on the budget.
+
+:class:`Searcher` runs them over a :class:`~ekg.masks.MaskedNetwork`. It evaluates candidates either
+straightforwardly (the whole network for each) or with the optimised evaluator, which re-uses the
+activations of every graph node that a candidate does not change; both make the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import EkgError
+from .masks import Gate, MaskedNetwork, kept_channels, ranks_from_scores
+
+IMPORTANCES = ("ekg", "taylor", "l1", "fpgm", "random")
+REWARDS = ("ensemble", "val-loss")
+METHODS = ("greedy", "uniform")
+
+
+# ----------------------------------------------------------------------------- the rules
+
+def step_size(channels: int, n_producers: int, base: float = 0.2) -> float:
+    """Fraction of a group's channels one step removes: ``max(1/C, base/n)``."""
+    return max(1.0 / channels, base / max(1, n_producers))
+
+
+def step_cost(scores: torch.Tensor, rate: float, step: float) -> float:
+    """Sum of the scores of the channels a step from ``rate`` would remove: the ascending-sorted
+    scores from position ``round((1-rate)·C)`` to ``round((1-rate+step)·C)`` (Python rounding, as
+    the release)."""
+    s = torch.sort(scores.double()).values
+    c = len(s)
+    lo, hi = round((1 - rate) * c), round((1 - rate + step) * c)
+    return float(s[lo:hi].sum())
+
+
+def trimmed_otsu_threshold(costs: Sequence[float], trim: float = 0.2) -> float:
+    """Otsu's threshold of ``costs`` after dropping the lowest and highest ``ceil(n·trim)``.
+
+    The split maximising ``w0·w1·(m0-m1)²`` over the sorted, trimmed costs; the threshold is the
+    midpoint between the two values either side of it. With fewer than 3 costs left after
+    trimming there is nothing to split and every group passes (threshold +inf)."""
+    s = np.sort(np.asarray(costs, dtype=np.float64))
+    k = math.ceil(len(s) * trim)
+    s = s[k:len(s) - k] if k else s
+    n = len(s)
+    if n < 3:
+        return math.inf
+    best, best_t = -1.0, 1
+    for t in range(1, n - 1):
+        v = t * (n - t) * (s[:t].mean() - s[t:].mean()) ** 2
+        if v > best:
+            best, best_t = v, t
+    return float((s[best_t - 1] + s[best_t]) / 2)
+
+
+def objective(logits: torch.Tensor, labels: torch.Tensor, ensemble: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample ``CE(labels, z) + CE(softmax(K), z)`` (summed, not averaged); without an
+    ensemble, plain cross-entropy."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    j = F.nll_loss(log_p, labels, reduction="sum")
+    if ensemble is not None:
+        j = j - (F.softmax(ensemble.float(), dim=1) * log_p).sum()
+    return j
+
+
+def update_ensemble(ensemble: torch.Tensor, logits: torch.Tensor, count: int) -> torch.Tensor:
+    """Running mean of logits: ``(K·t + z)/(t + 1)`` where ``t`` sub-networks are averaged in K."""
+    return (ensemble * count + logits) / (count + 1)
+
+
+def land_rate(rate: float, step: float, channels: int, ratio_at: Callable[[float], float], keep: float) -> float:
+    """The rate after one step, landed on the budget.
+
+    ``rate - step`` (rounded to 5 decimals, as the release); if that takes the FLOPs ratio below
+    ``keep``, the step is shrunk in ``1/C`` increments to the largest rate whose ratio is still at
+    or below ``keep`` — never above."""
+    new = round(rate - step, 5)
+    if ratio_at(new) >= keep:
+        return new
+    fine = 1.0 / channels
+    while True:
+        up = round(new + fine, 5)
+        if up >= rate - 1e-9 or ratio_at(up) > keep:
+            return new
+        new = up
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class SearchConfig:
+    """Settings of the search. Defaults: the paper's CIFAR run."""
+
+    keep: float = 0.45                 # target FLOPs ratio
+    importance: str = "ekg"            # ekg | taylor | l1 | fpgm | random
+    reward: str = "ensemble"           # ensemble (J) | val-loss (CE)
+    method: str = "greedy"             # greedy | uniform
+    step: float = 0.2                  # the 0.2 of max(1/C, 0.2/n)
+    otsu_trim: float = 0.2
+    otsu: bool = True                  # the candidate filter
+    batch_size: int = 256
+    val_per_class: int = 32
+    sub_per_class: int = 256
+    split_seed: int = 1
+    seed: int = 0                      # only the random importance uses it
+    adapt: bool = True
+    adapt_lr: float = 1e-3
+    adapt_momentum: float = 0.9
+    adapt_weight_decay: float = 5e-4
+    bn_ops: bool = False               # count 2 ops per BN output element in the FLOPs ratio
+    fast: bool = True                  # re-use unchanged activations per candidate (same decisions)
+    sliced: bool = True                # channels-last, kept-channels-only layers (same function, less work)
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not 0 < self.keep < 1:
+            raise EkgError(f"--keep must lie in (0, 1) (the FLOPs ratio to reach), got {self.keep}")
+        for name, value, allowed in (("importance", self.importance, IMPORTANCES),
+                                     ("reward", self.reward, REWARDS), ("method", self.method, METHODS)):
+            if value not in allowed:
+                raise EkgError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0 < self.step <= 1:
+            raise EkgError(f"--step must lie in (0, 1], got {self.step}")
+        if self.batch_size < 2:
+            raise EkgError("--batch-size must be at least 2 (BN uses batch statistics in the search)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@dataclass
+class Evaluation:
+    logits: torch.Tensor
+    loss: float      # mean CE
+    j: float         # mean J
+    accuracy: float  # percent
+
+    def reward(self, kind: str) -> float:
+        return self.j if kind == "ensemble" else self.loss
+
+
+class _Replay(fx.Interpreter):
+    """Runs the masked graph, optionally from a partial environment, recording node values."""
+
+    def __init__(self, gm: fx.GraphModule, record: bool) -> None:
+        super().__init__(gm, garbage_collect_values=not record)
+        self.record = record
+
+    def env_after(self, x: torch.Tensor, initial: dict[fx.Node, Any] | None) -> tuple[torch.Tensor, dict[fx.Node, Any]]:
+        out = self.run(x, initial_env=dict(initial) if initial else None)
+        return out, self.env
+
+
+class CandidateEvaluator:
+    """Evaluates sub-networks on D_val (BN on batch statistics, running statistics untouched).
+
+    ``fast=False`` runs the whole network per candidate. ``fast=True`` keeps every node's value
+    for the current sub-network and, for a candidate that changes one group, recomputes only the
+    nodes downstream of that group's masks and masked layers: the other values are bit-identical."""
+
+    def __init__(self, net: MaskedNetwork, batches: list[tuple[torch.Tensor, torch.Tensor]], fast: bool) -> None:
+        self.net = net
+        self.batches = batches
+        self.fast = fast
+        self.base_env: list[dict[fx.Node, Any]] | None = None
+        self.base_key: tuple | None = None
+        self._affected = [self._downstream(i) for i in range(len(net.gates))] if fast else []
+
+    def _downstream(self, gate_index: int) -> set[fx.Node]:
+        """Nodes whose value depends on gate ``gate_index``'s mask."""
+        mask_mod = self.net.masks[gate_index]
+        modules = dict(self.net.gm.named_modules())
+        seeds = set()
+        for node in self.net.gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            m = modules[node.target]
+            if m is mask_mod or (hasattr(m, "layer") and (m.__dict__.get("in_mask") is mask_mod
+                                                         or m.__dict__.get("out_mask") is mask_mod)):
+                seeds.add(node)
+        out, stack = set(), list(seeds)
+        while stack:
+            n = stack.pop()
+            if n in out:
+                continue
+            out.add(n)
+            stack.extend(n.users)
+        return out
+
+    def _key(self) -> tuple:
+        return tuple(bool(v) for gm in self.net.masks for v in gm.mask.tolist())
+
+    @torch.no_grad()
+    def evaluate(self, ensemble: torch.Tensor | None, changed_gate: int | None = None) -> Evaluation:
+        """Evaluate the network in its current mask state. ``changed_gate`` names the one gate that
+        differs from the cached base state (fast mode); None means evaluate from scratch."""
+        logits = []
+        use_cache = self.fast and changed_gate is not None and self.base_env is not None
+        for b, (x, _) in enumerate(self.batches):
+            if use_cache:
+                affected = self._affected[changed_gate]
+                initial = {n: v for n, v in self.base_env[b].items() if n not in affected}
+                out, _ = _Replay(self.net.gm, record=False).env_after(x, initial)
+            else:
+                out = self.net(x)
+            logits.append(out)
+        return self._metrics(torch.cat(logits), ensemble)
+
+    @torch.no_grad()
+    def set_base(self) -> None:
+        """Record every node's value for the current state (fast mode)."""
+        if not self.fast:
+            return
+        key = self._key()
+        if key == self.base_key:
+            return
+        envs = []
+        for x, _ in self.batches:
+            _, env = _Replay(self.net.gm, record=True).env_after(x, None)
+            envs.append({n: v for n, v in env.items() if n.op != "output"})
+        self.base_env, self.base_key = envs, key
+
+    def _metrics(self, logits: torch.Tensor, ensemble: torch.Tensor | None) -> Evaluation:
+        labels = torch.cat([y for _, y in self.batches])
+        n = len(labels)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        j = objective(logits, labels, ensemble)
+        acc = (logits.argmax(1) == labels).sum()
+        stats = torch.stack([loss, j, acc.float()]).tolist()  # one host sync
+        return Evaluation(logits=logits, loss=stats[0] / n, j=stats[1] / n, accuracy=100.0 * stats[2] / n)
+
+
+# ----------------------------------------------------------------------------- importance
+
+def weight_scores(net: MaskedNetwork, kind: str, seed: int) -> list[torch.Tensor]:
+    """Data-free channel scores per gate: ``l1`` (L1 norm of the producing filters), ``fpgm``
+    (summed distance of each filter to the other kept filters of its conv: near the geometric
+    median = redundant), ``random`` (fixed per seed). Masked channels score 0."""
+    modules = dict(net.model.named_modules())
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    for gate, gm in zip(net.gates, net.masks):
+        keep = gm.mask.bool().cpu()
+        if kind == "random":
+            s = torch.rand(gate.channels, generator=gen, dtype=torch.float64) + 1e-6
+        else:
+            s = torch.zeros(gate.channels, dtype=torch.float64)
+            for name in gate.group.producers:
+                w = modules[name].weight.detach().double().cpu().flatten(1)
+                if kind == "l1":
+                    s += w.abs().sum(1)
+                else:
+                    kept = w[keep]
+                    s += torch.cdist(w, kept).sum(1)
+        out.append(torch.where(keep, s, torch.zeros_like(s)))
+    return out
+
+
+def taylor_scores(net: MaskedNetwork, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  ensemble: torch.Tensor | None, nominal_batch: int) -> list[torch.Tensor]:
+    """EKG's Taylor scores: back-propagate J (or plain CE when ``ensemble`` is None) batch by
+    batch and accumulate ``|Σ (∂J/∂y)·y|`` per batch and mask point."""
+    net.collect_scores(True)
+    try:
+        start = 0
+        for x, y in batches:
+            k = ensemble[start:start + len(y)] if ensemble is not None else None
+            start += len(y)
+            with torch.enable_grad():
+                out = net(x.detach().requires_grad_(True))
+                (objective(out, y, k) / nominal_batch).backward()
+    finally:
+        net.collect_scores(False)
+    return net.scores()
+
+
+# ----------------------------------------------------------------------------- the search
+
+@dataclass
+class SearchState:
+    """Everything needed to continue a search exactly (saved after every step)."""
+
+    step: int
+    rates: list[float]
+    ranks: list[torch.Tensor]
+    ensemble: torch.Tensor
+    ensemble_count: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "rates": list(self.rates), "ranks": [r.cpu() for r in self.ranks],
+                "ensemble": self.ensemble.cpu(), "ensemble_count": self.ensemble_count,
+                "history": self.history, "log": self.log, "done": self.done}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchState":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def pack_masks(net: MaskedNetwork) -> list[torch.Tensor]:
+    """The current masks, one bool tensor per gate (for the history / memory bank)."""
+    return [gm.mask.bool().cpu().clone() for gm in net.masks]
+
+
+class Searcher:
+    """Greedy EKG search over ``net`` on ``D_val`` batches."""
+
+    def __init__(self, net: MaskedNetwork, val_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                 cfg: SearchConfig) -> None:
+        if cfg.sliced:  # channels-last convs and kept-channels-only layers: same function, less work
+            net.model.to(memory_format=torch.channels_last)
+            net.set_sliced(True)
+            val_batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in val_batches]
+        self.net, self.batches, self.cfg = net, val_batches, cfg
+        self.evaluator = CandidateEvaluator(net, val_batches, fast=cfg.fast)
+        self.full_cost = net.graph.cost(net.graph.full_widths(), bn_ops=cfg.bn_ops)
+
+    # -- budget
+    def ratio(self, rates: Sequence[float] | None = None) -> float:
+        flops, _ = self.net.graph.cost(self.net.widths(rates), bn_ops=self.cfg.bn_ops)
+        return flops / self.full_cost[0]
+
+    def cost(self) -> tuple[int, int]:
+        return self.net.graph.cost(self.net.widths(), bn_ops=self.cfg.bn_ops)
+
+    # -- phases
+    def initial_state(self) -> SearchState:
+        self.net.set_rates([1.0] * len(self.net.gates))
+        base = self.evaluator.evaluate(None)
+        entry = {"step": 0, "masks": pack_masks(self.net), "rates": self.net.rates(), "loss": base.loss,
+                 "accuracy": base.accuracy}
+        state = SearchState(step=0, rates=self.net.rates(), ranks=[torch.arange(g.channels) for g in self.net.gates],
+                            ensemble=base.logits.clone(), ensemble_count=1, history=[entry])
+        flops, params = self.cost()
+        state.log.append({"step": 0, "group": None, "group_name": None, "flops": flops, "params": params,
+                          "flops_ratio": 1.0, "val_accuracy": base.accuracy, "val_loss": base.loss,
+                          "j": self.evaluator._metrics(base.logits, base.logits).j,
+                          "candidates": 0, "evaluated": 0, "seconds": 0.0})
+        return state
+
+    def restore(self, state: SearchState) -> None:
+        for gate, r, rk in zip(self.net.gates, state.rates, state.ranks):
+            gate.rate, gate.ranks = float(r), rk.to(self.net.masks[0].mask.device)
+        self.net.apply_gates()
+
+    def scores(self, state: SearchState) -> list[torch.Tensor]:
+        imp = self.cfg.importance
+        if imp in ("ekg", "taylor"):
+            k = state.ensemble if imp == "ekg" else None
+            return taylor_scores(self.net, self.batches, k, self.cfg.batch_size)
+        return weight_scores(self.net, imp, self.cfg.seed)
+
+    def step(self, state: SearchState) -> SearchState:
+        """One greedy step: score, filter, evaluate candidates, apply the best."""
+        t0 = time.perf_counter()
+        cfg, gates = self.cfg, self.net.gates
+        scores = self.scores(state)
+        for gate, s in zip(gates, scores):
+            gate.ranks = ranks_from_scores(s)
+        self.net.apply_gates()
+        steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]
+        active = [i for i, g in enumerate(gates) if g.kept > 1]
+        if not active:
+            raise EkgError(f"cannot reach --keep {cfg.keep}: every prunable group is down to one channel "
+                           f"at a FLOPs ratio of {self.ratio():.4f}")
+        costs = {i: step_cost(scores[i], gates[i].rate, steps[i]) for i in active}
+        threshold = trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim) if cfg.otsu else math.inf
+        candidates = [i for i in active if costs[i] <= threshold] or active
+        self.evaluator.set_base()
+        best: tuple[float, int, float, Evaluation] | None = None
+        rates = self.net.rates()
+        for i in candidates:
+            gate = gates[i]
+            trial = list(rates)
+
+            def ratio_at(r: float, i: int = i) -> float:
+                trial[i] = r
+                return self.ratio(trial)
+
+            new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)
+            old = gate.rate
+            gate.rate = new_rate
+            self.net.masks[i].set(gate.mask())
+            ev = self.evaluator.evaluate(state.ensemble, changed_gate=i)
+            gate.rate = old
+            self.net.masks[i].set(gate.mask())
+            r = ev.reward(cfg.reward)
+            if best is None or r < best[0]:
+                best = (r, i, new_rate, ev)
+        assert best is not None
+        _, winner, new_rate, ev = best
+        gates[winner].rate = new_rate
+        self.net.apply_gates()
+        state.ensemble = update_ensemble(state.ensemble, ev.logits, state.ensemble_count)
+        state.ensemble_count += 1
+        state.step += 1
+        state.rates = self.net.rates()
+        state.ranks = [g.ranks.clone() for g in gates]
+        state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,
+                              "loss": ev.loss, "accuracy": ev.accuracy})
+        flops, params = self.cost()
+        state.log.append({
+            "step": state.step, "group": winner, "group_name": gates[winner].group.name,
+            "rate": new_rate, "kept": gates[winner].kept, "widths": [g.kept for g in gates],
+            "flops": flops, "params": params, "flops_ratio": flops / self.full_cost[0],
+            "val_accuracy": ev.accuracy, "val_loss": ev.loss, "j": ev.j,
+            "candidates": len(active), "evaluated": len(candidates), "seconds": time.perf_counter() - t0,
+        })
+        state.done = self.ratio() <= cfg.keep
+        return state
+
+    def uniform(self, state: SearchState) -> SearchState:
+        """The same kept fraction for every group, the largest that lands at or below the budget;
+        channels chosen by the importance scores of the unpruned network."""
+        t0 = time.perf_counter()
+        for gate, s in zip(self.net.gates, self.scores(state)):
+            gate.ranks = ranks_from_scores(s)
+        grid = sorted({round(k / g.channels, 6) for g in self.net.gates for k in range(1, g.channels + 1)})
+        lo, hi = 0, len(grid) - 1  # find the largest grid rate with ratio <= keep
+        if self.ratio([grid[0]] * len(self.net.gates)) > self.cfg.keep:
+            raise EkgError(f"cannot reach --keep {self.cfg.keep} uniformly: one channel per group leaves "
+                           f"a FLOPs ratio of {self.ratio([grid[0]] * len(self.net.gates)):.4f}")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.ratio([grid[mid]] * len(self.net.gates)) <= self.cfg.keep:
+                lo = mid
+            else:
+                hi = mid - 1
+        self.net.set_rates([grid[lo]] * len(self.net.gates))
+        ev = self.evaluator.evaluate(state.ensemble)
+        flops, params = self.cost()
+        state.step, state.rates = 1, self.net.rates()
+        state.ranks = [g.ranks.clone() for g in self.net.gates]
+        state.history.append({"step": 1, "masks": pack_masks(self.net), "rates": state.rates,
+                              "loss": ev.loss, "accuracy": ev.accuracy})
+        state.log.append({"step": 1, "group": None, "group_name": "all (uniform)", "rate": grid[lo],
+                          "widths": [g.kept for g in self.net.gates], "flops": flops, "params": params,
+                          "flops_ratio": flops / self.full_cost[0], "val_accuracy": ev.accuracy,
+                          "val_loss": ev.loss, "j": ev.j, "candidates": 0, "evaluated": 1,
+                          "seconds": time.perf_counter() - t0})
+        state.done = True
+        return state
+
+    def run(self, state: SearchState, on_step: Callable[[SearchState], None] | None = None) -> SearchState:
+        """Steps until the budget is met; ``on_step`` runs after each (e.g. to save the state)."""
+        self.restore(state)
+        if self.cfg.method == "uniform" and not state.done:
+            state = self.uniform(state)
+            if on_step:
+                on_step(state)
+        while not state.done and self.ratio() > self.cfg.keep:
+            state = self.step(state)
+            if on_step:
+                on_step(state)
+        state.done = True
+        return state
+
+
+def adapt(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: SearchConfig) -> None:
+    """Phase 1: one epoch of SGD (Nesterov) on D_sub with BN in training mode."""
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=cfg.adapt_lr, momentum=cfg.adapt_momentum, nesterov=True,
+                          weight_decay=cfg.adapt_weight_decay)
+    model.train()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)

@@ -1,0 +1,307 @@
+"""The dependency graph: channel groups of the built-in ResNets and of small custom models, and
+the analytic cost formula against the hook-based counter."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ekg import flops
+from ekg.graph import DependencyGraph, build_graph, describe
+from ekg.models import ResNetSpec, build_model, create_model, model_names
+
+
+def groups_by_producer(graph: DependencyGraph) -> dict[str, int]:
+    return {p: g.index for g in graph.groups for p in g.producers}
+
+
+def stream_indices(graph: DependencyGraph) -> list[int]:
+    """Group index of each stage's residual stream, found by a conv that writes it."""
+    by_producer = groups_by_producer(graph)
+    return [by_producer[n] for n in ("conv1", "layer2.0.conv2", "layer3.0.conv2")]
+
+
+def inner_indices(graph: DependencyGraph, blocks: int) -> list[list[int]]:
+    by_producer = groups_by_producer(graph)
+    return [[by_producer[f"layer{s + 1}.{j}.conv1"] for j in range(blocks)] for s in range(3)]
+
+
+def counted(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32), bn_ops: bool = False) -> tuple[int, int]:
+    c = flops.count(model, input_size, bn_ops=bn_ops)
+    return c.flops, c.params
+
+
+@pytest.fixture(scope="module")
+def r56() -> DependencyGraph:
+    return build_graph(create_model("resnet56"))
+
+
+@pytest.fixture(scope="module")
+def r56_a() -> DependencyGraph:
+    return build_graph(create_model("resnet56_a"))
+
+
+# ----------------------------------------------------------------------------- built-in ResNets
+
+@pytest.mark.parametrize("name", ["resnet56", "resnet56_tf"])
+def test_resnet56_projection_groups(name):
+    graph = build_graph(create_model(name))
+    assert len(graph.groups) == 1 + 3 + 27 + 1  # input, 3 streams, 27 block-internal, logits
+    assert len(graph.prunable) == 30
+    streams = [graph.groups[i] for i in stream_indices(graph)]
+    assert [len(g.producers) for g in streams] == [10, 10, 10]  # stem / a shortcut conv + 9 block outputs
+    assert [len(g.mask_nodes) for g in streams] == [10, 9, 9]  # stem + 9 blocks; 9 block outputs
+    assert [len(g.norms) for g in streams] == [10, 10, 10]
+    assert [g.channels for g in streams] == [16, 32, 64]
+    assert "layer2.0.shortcut.0" in streams[1].producers and "layer1.0.conv1" in streams[0].consumers
+    assert streams[2].consumers[-1] == "linear" and len(streams[2].consumers) == 8 + 1
+    for s, stage in enumerate(inner_indices(graph, 9)):
+        for j, gi in enumerate(stage):
+            g = graph.groups[gi]
+            assert g.prunable and g.producers == [f"layer{s + 1}.{j}.conv1"]
+            assert g.consumers == [f"layer{s + 1}.{j}.conv2"] and g.norms == [f"layer{s + 1}.{j}.bn1"]
+            assert len(g.mask_nodes) == 1
+
+
+def test_mask_points_are_relus(r56):
+    nodes = {n.name: n for n in r56.gm.graph.nodes}
+    for g in r56.prunable:
+        for name in g.mask_nodes:
+            assert nodes[name].target in (F.relu, torch.relu), (g.name, name)
+    # A stream's block mask point is the ReLU of the block's addition.
+    stream = r56.groups[stream_indices(r56)[1]]
+    adds = [nodes[name].args[0] for name in stream.mask_nodes]
+    assert all(a.target in (operator.add, torch.add) for a in adds)
+
+
+def test_option_a_streams_are_frozen(r56_a):
+    graph = r56_a
+    assert len(graph.groups) == 32 and len(graph.prunable) == 27
+    streams = [graph.groups[i] for i in stream_indices(graph)]
+    assert [len(g.producers) for g in streams] == [10, 9, 9]  # no shortcut convs
+    for g in streams:
+        assert not g.prunable and "ZeroPadShortcut" in g.reason
+    assert all(len(graph.groups[gi].producers) == 1 for stage in inner_indices(graph, 9) for gi in stage)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20_a", "resnet20_tf"])
+def test_input_and_logits_groups_are_not_prunable(name):
+    graph = build_graph(create_model(name))
+    first, last = graph.groups[0], graph.groups[-1]
+    assert not first.prunable and "input" in first.reason and first.channels == 3
+    assert first.consumers == ["conv1"]
+    assert not last.prunable and "linear" in last.reason and last.channels == 10
+    rows = describe(graph)
+    assert [r["index"] for r in rows] == list(range(len(graph.groups)))
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_full_cost_equals_counter_for_every_registry_model(name):
+    model = create_model(name)
+    graph = build_graph(model)
+    for bn_ops in (False, True):
+        assert graph.cost(graph.full_widths(), bn_ops=bn_ops) == counted(model, bn_ops=bn_ops)
+
+
+def _random_spec_widths(spec: ResNetSpec, gen: torch.Generator, streams: bool) -> tuple[list[int], list[list[int]]]:
+    """Random widths within the spec's; option-A streams stay non-decreasing (zero-padding
+    shortcuts cannot shrink channels)."""
+    def draw(w: int) -> int:
+        return int(torch.randint(1, w + 1, (1,), generator=gen))
+
+    stage = [draw(w) for w in spec.stage_widths] if streams else list(spec.stage_widths)
+    if spec.shortcut == "A":
+        stage = sorted(stage)
+    blocks = [[draw(w) for w in ws] for ws in spec.block_widths]
+    return stage, blocks
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet32_tf", "resnet20_a", "resnet56"])
+def test_cost_of_random_widths_equals_a_model_built_with_them(name):
+    """The analytic formula against a real network of those widths, built from its spec."""
+    model = create_model(name)
+    graph = build_graph(model)
+    gen = torch.Generator().manual_seed(len(name))
+    for _ in range(3):
+        stage, blocks = _random_spec_widths(model.spec, gen, streams=True)
+        widths = graph.full_widths()
+        for gi, w in zip(stream_indices(graph), stage):
+            widths[gi] = w
+        for stage_groups, stage_widths in zip(inner_indices(graph, model.spec.blocks_per_stage), blocks):
+            for gi, w in zip(stage_groups, stage_widths):
+                widths[gi] = w
+        small = build_model(ResNetSpec(**{**model.spec.to_dict(), "stage_widths": stage, "block_widths": blocks}))
+        for bn_ops in (False, True):
+            assert graph.cost(widths, bn_ops=bn_ops) == counted(small, bn_ops=bn_ops)
+
+
+# ----------------------------------------------------------------------------- custom models
+
+class Chain(nn.Module):
+    """conv-BN-ReLU, conv-BN-ReLU, global pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.b1(self.c1(x)))
+        x = self.act(self.b2(self.c2(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class Residual(nn.Module):
+    """A stem and one residual unit whose addition couples two convs into one stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c1, self.b1 = nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bs(self.stem(x)))
+        h = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(h)) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+class ViewFlatten(nn.Module):
+    """Flattens a spatial map with ``view`` into the linear layer: the last conv's channels are
+    interleaved with positions, so they cannot be pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+SMALL = (3, 8, 8)
+
+
+def test_chain_model():
+    graph = build_graph(Chain(), SMALL)
+    assert [g.channels for g in graph.groups] == [3, 8, 12, 5]
+    assert [g.prunable for g in graph.groups] == [False, True, True, False]
+    g1, g2 = graph.groups[1], graph.groups[2]
+    assert (g1.producers, g1.norms, g1.consumers) == (["c1"], ["b1"], ["c2"])
+    assert (g2.producers, g2.norms, g2.consumers) == (["c2"], ["b2"], ["fc"])
+    assert len(g1.mask_nodes) == len(g2.mask_nodes) == 1
+    for bn_ops in (False, True):
+        assert graph.cost(graph.full_widths(), bn_ops=bn_ops) == counted(Chain(), SMALL, bn_ops)
+    # Cutting the groups matches a chain built that narrow.
+    small = Chain()
+    small.c1, small.b1 = nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5)
+    small.c2, small.b2 = nn.Conv2d(5, 7, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(7)
+    small.fc = nn.Linear(7, 5)
+    assert graph.cost([3, 5, 7, 5], bn_ops=True) == counted(small, SMALL, bn_ops=True)
+
+
+def test_residual_addition_couples_a_stream():
+    graph = build_graph(Residual(), SMALL)
+    assert len(graph.groups) == 4  # input, stream (stem + c2), inner, logits
+    stream = next(g for g in graph.groups if len(g.producers) > 1)
+    inner = next(g for g in graph.groups if g.producers == ["c1"])
+    assert stream.prunable and stream.producers == ["stem", "c2"] and stream.norms == ["bs", "b2"]
+    assert stream.consumers == ["c1", "fc"] and len(stream.mask_nodes) == 2
+    assert stream.name == "stream:stem"
+    assert inner.prunable and inner.consumers == ["c2"]
+    assert graph.cost(graph.full_widths()) == counted(Residual(), SMALL)
+
+
+def test_view_flatten_of_a_spatial_map_freezes_the_last_group():
+    graph = build_graph(ViewFlatten(), SMALL)
+    by_producer = groups_by_producer(graph)
+    first, last = graph.groups[by_producer["c1"]], graph.groups[by_producer["c2"]]
+    assert first.prunable
+    assert not last.prunable and "cannot prune through" in last.reason
+    assert graph.cost(graph.full_widths()) == counted(ViewFlatten(), SMALL)
+
+
+def test_view_flatten_reason_names_the_view():
+    graph = build_graph(ViewFlatten(), SMALL)
+    assert "view" in graph.groups[groups_by_producer(graph)["c2"]].reason
+
+
+class PooledView(ViewFlatten):
+    """``view(N, -1)`` after a global pool is a plain flatten of (N, C, 1, 1): nothing to freeze."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.adaptive_avg_pool2d(F.relu(self.b2(self.c2(x))), 1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_view_after_global_pool_keeps_the_group_prunable():
+    graph = build_graph(PooledView(), SMALL)
+    assert graph.groups[groups_by_producer(graph)["c2"]].prunable
+
+
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.dw(F.relu(self.b1(self.c1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_depthwise_conv_freezes_its_channels():
+    graph = build_graph(Depthwise(), SMALL)
+    g = graph.groups[groups_by_producer(graph)["c1"]]
+    assert not g.prunable and "'dw'" in g.reason
+
+
+def test_depthwise_conv_is_counted_in_cost():
+    graph = build_graph(Depthwise(), SMALL)
+    assert graph.cost(graph.full_widths()) == counted(Depthwise(), SMALL)
+
+
+class NoAffineBN(Chain):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = nn.BatchNorm2d(8, affine=False)
+
+
+def test_bn_without_affine_has_no_params_in_cost():
+    graph = build_graph(NoAffineBN(), SMALL)
+    assert graph.cost(graph.full_widths()) == counted(NoAffineBN(), SMALL)
+
+
+class ChannelMean(nn.Module):
+    """``mean(1)`` averages the channels away; the linear reads the width axis (8 = C by chance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.c(x)).mean(1)).mean((1, 2))
+
+
+def test_mean_over_channels_freezes_them():
+    graph = build_graph(ChannelMean(), SMALL)
+    assert not graph.groups[groups_by_producer(graph)["c"]].prunable
