@@ -151,5 +151,5 @@ def test_bad_budgets_and_unprunable_models(tmp_path, r20_a, exact, capsys, share
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("ekg: error:") and "--keep" in err and "Traceback" not in err
     with pytest.raises(EkgError, match="one channel"):
-        prune(r20_a, exact, 0.05, out=tmp_path / "z", config=SearchConfig(adapt=False, method="uniform"),
+        prune(r20_a, exact, 0.02, out=tmp_path / "z", config=SearchConfig(adapt=False, method="uniform"),
               progress=False)

@@ -36,9 +36,15 @@ def kept_channels(channels: int, rate: float) -> int:
     return int(min(channels, max(1, math.ceil(round(channels * rate, 6)))))
 
 
-def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of each channel by descending score (0 = highest); ties keep channel order."""
+def ranks_from_scores(scores: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of each channel by descending score (0 = highest); ties keep channel order.
+
+    With ``live`` (bool, the channels the current mask keeps), every live channel ranks above every
+    masked one whatever the scores: a live channel scoring exactly 0 (a dead ReLU, or fpgm's single
+    remaining filter) must not tie with the masked zeros and let a pruned channel come back."""
     order = torch.argsort(-scores.double(), stable=True)
+    if live is not None:
+        order = order[torch.argsort((~live.to(order.device, torch.bool))[order].to(torch.uint8), stable=True)]
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(len(order), device=order.device)
     return ranks

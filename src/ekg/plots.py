@@ -88,7 +88,8 @@ def plot_trajectory(log: list[dict], path: str | os.PathLike) -> Path:
     for ax in (top, bottom):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="best", fontsize=9)
-    top.set_title(f"Search trajectory ({len(log) - 1} steps)")
+    n_steps = len(log) - 1
+    top.set_title(f"Search trajectory ({n_steps} step{'' if n_steps == 1 else 's'})")
     return _save(fig, path)
 
 

@@ -91,17 +91,20 @@ def land_rate(rate: float, step: float, channels: int, ratio_at: Callable[[float
     """The rate after one step, landed on the budget.
 
     ``rate - step`` (rounded to 5 decimals, as the release); if that takes the FLOPs ratio below
-    ``keep``, the step is shrunk in ``1/C`` increments to the largest rate whose ratio is still at
-    or below ``keep`` — never above."""
+    ``keep``, the step is shrunk in ``1/C`` increments — ``rate - step + k/C``, exact rather than
+    rounded to 5 decimals, so that every channel count stays reachable when ``1/C`` needs more
+    decimals (C = 64: ``round(3/64, 5)`` would keep 4 channels) — to the largest rate whose ratio is
+    still at or below ``keep``; never above."""
     new = round(rate - step, 5)
     if ratio_at(new) >= keep:
         return new
-    fine = 1.0 / channels
-    while True:
-        up = round(new + fine, 5)
+    best = new
+    for k in range(1, channels + 1):
+        up = round(new + k / channels, 9)  # 9 decimals: float noise only
         if up >= rate - 1e-9 or ratio_at(up) > keep:
-            return new
-        new = up
+            break
+        best = up
+    return best
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -382,8 +385,8 @@ class Searcher:
         t0 = time.perf_counter()
         cfg, gates = self.cfg, self.net.gates
         scores = self.scores(state)
-        for gate, s in zip(gates, scores):
-            gate.ranks = ranks_from_scores(s)
+        for gate, s, gm in zip(gates, scores, self.net.masks):
+            gate.ranks = ranks_from_scores(s, live=gm.mask.bool())
         self.net.apply_gates()
         steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]
         active = [i for i, g in enumerate(gates) if g.kept > 1]
