@@ -39,25 +39,13 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from ekg.data import AugmentConfig, DataSplits, Normalization, get_normalization, iterate_batches, load_data
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, shared_data_root  # noqa: E402
+
 PAD, JITTER = 4, 0.2
 AUGMENT = AugmentConfig(pad=PAD, pad_mode="reflect", flip=True, jitter=True,
                         brightness=JITTER, contrast=JITTER, saturation=JITTER)
 
-
-def shared_data_root() -> Path:
-    """``$EKG_SHARED_DATA``, else the ``shared/data`` folder beside the repository."""
-    env = os.environ.get("EKG_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synchronize(device: torch.device) -> None:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,16 +34,8 @@ from ekg.masks import MaskedNetwork
 from ekg.search import SearchConfig, Searcher, adapt
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import machine, shared_data_root  # noqa: E402
 
 
 def run_search(model: torch.nn.Module, val, norm, cfg: SearchConfig, max_steps: int | None) -> tuple[list[dict], float]:
@@ -68,7 +58,7 @@ def run_search(model: torch.nn.Module, val, norm, cfg: SearchConfig, max_steps: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("EKG_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--data", default=str(shared_data_root()))
     ap.add_argument("--keep", type=float, default=0.45)
     ap.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     ap.add_argument("--plain-kernels", action="store_true", help="full-width masked kernels, contiguous layout")
@@ -100,8 +90,7 @@ def main() -> int:
         [r.get("widths") for r in log_s] == [r.get("widths") for r in log_o]
     report = {
         "command": "python " + " ".join(sys.argv),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                   f"device {args.device}",
+        "machine": machine(args.device),
         "model": "EKG release ResNet-56, exact CIFAR-10 subset (D_val 320, D_sub 2560)",
         "kernels": "plain masked" if args.plain_kernels else "channels-last, kept-channels-only",
         "keep": args.keep, "steps": len(log_o) - 1, "final_flops_ratio": log_o[-1]["flops_ratio"],

@@ -43,6 +43,14 @@ def cifar10_exact(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def exact(cifar10_exact: Path):
+    """The exact CIFAR-10 subset, loaded once (5,085 training and 1,017 test images)."""
+    from ekg.data import load_data
+
+    return load_data(cifar10_exact, progress=False)
+
+
+@pytest.fixture(scope="session")
 def jpeg_dir(shared_data: Path) -> Path:
     """The folder holding ``cifar10_jpeg_train.zip`` and ``cifar10_jpeg_test.zip`` (JPEG quality 75)."""
     return _require(shared_data / "cifar10" / "jpeg75", "the CIFAR-10 JPEG zips")

@@ -10,15 +10,10 @@ import torch
 
 from ekg import safe_pickle
 from ekg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ekg.data import get_normalization, load_data
+from ekg.data import get_normalization
 from ekg.errors import CheckpointError, EkgError
 from ekg.evaluate import evaluate, predict_logits
 from ekg.models import ResNetSpec, build_model, create_model
-
-
-@pytest.fixture(scope="module")
-def exact(cifar10_exact):
-    return load_data(cifar10_exact, progress=False)
 
 
 @pytest.fixture(scope="module")

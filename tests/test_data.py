@@ -54,11 +54,6 @@ def assert_same_splits(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
-def exact(cifar10_exact):
-    return load_data(cifar10_exact, progress=False)
-
-
-@pytest.fixture(scope="module")
 def exact_tarball(cifar10_exact, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tarball") / "cifar-10-python.tar.gz"
     with tarfile.open(path, "w:gz", compresslevel=1) as tar:

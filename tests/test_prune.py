@@ -8,20 +8,15 @@ import pytest
 import torch
 
 from ekg import search as search_mod
-from ekg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ekg.checkpoint import Checkpoint, load_checkpoint
 from ekg.cli import main
-from ekg.data import get_normalization, load_data
+from ekg.data import get_normalization
 from ekg.errors import EkgError
 from ekg.models import create_model
 from ekg.prune import prune
 from ekg.search import SearchConfig
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def exact(cifar10_exact):
-    return load_data(cifar10_exact, progress=False)
 
 
 @pytest.fixture(scope="module")

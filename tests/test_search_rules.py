@@ -598,6 +598,14 @@ def _slice(net: MaskedNetwork, x: torch.Tensor, sliced: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _sliced_batches(net: MaskedNetwork, batches, sliced: bool):
+    """``batches`` (channels-last) after switching ``net`` to sliced layers, when ``sliced``."""
+    if not sliced:
+        return batches
+    _slice(net, batches[0][0], True)
+    return [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+
+
 @pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("train", [False, True])
 def test_masked_network_matches_hand_written_masked_forward(fresh: MaskedNetwork, batches, train: bool,
@@ -704,9 +712,7 @@ def test_taylor_scores_match_hand_computation(fresh: MaskedNetwork, batches, wit
                                               sliced: bool) -> None:
     net = fresh
     _randomize(net, seed=14)
-    if sliced:
-        _slice(net, batches[0][0], True)
-        batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    batches = _sliced_batches(net, batches, sliced)
     n = sum(len(y) for _, y in batches)
     ensemble = torch.randn(n, N_CLASSES, generator=torch.Generator().manual_seed(9)) * 3 if with_ensemble else None
     got = taylor_scores(net, batches, ensemble, nominal_batch=256)
@@ -789,9 +795,7 @@ def test_weight_scores_random_is_fixed_per_seed_and_masked_zero(fresh: MaskedNet
 def test_fast_evaluator_equals_full_evaluation(fresh: MaskedNetwork, batches, which: str, sliced: bool) -> None:
     net = fresh
     _randomize(net, seed=18)
-    if sliced:
-        _slice(net, batches[0][0], True)
-        batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    batches = _sliced_batches(net, batches, sliced)
     n = sum(len(y) for _, y in batches)
     ensemble = torch.randn(n, N_CLASSES, generator=torch.Generator().manual_seed(2))
     fast = CandidateEvaluator(net, batches, fast=True)

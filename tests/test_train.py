@@ -10,16 +10,10 @@ import torch
 from ekg import train as train_mod
 from ekg.checkpoint import load_checkpoint
 from ekg.cli import main
-from ekg.data import load_data
 from ekg.errors import EkgError
 from ekg.train import TrainConfig, lr_at, train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def exact(cifar10_exact):
-    return load_data(cifar10_exact, progress=False)
 
 
 def small_cfg(**kw) -> TrainConfig:

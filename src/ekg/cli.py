@@ -42,6 +42,35 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N; default: auto")
 
 
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    """--model, --data, --device, --keep and --out: what `ekg prune` and `ekg run` start from."""
+    _add_model_arg(p)
+    _add_data_args(p)
+    _add_device_arg(p)
+    p.add_argument("--keep", type=float, default=0.45, help="target FLOPs ratio in (0, 1); default: %(default)s")
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory")
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
+                       schedule: str) -> None:
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
+    p.add_argument("--schedule", choices=("cosine", "step"), default=schedule,
+                   help="cosine, or step decay (train: ×0.1 at 50%% and 75%%; finetune: ×0.2 at 30/60/80%%)")
+    p.add_argument("--warmup", type=float, default=0.0, help="linear warm-up epochs")
+    p.add_argument("--pad", type=int, default=4)
+    p.add_argument("--pad-mode", choices=("reflect", "zeros"), default="reflect")
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _open_model(args: argparse.Namespace, arch: str | None = None) -> Any:
     from .checkpoint import load_checkpoint
     from .pretrained import resolve_model
@@ -167,6 +196,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .bank import bank_for_run, open_bank
+    from .data import AugmentConfig
+    from .runtime import resolve_device
+    from .train import TrainConfig, train
+
+    jitter = args.kd != "none" if args.jitter is None else args.jitter
+    aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=jitter)
+    cfg = TrainConfig(arch="(from --model)", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.wd, schedule=args.schedule, milestones=(0.3, 0.6, 0.8), gamma=0.2,
+                      warmup_epochs=args.warmup, augment=aug, seed=args.seed, amp=args.amp, device=args.device,
+                      limit_train=args.limit_train, limit_test=args.limit_test, kd=args.kd,
+                      temperature=args.temperature)
+    cfg.validate()
+    if args.kd != "none" and args.bank is None:
+        raise EkgError(f"--kd {args.kd} needs --bank RUN (an `ekg prune` run directory, or a bank folder); "
+                       "use --kd none to fine-tune without the memory bank")
+    out = args.out or (Path(args.bank) / "finetune" if args.bank else None)
+    if out is None:
+        raise EkgError("--out is required when there is no --bank")
+    ckpt = _open_model(args)
+    data = _open_data(args)
+    bank = None
+    if args.kd != "none":
+        bank_dir = Path(args.bank)
+        if (bank_dir / "logits.npy").exists():
+            bank = open_bank(bank_dir)
+            bank.check_data(data.train)
+        else:
+            bank = bank_for_run(bank_dir, data.train, teachers=args.teachers, device=resolve_device(args.device),
+                                progress=not args.quiet)
+    path = train(cfg, data, out, resume=args.resume, progress=not args.quiet, init=ckpt, bank=bank)
+    print(f"fine-tuned model: {path}")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .flops import human
     from .prune import prune
@@ -181,7 +246,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, progress=not args.quiet)
     print(f"pruned model: {res.run_dir / 'pruned.pt'}  ({res.checkpoint.arch})")
     print(f"FLOPs {human(res.flops)} (ratio {res.flops_ratio:.4f}), params {human(res.params)}, "
-          f"{res.steps} steps, {res.seconds:.0f} s")
+          f"{res.steps} steps, {res.seconds:.0f} s; slim == masked (max output difference {res.slim_max_diff:.1e})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run, summary_markdown
+    from .search import SearchConfig
+
+    cfg = SearchConfig(keep=args.keep, device=args.device)
+    cfg.validate()
+    ckpt = _open_model(args)
+    data = _open_data(args)
+    summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
+                  progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers)
+    print(summary_markdown(summary), end="")
+    print(f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
     return 0
 
 
@@ -239,34 +319,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_device_arg(p)
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
-    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
-                   help="cosine, or step (×0.1 at 50%% and 75%%)")
-    p.add_argument("--warmup", type=float, default=0.0, help="linear warm-up epochs")
+    _add_training_args(p, epochs=200, batch_size=128, lr=0.1, schedule="cosine")
     p.add_argument("--normalization", default="auto", help="normalization preset; auto = the dataset's own")
-    p.add_argument("--pad", type=int, default=4)
-    p.add_argument("--pad-mode", choices=("reflect", "zeros"), default="reflect")
-    p.add_argument("--no-flip", action="store_true")
     p.add_argument("--jitter", action="store_true", help="add the EKG colour jitter")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
-    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images only")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a pruned model, with the memory bank's ensemble knowledge",
+                       description="Fine-tune --model (e.g. RUN/pruned.pt). --kd ensemble (default) distils from "
+                                   "the memory bank of the `ekg prune` run --bank RUN, built on first use into "
+                                   "RUN/bank; --kd single uses only its best teacher; --kd none is plain "
+                                   "cross-entropy. Defaults: the paper's CIFAR recipe (100 epochs, batch 128, "
+                                   "lr 0.01 ×0.2 at 30/60/80%%, Nesterov SGD, weight decay 5e-4).")
+    _add_model_arg(p)
+    _add_data_args(p)
+    _add_device_arg(p)
+    p.add_argument("--bank", default=None, metavar="RUN", help="an `ekg prune` run directory (or a bank folder)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory; default: RUN/finetune")
+    p.add_argument("--kd", choices=("none", "single", "ensemble"), default="ensemble",
+                   help="distillation: ensemble (EKG's per-batch teacher selection), single (teacher 0), "
+                        "none (cross-entropy only); default: %(default)s")
+    p.add_argument("--teachers", type=int, default=5, help="teachers in a newly built bank; default: %(default)s")
+    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature; default: %(default)s")
+    _add_training_args(p, epochs=100, batch_size=128, lr=0.01, schedule="step")
+    p.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=None,
+                   help="the EKG colour jitter; default: on with --kd ensemble/single, off with --kd none")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("prune", help="EKG sub-network search and slimming to a FLOPs budget",
                        description="Adaptation epoch, greedy EKG search on D_val, slimming. Writes RUN/pruned.pt, "
                                    "RUN/search.jsonl and the other artifacts of the run directory.")
-    _add_model_arg(p)
-    _add_data_args(p)
-    _add_device_arg(p)
-    p.add_argument("--keep", type=float, default=0.45, help="target FLOPs ratio in (0, 1); default: %(default)s")
-    p.add_argument("--out", required=True, metavar="RUN", help="run directory")
+    _add_budget_args(p)
     p.add_argument("--importance", choices=("ekg", "taylor", "l1", "fpgm", "random"), default="ekg",
                    help="channel scores: ekg (Taylor of the ensemble objective), taylor (of cross-entropy), "
                         "l1, fpgm, random; default: %(default)s")
@@ -282,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("run", help="the whole method: search, slimming, memory bank, fine-tuning, comparison",
+                       description="Every phase into one run directory; re-running continues where it stopped. "
+                                   "Leaves RUN/final.pt and RUN/summary.json (original vs pruned).")
+    _add_budget_args(p)
+    p.add_argument("--preset", choices=("paper", "quick"), default="paper",
+                   help="paper: 100 fine-tuning epochs (default); quick: a demonstration in minutes on a CPU")
+    p.add_argument("--kd", choices=("none", "single", "ensemble"), default="ensemble",
+                   help="fine-tuning distillation (see `ekg finetune`); default: %(default)s")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's fine-tuning epochs")
+    p.add_argument("--limit-train", type=int, default=None, help="fine-tune on the first N training images only")
+    p.add_argument("--teachers", type=int, default=None, help="teachers in the memory bank (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("models", help="list architectures and pretrained checkpoints")
     p.set_defaults(func=cmd_models)

@@ -40,6 +40,34 @@ def batch_statistics_bn(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: ImageSet, normalization: Normalization, *, batch_size: int = 256,
+                   device: torch.device | str = "cpu") -> int:
+    """Re-estimate every BN's running statistics on ``data`` (unaugmented, in order), as the
+    cumulative average over its batches; no weight changes. Returns the number of BN layers.
+
+    This is how a pruned network is compared before fine-tuning: its channels moved, so the
+    running statistics of the original no longer describe its activations."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(data) == 0:
+        return len(bns)
+    was = model.training
+    saved = [m.momentum for m in bns]
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: the mean over batches
+            m.train()
+        for x, _ in iterate_batches(data, batch_size, normalization=normalization, device=device):
+            model(x)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was)
+    return len(bns)
+
+
+@torch.no_grad()
 def predict_logits(model: nn.Module, data: ImageSet, normalization: Normalization, *, batch_size: int = 256,
                    device: torch.device | str = "cpu", bn_mode: str = "eval") -> torch.Tensor:
     """Logits for every image of ``data`` in order (float32, on CPU)."""

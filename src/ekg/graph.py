@@ -193,6 +193,15 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         if s is not None:
             frozen.setdefault(s, why)
 
+    def opaque(node: fx.Node, why: str) -> None:
+        """An op ekg cannot see through: freeze its inputs' spaces and give it a new, frozen one."""
+        for a in node.all_input_nodes:
+            freeze(space.get(a.name), why)
+        out = shape(node)
+        s = new_space(out[1] if out and len(out) > 1 else 0)
+        freeze(s, why)
+        space[node.name] = s
+
     def shape(n: fx.Node) -> tuple[int, ...] | None:
         meta = n.meta.get("tensor_meta")
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -243,12 +252,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                 if isinstance(m, _ACT_MODULES) and src is not None:
                     acts.setdefault(src, []).append(node.name)
             else:
-                why = f"it passes through {type(m).__name__} '{node.target}', which ekg cannot prune through"
-                for a in node.all_input_nodes:
-                    freeze(space.get(a.name), why)
-                s = new_space(out_shape[1] if out_shape and len(out_shape) > 1 else 0)
-                freeze(s, why)
-                space[node.name] = s
+                opaque(node, f"it passes through {type(m).__name__} '{node.target}', which ekg cannot prune through")
         elif node.op in ("call_function", "call_method") and _is_query(node):
             space[node.name] = None
         elif node.op in ("call_function", "call_method"):
@@ -274,12 +278,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                 space[node.name] = space.get(tensor_args[0].name)
             else:
                 name = getattr(target, "__name__", str(target))
-                why = f"it passes through {name} ('{node.name}'), which ekg cannot prune through"
-                for a in node.all_input_nodes:
-                    freeze(space.get(a.name), why)
-                s = new_space(out_shape[1] if out_shape and len(out_shape) > 1 else 0)
-                freeze(s, why)
-                space[node.name] = s
+                opaque(node, f"it passes through {name} ('{node.name}'), which ekg cannot prune through")
         elif node.op == "output":
             for a in node.all_input_nodes:
                 freeze(space.get(a.name), "it is a model output")

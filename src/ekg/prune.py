@@ -3,7 +3,7 @@
 Run directory (every phase's artifact, so each can be inspected or resumed alone)::
 
     RUN/config.json        the SearchConfig, model and data sources
-    RUN/adapted.pt         weights after the adaptation epoch (the search's frozen weights)
+    RUN/adapted.pt         the model after the adaptation epoch (the search's frozen weights; an ekg checkpoint)
     RUN/search_state.pt    the search state after the last finished step (the resume point)
     RUN/search.jsonl       one line per step: chosen group, widths, FLOPs ratio, val acc/loss/J, seconds
     RUN/history.pt         (masks, val loss) of every interim sub-network, for the memory bank
@@ -48,6 +48,7 @@ class PruneResult:
     flops_ratio: float
     steps: int
     seconds: float
+    slim_max_diff: float = 0.0  # largest |slim - masked| output difference on a D_val batch
 
 
 def _save_torch(obj: Any, path: Path) -> None:
@@ -97,11 +98,15 @@ def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: f
 
     adapted = out / "adapted.pt"
     if adapted.exists():
-        net_model.load_state_dict(torch.load(adapted, map_location=device, weights_only=True))
+        net_model.load_state_dict(load_checkpoint(adapted).model.state_dict())
     else:
         if cfg.adapt:
             adapt(net_model, iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True), cfg)
-        _save_torch({k: v.detach().cpu() for k, v in net_model.state_dict().items()}, adapted)
+        save_checkpoint(Checkpoint(model=copy.deepcopy(net_model).cpu(), normalization=dict(ckpt.normalization),
+                                   dataset=dict(ckpt.dataset), input_size=tuple(ckpt.input_size),
+                                   meta={"source": str(ckpt.meta.get("source", model)),
+                                         "stage": "after the adaptation epoch" if cfg.adapt else "not adapted"}),
+                        adapted)
 
     val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))
     state_path = out / "search_state.pt"
@@ -133,15 +138,16 @@ def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: f
             bar.close()
         _save_state(out, state)
     # BN running statistics are restored now (the search ran BN on batch statistics): slim outside.
-    slim = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
+    slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
 
     result_ckpt = Checkpoint(model=slim.cpu(), normalization=dict(ckpt.normalization), dataset=dict(ckpt.dataset),
                              meta={"source": str(ckpt.meta.get("source", model)), "pruned_by": "ekg prune",
                                    "search": cfg.to_dict()}, input_size=tuple(ckpt.input_size))
-    _write_outputs(out, net, state, result_ckpt)
+    _write_outputs(out, net, state, result_ckpt, diff)
     last = state.log[-1]
     return PruneResult(run_dir=out, checkpoint=result_ckpt, flops=last["flops"], params=last["params"],
-                       flops_ratio=last["flops_ratio"], steps=state.step, seconds=time.perf_counter() - t_start)
+                       flops_ratio=last["flops_ratio"], steps=state.step, seconds=time.perf_counter() - t_start,
+                       slim_max_diff=diff)
 
 
 def _save_state(out: Path, state: SearchState) -> None:
@@ -152,8 +158,9 @@ def _save_state(out: Path, state: SearchState) -> None:
 
 
 def _slim_and_check(net: MaskedNetwork, model: torch.nn.Module, kept: dict[int, torch.Tensor],
-                    x: torch.Tensor) -> torch.nn.Module:
-    """Slim the model and check, in inference mode, that it computes what the masked one does."""
+                    x: torch.Tensor) -> tuple[torch.nn.Module, float]:
+    """Slim the model and check, in inference mode, that it computes what the masked one does
+    (an error if not); returns the slim model and the largest output difference."""
     from .slim import check_equivalent, slim_model
 
     slim = slim_model(model, net.graph, kept)
@@ -161,18 +168,19 @@ def _slim_and_check(net: MaskedNetwork, model: torch.nn.Module, kept: dict[int, 
     model.eval()
     slim.eval()
     try:
-        check_equivalent(net, slim, x[:64])
+        diff = check_equivalent(net, slim, x[:64])
     finally:
         model.train(was)
-    return slim
+    return slim, diff
 
 
-def _write_outputs(out: Path, net: MaskedNetwork, state: SearchState, ckpt: Checkpoint) -> None:
+def _write_outputs(out: Path, net: MaskedNetwork, state: SearchState, ckpt: Checkpoint, diff: float) -> None:
     from .plots import plot_trajectory, plot_widths
 
     _save_torch({"history": state.history, "groups": [g.group.name for g in net.gates]}, out / "history.pt")
     widths = {g.group.name: {"channels": g.channels, "kept": g.kept, "rate": g.rate} for g in net.gates}
-    write_json(out / "widths.json", {"groups": widths, "spec": ckpt.spec.to_dict()})
+    write_json(out / "widths.json", {"groups": widths, "spec": ckpt.spec.to_dict(),
+                                     "slim_check": {"max_abs_diff": diff, "images": 64, "bn": "inference mode"}})
     save_checkpoint(ckpt, out / "pruned.pt")
     plot_trajectory(state.log, out / "trajectory.png")
     plot_widths([g.group.name for g in net.gates], [g.channels for g in net.gates], [g.kept for g in net.gates],

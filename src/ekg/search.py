@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import EkgError
-from .masks import Gate, MaskedNetwork, kept_channels, ranks_from_scores
+from .masks import MaskedNetwork, ranks_from_scores
 
 IMPORTANCES = ("ekg", "taylor", "l1", "fpgm", "random")
 REWARDS = ("ensemble", "val-loss")
@@ -167,32 +167,63 @@ class Evaluation:
         return self.j if kind == "ensemble" else self.loss
 
 
-class _Replay(fx.Interpreter):
-    """Runs the masked graph, optionally from a partial environment, recording node values."""
+def _tail_module(gm: fx.GraphModule, affected: set[fx.Node], inputs: list[fx.Node]) -> fx.GraphModule:
+    """A GraphModule computing ``gm``'s output from the values of ``inputs`` (the unchanged nodes the
+    ``affected`` nodes read), running only the affected nodes."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in inputs:
+        env[n] = graph.placeholder(f"in_{n.name}")
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            graph.output(fx.map_arg(n.args[0], lambda a: env[a]))
+        elif n in affected:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(gm, graph)
 
-    def __init__(self, gm: fx.GraphModule, record: bool) -> None:
-        super().__init__(gm, garbage_collect_values=not record)
-        self.record = record
 
-    def env_after(self, x: torch.Tensor, initial: dict[fx.Node, Any] | None) -> tuple[torch.Tensor, dict[fx.Node, Any]]:
-        out = self.run(x, initial_env=dict(initial) if initial else None)
-        return out, self.env
+def _base_module(gm: fx.GraphModule, keep: list[fx.Node]) -> fx.GraphModule:
+    """``gm`` returning ``(output, *values of keep)``."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            graph.output((fx.map_arg(n.args[0], lambda a: env[a]), *(env[k] for k in keep)))
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(gm, graph)
 
 
 class CandidateEvaluator:
     """Evaluates sub-networks on D_val (BN on batch statistics, running statistics untouched).
 
-    ``fast=False`` runs the whole network per candidate. ``fast=True`` keeps every node's value
-    for the current sub-network and, for a candidate that changes one group, recomputes only the
-    nodes downstream of that group's masks and masked layers: the other values are bit-identical."""
+    ``fast=False`` runs the whole network per candidate. ``fast=True`` is exact too: for each gate
+    it builds, once, a graph of only the nodes downstream of the gate's masks and masked layers
+    (its *tail*), fed by the values of the unchanged nodes those read (its *frontier*). A base pass
+    per step keeps the frontier values of the current sub-network; a candidate that changes one
+    gate then runs only that gate's tail. Only frontier values are kept (block inputs, for a
+    ResNet), not every activation."""
 
     def __init__(self, net: MaskedNetwork, batches: list[tuple[torch.Tensor, torch.Tensor]], fast: bool) -> None:
         self.net = net
         self.batches = batches
         self.fast = fast
-        self.base_env: list[dict[fx.Node, Any]] | None = None
+        self.base_values: list[dict[fx.Node, torch.Tensor]] | None = None
         self.base_key: tuple | None = None
-        self._affected = [self._downstream(i) for i in range(len(net.gates))] if fast else []
+        self._affected: list[set[fx.Node]] = []
+        self._frontier: list[list[fx.Node]] = []
+        self._tails: list[fx.GraphModule] = []
+        if fast:
+            order = {n: k for k, n in enumerate(net.gm.graph.nodes)}
+            for i in range(len(net.gates)):
+                affected = self._downstream(i)
+                frontier = sorted({a for n in affected for a in n.all_input_nodes if a not in affected},
+                                  key=order.__getitem__)
+                self._affected.append(affected)
+                self._frontier.append(frontier)
+                self._tails.append(_tail_module(net.gm, affected, frontier))
+            self._kept = sorted({n for f in self._frontier for n in f}, key=order.__getitem__)
+            self._base = _base_module(net.gm, self._kept)
 
     def _downstream(self, gate_index: int) -> set[fx.Node]:
         """Nodes whose value depends on gate ``gate_index``'s mask."""
@@ -209,7 +240,7 @@ class CandidateEvaluator:
         out, stack = set(), list(seeds)
         while stack:
             n = stack.pop()
-            if n in out:
+            if n in out or n.op == "output":
                 continue
             out.add(n)
             stack.extend(n.users)
@@ -221,32 +252,51 @@ class CandidateEvaluator:
     @torch.no_grad()
     def evaluate(self, ensemble: torch.Tensor | None, changed_gate: int | None = None) -> Evaluation:
         """Evaluate the network in its current mask state. ``changed_gate`` names the one gate that
-        differs from the cached base state (fast mode); None means evaluate from scratch."""
+        differs from the base state recorded by :meth:`set_base` (fast mode); None means evaluate
+        from scratch."""
         logits = []
-        use_cache = self.fast and changed_gate is not None and self.base_env is not None
+        use_cache = self.fast and changed_gate is not None and self.base_values is not None
         for b, (x, _) in enumerate(self.batches):
             if use_cache:
-                affected = self._affected[changed_gate]
-                initial = {n: v for n, v in self.base_env[b].items() if n not in affected}
-                out, _ = _Replay(self.net.gm, record=False).env_after(x, initial)
+                vals = self.base_values[b]
+                out = self._tails[changed_gate](*(vals[n] for n in self._frontier[changed_gate]))
             else:
                 out = self.net(x)
             logits.append(out)
         return self._metrics(torch.cat(logits), ensemble)
 
+    def recording_forward(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """A forward for batch ``b`` that also records the frontier values (fast mode), so that a
+        pass the search makes anyway (the Taylor scores) doubles as the base pass. The values
+        are recorded for the masks as they are now; :meth:`set_base` keeps them while the masks
+        stay the same."""
+        if not self.fast:
+            return lambda b, x: self.net(x)
+        key = self._key()
+        values: list[dict[fx.Node, torch.Tensor]] = [{} for _ in self.batches]
+
+        def forward(b: int, x: torch.Tensor) -> torch.Tensor:
+            out, *kept = self._base(x)
+            values[b] = {n: v.detach() for n, v in zip(self._kept, kept)}
+            if b == len(self.batches) - 1:
+                self.base_values, self.base_key = values, key
+            return out
+
+        return forward
+
     @torch.no_grad()
     def set_base(self) -> None:
-        """Record every node's value for the current state (fast mode)."""
+        """Record the frontier values of the current state (fast mode)."""
         if not self.fast:
             return
         key = self._key()
         if key == self.base_key:
             return
-        envs = []
+        values = []
         for x, _ in self.batches:
-            _, env = _Replay(self.net.gm, record=True).env_after(x, None)
-            envs.append({n: v for n, v in env.items() if n.op != "output"})
-        self.base_env, self.base_key = envs, key
+            _, *kept = self._base(x)
+            values.append(dict(zip(self._kept, kept)))
+        self.base_values, self.base_key = values, key
 
     def _metrics(self, logits: torch.Tensor, ensemble: torch.Tensor | None) -> Evaluation:
         labels = torch.cat([y for _, y in self.batches])
@@ -285,17 +335,20 @@ def weight_scores(net: MaskedNetwork, kind: str, seed: int) -> list[torch.Tensor
 
 
 def taylor_scores(net: MaskedNetwork, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  ensemble: torch.Tensor | None, nominal_batch: int) -> list[torch.Tensor]:
+                  ensemble: torch.Tensor | None, nominal_batch: int,
+                  forward: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """EKG's Taylor scores: back-propagate J (or plain CE when ``ensemble`` is None) batch by
-    batch and accumulate ``|Σ (∂J/∂y)·y|`` per batch and mask point."""
+    batch and accumulate ``|Σ (∂J/∂y)·y|`` per batch and mask point. ``forward(b, x)`` replaces
+    ``net(x)`` (same function; the search's records activations on the way)."""
     net.collect_scores(True)
     try:
         start = 0
-        for x, y in batches:
+        for b, (x, y) in enumerate(batches):
             k = ensemble[start:start + len(y)] if ensemble is not None else None
             start += len(y)
             with torch.enable_grad():
-                out = net(x.detach().requires_grad_(True))
+                xg = x.detach().requires_grad_(True)
+                out = forward(b, xg) if forward is not None else net(xg)
                 (objective(out, y, k) / nominal_batch).backward()
     finally:
         net.collect_scores(False)
@@ -377,7 +430,8 @@ class Searcher:
         imp = self.cfg.importance
         if imp in ("ekg", "taylor"):
             k = state.ensemble if imp == "ekg" else None
-            return taylor_scores(self.net, self.batches, k, self.cfg.batch_size)
+            return taylor_scores(self.net, self.batches, k, self.cfg.batch_size,
+                                 forward=self.evaluator.recording_forward())
         return weight_scores(self.net, imp, self.cfg.seed)
 
     def step(self, state: SearchState) -> SearchState:

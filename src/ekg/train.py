@@ -1,4 +1,5 @@
-"""Training a CIFAR baseline from scratch (``ekg train``).
+"""Training: a CIFAR baseline from scratch (``ekg train``) and fine-tuning a pruned model, with
+or without the memory bank (``ekg finetune``), in one loop.
 
 Short on purpose (airbench/nanoGPT style): data lives on the training device as uint8 and is
 augmented in batches there; the learning rate is a pure function of the step, and every epoch's
@@ -12,10 +13,14 @@ Run directory::
     RUN/model.pt        the trained model as an ekg checkpoint (updated every epoch)
     RUN/log.jsonl       one JSON line per epoch
     RUN/tb/             TensorBoard curves
+
+With ``kd`` other than ``none`` every batch is seen in two augmented views and the loss is
+:func:`ekg.distill.kd_loss` against the memory bank's teacher logits of the batch's images.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -28,7 +33,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, save_checkpoint
-from .data import AugmentConfig, DataSplits, get_normalization, iterate_batches
+from .bank import MemoryBank
+from .data import AugmentConfig, DataSplits, augment, get_normalization, iterate_batches
+from .distill import KD_MODES, kd_loss
 from .errors import EkgError
 from .evaluate import evaluate
 from .io import atomic_path, write_json
@@ -49,7 +56,9 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"          # cosine, or step: ×0.1 at 50% and 75% of training
+    schedule: str = "cosine"          # cosine, or step: ×gamma at each milestone (fractions of training)
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
     warmup_epochs: float = 0.0
     normalization: str = "auto"       # a preset name; auto = the dataset's own (cifar10 / cifar100)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -59,6 +68,8 @@ class TrainConfig:
     eval_batch_size: int = 512
     limit_train: int | None = None    # use only the first N training images (quick runs, tests)
     limit_test: int | None = None
+    kd: str = "none"                  # none | single | ensemble: distillation from the memory bank
+    temperature: float = 4.0          # of the KD loss (4 for CIFAR, 10 for 1000 classes)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -69,6 +80,10 @@ class TrainConfig:
             raise EkgError(f"--lr must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise EkgError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.kd not in KD_MODES:
+            raise EkgError(f"--kd must be one of {', '.join(KD_MODES)}, got {self.kd!r}")
+        if not self.temperature > 0:
+            raise EkgError(f"--temperature must be positive, got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +92,8 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
         d["augment"] = AugmentConfig(**d.get("augment", {}))
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -88,7 +105,7 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
     if cfg.schedule == "cosine":
         t = (progress - warm) / max(1e-12, 1 - warm)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-    return cfg.lr * (0.1 ** sum(progress >= m for m in (0.5, 0.75)))
+    return cfg.lr * (cfg.gamma ** sum(progress >= m for m in cfg.milestones))
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -99,14 +116,22 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 
 # Keys of the training-state file that must match for --resume to be meaningful.
-_RESUME_KEYS = ("arch", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-                "warmup_epochs", "normalization", "augment", "seed", "limit_train")
+_RESUME_KEYS = ("arch", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
+                "gamma", "warmup_epochs", "normalization", "augment", "seed", "limit_train", "kd", "temperature")
 
 
 def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool = False,
-          progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """Train ``cfg.arch`` on ``data`` into run directory ``out``; return the path of model.pt."""
+          progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          init: Checkpoint | None = None, bank: MemoryBank | None = None) -> Path:
+    """Train on ``data`` into run directory ``out``; return the path of model.pt.
+
+    From scratch (``cfg.arch``), or, with ``init``, starting from that checkpoint's model and
+    preprocessing (fine-tuning). ``cfg.kd`` other than ``none`` needs ``bank``."""
     cfg.validate()
+    if cfg.kd != "none":
+        if bank is None:
+            raise EkgError(f"--kd {cfg.kd} needs a memory bank (--bank RUN)")
+        bank.check_data(data.train)
     out = Path(out)
     state_path = out / "last.pt"
     if state_path.exists() and not resume:
@@ -116,16 +141,28 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
 
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
-    norm_name = cfg.normalization
-    if norm_name == "auto":
-        norm_name = data.name if data.name in ("cifar10", "cifar100") else "cifar10"
-    normalization = get_normalization(norm_name)
+    if init is not None:
+        if init.num_classes != data.num_classes:
+            raise EkgError(f"the model predicts {init.num_classes} classes but the data has {data.num_classes}")
+        norm_record = dict(init.normalization)
+    else:
+        norm_name = cfg.normalization
+        if norm_name == "auto":
+            norm_name = data.name if data.name in ("cifar10", "cifar100") else "cifar10"
+        norm = get_normalization(norm_name)
+        norm_record = {"name": norm_name, "mean": list(norm.mean), "std": list(norm.std)}
+    normalization = get_normalization(norm_record)
 
     train_set = data.train if cfg.limit_train is None else data.train.subset(range(min(cfg.limit_train, len(data.train))))
     test_set = data.test if cfg.limit_test is None else data.test.subset(range(min(cfg.limit_test, len(data.test))))
     train_set, test_set = train_set.to(device), test_set.to(device)
 
-    model = create_model(cfg.arch, data.num_classes, seed=cfg.seed).to(device)
+    if init is not None:
+        model = copy.deepcopy(init.model).to(device)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = create_model(cfg.arch, data.num_classes, seed=cfg.seed).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -153,20 +190,32 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             t0 = time.perf_counter()
             model.train()
             gen = epoch_generator(cfg.seed, epoch, device)
-            batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment,
-                                      normalization=normalization, drop_last=True)
+            if cfg.kd == "none":
+                batches = ((x, y, None) for x, y in iterate_batches(
+                    train_set, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment,
+                    normalization=normalization, drop_last=True))
+            else:
+                batches = _two_view_batches(train_set, cfg, gen, normalization, bank)
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not progress, leave=False, dynamic_ncols=True)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
-            seen = 0
-            for i, (x, y) in enumerate(bar):
+            seen, kd_sum, selected_sum = 0, 0.0, 0
+            for i, (x, y, teachers) in enumerate(bar):
                 lr = lr_at(cfg, (epoch * steps_per_epoch + i) / total_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 with autocast(device, amp_dtype):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                    if teachers is None:
+                        logits = model(x)
+                        loss = F.cross_entropy(logits.float(), y)
+                    else:  # both views in one forward pass of 2B images
+                        both = model(torch.cat(x))
+                        views = list(both.float().chunk(2))
+                        kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=cfg.temperature)
+                        loss, logits = kd.loss, views[0]
+                        kd_sum += kd.kd * len(y)
+                        selected_sum += kd.selected
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -185,7 +234,12 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
                 "test_top5": test["top5"], "test_loss": test["loss"], "lr": lr,
                 "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds,
             }
-            _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_name, record)
+            if cfg.kd != "none":
+                record["kd_loss"] = kd_sum / max(seen, 1)
+                record["teachers_selected"] = selected_sum / max(1, steps_per_epoch)
+            _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record,
+                        by="ekg finetune" if init is not None else "ekg train",
+                        source=None if init is None else str(init.meta.get("source", "")))
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if writer is not None:
@@ -204,13 +258,30 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     return out / "model.pt"
 
 
+def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normalization: Any,
+                      bank: MemoryBank | None):
+    """Shuffled batches of (two augmented views, labels, teacher logits (B, T, classes)): the
+    bank's rows are read by each image's index in the training set."""
+    n = len(data)
+    order = torch.randperm(n, generator=gen, device=gen.device)
+    aug_gen = torch.Generator(device=data.images.device)
+    aug_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item()))
+    for idx in order[: n - n % cfg.batch_size].to(data.images.device).split(cfg.batch_size):
+        raw, y = data.images[idx], data.labels[idx]
+        views = [normalization.apply(augment(raw, cfg.augment, aug_gen)) for _ in range(2)]
+        teachers = bank.batch(idx, device=data.images.device) if bank is not None else None
+        yield views, y, teachers
+
+
 def _save_epoch(out: Path, cfg: TrainConfig, data: DataSplits, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, epoch: int, norm_name: str, record: dict[str, Any]) -> None:
+                scaler: torch.amp.GradScaler, epoch: int, norm_record: dict[str, Any], record: dict[str, Any], *,
+                by: str = "ekg train", source: str | None = None) -> None:
     """model.pt first, then last.pt: last.pt is the commit point for --resume."""
-    norm = get_normalization(norm_name)
-    ckpt = Checkpoint(model=model, normalization={"name": norm_name, "mean": list(norm.mean), "std": list(norm.std)},
-                      dataset={"name": data.name, "num_classes": data.num_classes},
-                      meta={"trained_by": "ekg train", "epoch": epoch, "metrics": record})
+    meta = {"trained_by": by, "epoch": epoch, "metrics": record}
+    if source:
+        meta["source"] = source
+    ckpt = Checkpoint(model=model, normalization=dict(norm_record),
+                      dataset={"name": data.name, "num_classes": data.num_classes}, meta=meta)
     save_checkpoint(ckpt, out / "model.pt")
     state = {"config": cfg.to_dict(), "epoch": epoch,
              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},

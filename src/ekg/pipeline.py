@@ -1,0 +1,161 @@
+"""``ekg run``: the whole method into one run directory, resumable phase by phase.
+
+    RUN/                    the `ekg prune` artifacts (config, adapted.pt, search log, history, pruned.pt, plots)
+    RUN/bank/               the memory bank (teacher logits on every training image)
+    RUN/finetune/           the fine-tuning run (config, last.pt, model.pt, log.jsonl, tb/)
+    RUN/original.pt         the original model in ekg's format (for the size comparison)
+    RUN/final.pt            the fine-tuned slim model
+    RUN/summary.json        original vs pruned: top-1, top-5, loss, FLOPs, params, CPU latency, size
+    RUN/summary.md          the same as a Markdown table
+
+Re-running the same command continues where it stopped; a finished phase is not repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .bank import bank_for_run
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .data import AugmentConfig, DataSplits, get_normalization, load_data
+from .errors import EkgError
+from .evaluate import evaluate, measure_latency
+from .flops import FLOPS_CONVENTION, count
+from .io import atomic_path, write_json
+from .prune import prune
+from .runtime import resolve_device
+from .search import SearchConfig
+from .train import TrainConfig, train
+
+
+@dataclass
+class Preset:
+    """Fine-tuning schedule and bank size of a preset."""
+
+    name: str
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.01
+    teachers: int = 5
+    limit_train: int | None = None
+    description: str = ""
+
+
+PRESETS = {
+    "paper": Preset("paper", epochs=100, description="the paper's CIFAR recipe: 100 epochs, batch 128, "
+                    "lr 0.01 ×0.2 at 30/60/80%"),
+    "quick": Preset("quick", epochs=3, limit_train=10_000, description="a complete demonstration on a few CPU "
+                    "cores: the full search and bank, then 3 fine-tuning epochs on (at most) the first 10,000 "
+                    "training images"),
+}
+
+
+def finetune_config(preset: Preset, kd: str, device: str = "auto", seed: int = 0) -> TrainConfig:
+    """The fine-tuning TrainConfig of a preset (method doc, phase 5)."""
+    return TrainConfig(arch="(pruned)", epochs=preset.epochs, batch_size=preset.batch_size, lr=preset.lr,
+                       schedule="step", milestones=(0.3, 0.6, 0.8), gamma=0.2,
+                       augment=AugmentConfig(jitter=kd != "none"), kd=kd, device=device, seed=seed,
+                       limit_train=preset.limit_train)
+
+
+def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *, out: str | Path,
+        preset: str = "paper", kd: str = "ensemble", search: SearchConfig | None = None,
+        latency_batches: tuple[int, ...] = (1, 64), progress: bool = True, epochs: int | None = None,
+        limit_train: int | None = None, teachers: int | None = None) -> dict[str, Any]:
+    """Adaptation, search, slimming, memory bank, fine-tuning and the final comparison.
+    ``epochs``, ``limit_train`` and ``teachers`` override the preset's."""
+    if preset not in PRESETS:
+        raise EkgError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers))
+                 if v is not None}
+    p = dataclasses.replace(PRESETS[preset], **overrides)
+    out = Path(out)
+    settings = {"keep": keep, "preset": preset, "kd": kd, **overrides}
+    saved_path = out / "run.json"
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        if saved != settings:
+            diff = [k for k in settings if saved.get(k) != settings[k]]
+            raise EkgError(f"{out} holds an `ekg run` with other settings ({', '.join(diff)}); "
+                           "use the same flags to continue it, or another --out")
+    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved_path, settings)
+    cfg = dataclasses.replace(search, keep=keep) if search is not None else SearchConfig(keep=keep)
+
+    # phase 1, 2, 4: adaptation, search, slimming (prune resumes from its own state)
+    if not (out / "pruned.pt").exists():
+        _say(progress, "== search and slimming")
+        prune(ckpt, splits, keep, out=out, config=cfg, resume=(out / "config.json").exists(), progress=progress)
+    pruned = load_checkpoint(out / "pruned.pt")
+
+    # phase 3: memory bank; phase 5: fine-tuning
+    bank = None
+    if kd != "none":
+        _say(progress, "== memory bank")
+        bank = bank_for_run(out, splits.train, teachers=p.teachers, device=resolve_device(cfg.device),
+                            progress=progress)
+    ft = out / "finetune"
+    _say(progress, f"== fine-tuning ({p.description})")
+    train(finetune_config(p, kd, cfg.device), splits, ft, resume=(ft / "last.pt").exists(), progress=progress,
+          init=pruned, bank=bank)
+    final = load_checkpoint(ft / "model.pt")
+    final.meta = {**final.meta, "pipeline": "ekg run", **settings}
+    save_checkpoint(final, out / "final.pt")
+    if not (out / "original.pt").exists():
+        save_checkpoint(ckpt, out / "original.pt")
+
+    # the comparison
+    _say(progress, "== final comparison")
+    summary = {"settings": settings, "data": splits.source, "flops_convention": FLOPS_CONVENTION,
+               "original": _measure(out / "original.pt", splits, latency_batches),
+               "pruned": _measure(out / "final.pt", splits, latency_batches)}
+    o, q = summary["original"], summary["pruned"]
+    summary["flops_reduction"] = 1 - q["flops"] / o["flops"]
+    summary["params_reduction"] = 1 - q["params"] / o["params"]
+    write_json(out / "summary.json", summary)
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(summary))
+    return summary
+
+
+def _measure(path: Path, splits: DataSplits, latency_batches: tuple[int, ...]) -> dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    res = evaluate(ckpt.model, splits.test, get_normalization(ckpt.normalization))
+    c = count(ckpt.model, ckpt.input_size)
+    cpu = ckpt.model.to("cpu")
+    with torch.no_grad():
+        lat = {f"b{b}": measure_latency(cpu, ckpt.input_size, b) for b in latency_batches}
+    return {"checkpoint": str(path), "arch": ckpt.arch, "top1": res["top1"], "top5": res["top5"],
+            "loss": res["loss"], "n_images": res["n_images"], "flops": c.flops, "params": c.params,
+            "latency_cpu_ms": {k: v["median_ms"] for k, v in lat.items()},
+            "checkpoint_bytes": path.stat().st_size}
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    o, q = s["original"], s["pruned"]
+    rows = [("top-1 (%)", f"{o['top1']:.2f}", f"{q['top1']:.2f}"), ("top-5 (%)", f"{o['top5']:.2f}", f"{q['top5']:.2f}"),
+            ("test loss", f"{o['loss']:.4f}", f"{q['loss']:.4f}"),
+            ("FLOPs (MACs)", f"{o['flops'] / 1e6:.2f} M", f"{q['flops'] / 1e6:.2f} M ({100 * s['flops_reduction']:.1f}% fewer)"),
+            ("params", f"{o['params'] / 1e6:.3f} M", f"{q['params'] / 1e6:.3f} M ({100 * s['params_reduction']:.1f}% fewer)")]
+    for k in o["latency_cpu_ms"]:
+        rows.append((f"CPU latency batch {k[1:]} (ms, median)", f"{o['latency_cpu_ms'][k]:.2f}",
+                     f"{q['latency_cpu_ms'][k]:.2f}"))
+    rows.append(("checkpoint size", f"{o['checkpoint_bytes'] / 1e6:.2f} MB", f"{q['checkpoint_bytes'] / 1e6:.2f} MB"))
+    head = (f"keep {s['settings']['keep']}, preset {s['settings']['preset']}, kd {s['settings']['kd']}; "
+            f"test images: {o['n_images']}; {s['flops_convention']}\n\n")
+    return head + "| | original | pruned + fine-tuned |\n|---|---|---|\n" + "".join(
+        f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        tqdm.write(msg)
