@@ -118,3 +118,33 @@ def test_ekg_run_end_to_end_and_rerun_skips_finished_phases(tmp_path, shared_dat
     # other settings in the same directory are refused
     assert main(args[:-1] + ["--kd", "none", "--quiet"]) == 1
     assert "other settings" in capsys.readouterr().err
+
+
+def test_finetune_killed_with_sigkill_resumes_and_finishes(pruned_run, cifar10_exact, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ekg.cli", "finetune", "--model", str(pruned_run / "pruned.pt"), "--bank",
+           str(pruned_run), "--data", str(cifar10_exact), "--out", str(out), "--epochs", "4", "--batch-size", "64",
+           "--limit-train", "512", "--limit-test", "64", "--teachers", "3", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "log.jsonl"
+    deadline = time.time() + 600
+    while not (out / "last.pt").exists():  # the first epoch is committed
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # no clean-up handlers run
+    proc.wait()
+    done = len(log.read_text().splitlines())
+    assert 1 <= done < 4
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs[-1] == 4 and sorted(set(epochs)) == [1, 2, 3, 4]
+    assert not list(out.glob(".*.tmp"))  # no half-written file left behind
+    assert load_checkpoint(out / "model.pt").meta["epoch"] == 4

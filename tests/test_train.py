@@ -93,3 +93,12 @@ def test_resume_refuses_changed_settings(tmp_path, exact):
         train(small_cfg(epochs=2, limit_train=128, lr=0.2), exact, run, resume=True, progress=False)
     with pytest.raises(EkgError, match="nothing to resume"):
         train(small_cfg(), exact, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_resume_drops_log_lines_past_the_saved_epoch(tmp_path):
+    from ekg.train import _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epoch": 4, "tra')  # killed mid-line
+    _truncate_log(log, 2)
+    assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'

@@ -265,6 +265,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    ckpt = _open_model(args)
+    res = export(ckpt, args.out, args.format)
+    print(f"wrote {res.path} ({res.format}, {res.bytes / 1e6:.2f} MB; max |exported - PyTorch| = "
+          f"{res.max_abs_diff:.1e} on a check batch); preprocessing in {res.path.name}.json")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import model_names
     from .pretrained import PRETRAINED
@@ -378,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", type=int, default=None, help="teachers in the memory bank (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="export a model to ONNX or TorchScript, checked against PyTorch",
+                       description="Writes OUT (.onnx or .ts) with a dynamic batch dimension, runs it (onnxruntime "
+                                   "for ONNX) and compares with the PyTorch model; OUT.json records the "
+                                   "preprocessing. ONNX needs: pip install \"ekg[export]\".")
+    _add_model_arg(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="model.onnx, or model.ts for TorchScript")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default=None, help="default: from --out's suffix")
+    p.add_argument("--download", action="store_true", help="download a missing pretrained model")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list architectures and pretrained checkpoints")
     p.set_defaults(func=cmd_models)

@@ -137,7 +137,8 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     if state_path.exists() and not resume:
         raise EkgError(f"{out} already holds a training run; add --resume to continue it or choose another --out")
     if resume and not state_path.exists():
-        raise EkgError(f"nothing to resume: {state_path} does not exist")
+        raise EkgError(f"nothing to resume: {state_path} does not exist (no epoch finished yet); "
+                       "run the same command without --resume")
 
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
@@ -177,6 +178,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"])
+        _truncate_log(out / "log.jsonl", start_epoch)
         if start_epoch >= cfg.epochs:
             return out / "model.pt"
     out.mkdir(parents=True, exist_ok=True)
@@ -237,11 +239,13 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             if cfg.kd != "none":
                 record["kd_loss"] = kd_sum / max(seen, 1)
                 record["teachers_selected"] = selected_sum / max(1, steps_per_epoch)
+            # the log line first, then the commit point (last.pt): a kill between the two leaves a
+            # line that --resume drops, never a finished epoch without its line
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
             _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record,
                         by="ekg finetune" if init is not None else "ekg train",
                         source=None if init is None else str(init.meta.get("source", "")))
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
             if writer is not None:
                 for k, v in record.items():
                     if k != "epoch":
@@ -256,6 +260,21 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
         if writer is not None:
             writer.close()
     return out / "model.pt"
+
+
+def _truncate_log(path: Path, epochs: int) -> None:
+    """Keep only the log lines of the first ``epochs`` epochs (those the resumed state holds)."""
+    if not path.exists():
+        return
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("epoch", 0) <= epochs:
+                lines.append(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
 
 
 def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normalization: Any,
