@@ -133,3 +133,25 @@ def make_cifar(tmp_path: Path) -> Callable[..., SyntheticCifar]:
         return write_synthetic_cifar(folder, kind, per_batch=per_batch, seed=seed)
 
     return make
+
+
+@pytest.fixture
+def slim_checkpoint():
+    """A pruned-shaped (uneven widths) projection ResNet-20 checkpoint: random weights and random
+    BN running statistics, so that a wrong channel would show in the output."""
+    import torch
+
+    from ekg.checkpoint import Checkpoint
+    from ekg.data import get_normalization
+    from ekg.models import ResNetSpec, build_model
+
+    spec = ResNetSpec(depth=20, shortcut="B", stage_widths=[5, 17, 9], block_widths=[[3, 16, 1], [7, 2, 32], [64, 4, 5]])
+    torch.manual_seed(0)
+    model = build_model(spec)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return Checkpoint(model=model.eval(), normalization={"name": "cifar10", **get_normalization("cifar10").to_dict()},
+                      dataset={"name": "cifar10", "num_classes": 10})

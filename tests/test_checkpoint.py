@@ -13,7 +13,7 @@ from ekg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ekg.data import get_normalization
 from ekg.errors import CheckpointError, EkgError
 from ekg.evaluate import evaluate, predict_logits
-from ekg.models import ResNetSpec, build_model, create_model
+from ekg.models import build_model, create_model
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +52,9 @@ def test_akamaster_accuracy(depth, expected, shared_data, exact):
     assert abs(acc - expected) <= 0.2, acc
 
 
-def test_round_trip_of_a_pruned_model_needs_no_original(tmp_path):
-    spec = ResNetSpec(depth=20, shortcut="B", stage_widths=[5, 17, 9], block_widths=[[3, 16, 1], [7, 2, 32], [64, 4, 5]])
-    model = build_model(spec)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-    ckpt = Checkpoint(model=model, normalization={"name": "cifar10", **get_normalization("cifar10").to_dict()},
-                      dataset={"name": "cifar10", "num_classes": 10})
+def test_round_trip_of_a_pruned_model_needs_no_original(tmp_path, slim_checkpoint):
+    ckpt = slim_checkpoint
+    model, spec = ckpt.model, ckpt.spec
     path = save_checkpoint(ckpt, tmp_path / "m.pt")
     raw = torch.load(path, weights_only=True)  # loads without allowing any code
     assert raw["format"] == "ekg-checkpoint" and raw["arch"]["block_widths"][2][0] == 64

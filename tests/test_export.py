@@ -10,27 +10,13 @@ import torch
 
 from ekg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ekg.cli import main
-from ekg.data import get_normalization
 from ekg.errors import EkgError
 from ekg.export import export
-from ekg.models import ResNetSpec, build_model
 
 
-@pytest.fixture(scope="module")
-def pruned_ckpt(tmp_path_factory) -> Checkpoint:
-    """A slim (uneven widths) projection ResNet-20 with random weights and BN statistics."""
-    spec = ResNetSpec(depth=20, num_classes=10, shortcut="B", padding="torch", stage_widths=[11, 23, 40],
-                      block_widths=[[5, 16, 3], [9, 1, 30], [64, 7, 12]])
-    torch.manual_seed(0)
-    model = build_model(spec)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    norm = get_normalization("cifar10")
-    return Checkpoint(model=model.eval(), normalization={"name": "cifar10", **norm.to_dict()},
-                      dataset={"name": "cifar10", "num_classes": 10})
+@pytest.fixture
+def pruned_ckpt(slim_checkpoint) -> Checkpoint:
+    return slim_checkpoint
 
 
 def test_onnx_export_matches_pytorch_at_another_batch_size(pruned_ckpt, tmp_path):
