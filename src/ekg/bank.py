@@ -202,6 +202,9 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, b
     for p in model.parameters():
         p.requires_grad_(False)
     net = MaskedNetwork(model, input_size=tuple(ckpt.input_size))
+    # kept-channels-only layers in channels-last: the same function as the search's, 1.6x faster here
+    model.to(memory_format=torch.channels_last)
+    net.set_sliced(True)
     names = [g.group.name for g in net.gates]
     if names != list(saved["groups"]):
         raise EkgError(f"the search history in {run} does not match the model's channel groups "
