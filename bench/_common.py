@@ -6,6 +6,7 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -32,3 +33,14 @@ def machine(device: str = "cpu") -> str:
         dev = f"{device} ({torch.cuda.get_device_name()})"
     return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), device {dev}")
+
+
+def paired(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int = 0) -> dict:
+    """Accuracy difference b - a (points) with a paired bootstrap 95% interval."""
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    idx = rng.integers(0, n, size=(rounds, n))
+    diffs = (b[idx].mean(1) - a[idx].mean(1)) * 100
+    return {"diff": round(float((b.mean() - a.mean()) * 100), 2),
+            "ci95": [round(float(np.percentile(diffs, 2.5)), 2), round(float(np.percentile(diffs, 97.5)), 2)],
+            "only_ref_right": int((a & ~b).sum()), "only_this_right": int((b & ~a).sum())}

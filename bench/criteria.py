@@ -41,7 +41,7 @@ from ekg.evaluate import metrics_from_logits, predict_logits, recalibrate_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import machine, shared_data_root  # noqa: E402
+from _common import machine, paired, shared_data_root  # noqa: E402
 
 CRITERIA = {
     "ekg": [],
@@ -68,17 +68,6 @@ def run_prune(name: str, model: Path, data: Path, keep: float, out: Path) -> dic
     rec = {"command": " ".join(cmd), "seconds": round(time.perf_counter() - t0, 1), "resumed": "--resume" in cmd}
     record.write_text(json.dumps(rec))
     return rec
-
-
-def paired(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int = 0) -> dict:
-    """Accuracy difference b - a (points) with a paired bootstrap 95% interval."""
-    rng = np.random.default_rng(seed)
-    n = len(a)
-    idx = rng.integers(0, n, size=(rounds, n))
-    diffs = (b[idx].mean(1) - a[idx].mean(1)) * 100
-    return {"diff": round(float((b.mean() - a.mean()) * 100), 2),
-            "ci95": [round(float(np.percentile(diffs, 2.5)), 2), round(float(np.percentile(diffs, 97.5)), 2)],
-            "only_ref_right": int((a & ~b).sum()), "only_this_right": int((b & ~a).sum())}
 
 
 def main() -> int:

@@ -25,13 +25,11 @@ from ekg.bank import bank_for_run
 from ekg.checkpoint import load_checkpoint
 from ekg.data import get_normalization, load_data
 from ekg.evaluate import metrics_from_logits, predict_logits
-from ekg.pipeline import PRESETS, finetune_config
-from ekg.train import train
+from ekg.train import finetune_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import machine, shared_data_root  # noqa: E402
-from criteria import paired  # noqa: E402
+from _common import machine, paired, shared_data_root  # noqa: E402
 
 
 def main() -> int:
@@ -49,10 +47,8 @@ def main() -> int:
     norm = get_normalization(pruned.normalization)
     labels = data.test.labels
     rows, right = {}, {}
-    preset = PRESETS["paper"]
     for kd in ("none", "single", "ensemble"):
-        cfg = finetune_config(preset, kd)
-        cfg.epochs = args.epochs
+        cfg = finetune_config(kd, epochs=args.epochs)
         folder = out / f"{run.name}-e{args.epochs}" / kd
         train(cfg, data, folder, resume=(folder / "last.pt").exists(), progress=False, init=pruned,
               bank=None if kd == "none" else bank)

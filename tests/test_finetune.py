@@ -91,35 +91,6 @@ def test_finetune_resume_after_a_kill_finishes_like_an_uninterrupted_run(pruned_
     assert [json.loads(r)["epoch"] for r in logs[1]] == [1, 2, 3]
 
 
-def test_ekg_run_end_to_end_and_rerun_skips_finished_phases(tmp_path, shared_data, cifar10_exact, capsys):
-    run_dir = tmp_path / "RUN"
-    src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
-    args = ["run", "--model", str(src), "--data", str(cifar10_exact), "--keep", "0.85", "--out", str(run_dir),
-            "--preset", "quick", "--epochs", "1", "--limit-train", "512", "--teachers", "2", "--quiet"]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "| top-1 (%) |" in printed and "final.pt" in printed
-    summary = json.loads((run_dir / "summary.json").read_text())
-    for side in ("original", "pruned"):
-        assert {"top1", "top5", "flops", "params", "latency_cpu_ms", "checkpoint_bytes"} <= set(summary[side])
-    assert summary["pruned"]["flops"] <= 0.85 * summary["original"]["flops"]
-    assert summary["original"]["top1"] == pytest.approx(91.64, abs=0.2)
-    assert (run_dir / "summary.md").read_text().count("|") > 20
-    # the final checkpoint reloads with `ekg test` and gives the numbers the run reported
-    assert main(["test", "--model", str(run_dir / "final.pt"), "--data", str(cifar10_exact), "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
-    for k in ("top1", "top5", "flops", "params"):
-        assert res[k] == summary["pruned"][k], k
-    # re-running does not repeat finished phases
-    stamps = {p: (run_dir / p).stat().st_mtime_ns for p in ("pruned.pt", "bank/logits.npy", "finetune/last.pt")}
-    assert main(args) == 0
-    capsys.readouterr()
-    assert stamps == {p: (run_dir / p).stat().st_mtime_ns for p in stamps}
-    # other settings in the same directory are refused
-    assert main(args[:-1] + ["--kd", "none", "--quiet"]) == 1
-    assert "other settings" in capsys.readouterr().err
-
-
 def test_finetune_killed_with_sigkill_resumes_and_finishes(pruned_run, cifar10_exact, tmp_path):
     import os
     import signal

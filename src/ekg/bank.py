@@ -76,10 +76,6 @@ class MemoryBank:
     logits: np.ndarray
     info: dict[str, Any]
 
-    @property
-    def teachers(self) -> int:
-        return int(self.logits.shape[2])
-
     def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Teacher logits of the images at ``index`` as float32 ``(B, T, classes)``."""
         idx = np.asarray(index.cpu().numpy() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
@@ -114,6 +110,15 @@ def open_bank(folder: str | os.PathLike) -> MemoryBank:
     return MemoryBank(logits=logits, info=info)
 
 
+def _open_checked(folder: Path, data: ImageSet) -> MemoryBank | None:
+    """The finished bank in ``folder`` (checked against ``data``), or None if there is none yet."""
+    if not ((folder / "logits.npy").exists() and (folder / "bank.json").exists()):
+        return None
+    bank = open_bank(folder)
+    bank.check_data(data)
+    return bank
+
+
 def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet, normalization: Normalization,
                folder: str | os.PathLike, *, teachers: int = 5, batch_size: int = 256,
                progress: bool = True) -> MemoryBank:
@@ -122,11 +127,10 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
     (adapted) weights; its masks are restored afterwards."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    existing = _open_checked(folder, data)
+    if existing is not None:
+        return existing
     final, partial, prog = folder / "logits.npy", folder / "logits.partial.npy", folder / "progress.json"
-    if final.exists() and (folder / "bank.json").exists():
-        bank = open_bank(folder)
-        bank.check_data(data)
-        return bank
     candidates = history[:-1]
     chosen = select_teachers([float(h["loss"]) for h in candidates], teachers)
     n, classes = len(data), _num_classes(net, data)
@@ -182,16 +186,17 @@ def _num_classes(net: MaskedNetwork, data: ImageSet) -> int:
 
 def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, batch_size: int = 256,
                  device: torch.device | str = "cpu", progress: bool = True) -> MemoryBank:
-    """The memory bank of an `ekg prune` run directory: ``RUN/bank`` if it is there (checked
-    against ``data``), else built from ``RUN/adapted.pt`` and ``RUN/history.pt``."""
+    """The memory bank of an `ekg prune` run directory: a finished bank in ``run`` itself (a bank
+    folder) or in ``RUN/bank``, checked against ``data``; else one built into ``RUN/bank`` from
+    ``RUN/adapted.pt`` and ``RUN/history.pt``."""
     from .checkpoint import load_checkpoint
     from .data import get_normalization
 
     run = Path(run)
-    if (run / "bank" / "logits.npy").exists():
-        bank = open_bank(run / "bank")
-        bank.check_data(data)
-        return bank
+    for folder in (run, run / "bank"):
+        existing = _open_checked(folder, data)
+        if existing is not None:
+            return existing
     missing = [name for name in ("adapted.pt", "history.pt") if not (run / name).exists()]
     if missing:
         raise EkgError(f"{run} is not a finished `ekg prune` run directory (missing {', '.join(missing)}): "

@@ -197,18 +197,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .bank import bank_for_run, open_bank
+    from .bank import bank_for_run
     from .data import AugmentConfig
     from .runtime import resolve_device
-    from .train import TrainConfig, train
+    from .train import finetune_config, train
 
     jitter = args.kd != "none" if args.jitter is None else args.jitter
     aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=jitter)
-    cfg = TrainConfig(arch="(from --model)", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.wd, schedule=args.schedule, milestones=(0.3, 0.6, 0.8), gamma=0.2,
-                      warmup_epochs=args.warmup, augment=aug, seed=args.seed, amp=args.amp, device=args.device,
-                      limit_train=args.limit_train, limit_test=args.limit_test, kd=args.kd,
-                      temperature=args.temperature)
+    cfg = finetune_config(args.kd, arch="(from --model)", epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, weight_decay=args.wd, schedule=args.schedule, warmup_epochs=args.warmup,
+                          augment=aug, seed=args.seed, amp=args.amp, device=args.device,
+                          limit_train=args.limit_train, limit_test=args.limit_test, temperature=args.temperature)
     cfg.validate()
     if args.kd != "none" and args.bank is None:
         raise EkgError(f"--kd {args.kd} needs --bank RUN (an `ekg prune` run directory, or a bank folder); "
@@ -220,13 +219,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data = _open_data(args)
     bank = None
     if args.kd != "none":
-        bank_dir = Path(args.bank)
-        if (bank_dir / "logits.npy").exists():
-            bank = open_bank(bank_dir)
-            bank.check_data(data.train)
-        else:
-            bank = bank_for_run(bank_dir, data.train, teachers=args.teachers, device=resolve_device(args.device),
-                                progress=not args.quiet)
+        bank = bank_for_run(args.bank, data.train, teachers=args.teachers, device=resolve_device(args.device),
+                            progress=not args.quiet)
     path = train(cfg, data, out, resume=args.resume, progress=not args.quiet, init=ckpt, bank=bank)
     print(f"fine-tuned model: {path}")
     return 0

@@ -95,9 +95,8 @@ def _onnx(model: torch.nn.Module, ckpt: Checkpoint, trace_x: torch.Tensor, check
             torch.onnx.export(model, (trace_x,), str(tmp), dynamo=True,
                               dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **names)
     proto = onnx.load(str(tmp))
-    for key, value in (("ekg.preprocess", json.dumps(_preprocess_record(ckpt))),):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "ekg.preprocess", json.dumps(_preprocess_record(ckpt))
     onnx.save(proto, str(tmp))
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: check_x.numpy()})[0]

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from .bank import bank_for_run
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .data import AugmentConfig, DataSplits, get_normalization, load_data
+from .data import DataSplits, get_normalization, load_data
 from .errors import EkgError
 from .evaluate import evaluate, measure_latency
 from .flops import FLOPS_CONVENTION, count
@@ -32,7 +31,7 @@ from .io import atomic_path, write_json
 from .prune import prune
 from .runtime import resolve_device
 from .search import SearchConfig
-from .train import TrainConfig, train
+from .train import finetune_config, train
 
 
 @dataclass
@@ -55,14 +54,6 @@ PRESETS = {
                     "cores: the full search and bank, then 3 fine-tuning epochs on (at most) the first 10,000 "
                     "training images"),
 }
-
-
-def finetune_config(preset: Preset, kd: str, device: str = "auto", seed: int = 0) -> TrainConfig:
-    """The fine-tuning TrainConfig of a preset (method doc, phase 5)."""
-    return TrainConfig(arch="(pruned)", epochs=preset.epochs, batch_size=preset.batch_size, lr=preset.lr,
-                       schedule="step", milestones=(0.3, 0.6, 0.8), gamma=0.2,
-                       augment=AugmentConfig(jitter=kd != "none"), kd=kd, device=device, seed=seed,
-                       limit_train=preset.limit_train)
 
 
 def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *, out: str | Path,
@@ -105,7 +96,9 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
                             progress=progress)
     ft = out / "finetune"
     _say(progress, f"== fine-tuning ({p.description})")
-    train(finetune_config(p, kd, cfg.device), splits, ft, resume=(ft / "last.pt").exists(), progress=progress,
+    ft_cfg = finetune_config(kd, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, limit_train=p.limit_train,
+                             device=cfg.device)
+    train(ft_cfg, splits, ft, resume=(ft / "last.pt").exists(), progress=progress,
           init=pruned, bank=bank)
     final = load_checkpoint(ft / "model.pt")
     final.meta = {**final.meta, "pipeline": "ekg run", **settings}
@@ -131,9 +124,7 @@ def _measure(path: Path, splits: DataSplits, latency_batches: tuple[int, ...]) -
     ckpt = load_checkpoint(path)
     res = evaluate(ckpt.model, splits.test, get_normalization(ckpt.normalization))
     c = count(ckpt.model, ckpt.input_size)
-    cpu = ckpt.model.to("cpu")
-    with torch.no_grad():
-        lat = {f"b{b}": measure_latency(cpu, ckpt.input_size, b) for b in latency_batches}
+    lat = {f"b{b}": measure_latency(ckpt.model.cpu(), ckpt.input_size, b) for b in latency_batches}
     return {"checkpoint": str(path), "arch": ckpt.arch, "top1": res["top1"], "top5": res["top5"],
             "loss": res["loss"], "n_images": res["n_images"], "flops": c.flops, "params": c.params,
             "latency_cpu_ms": {k: v["median_ms"] for k, v in lat.items()},

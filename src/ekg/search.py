@@ -289,14 +289,11 @@ class CandidateEvaluator:
         """Record the frontier values of the current state (fast mode)."""
         if not self.fast:
             return
-        key = self._key()
-        if key == self.base_key:
+        if self._key() == self.base_key:
             return
-        values = []
-        for x, _ in self.batches:
-            _, *kept = self._base(x)
-            values.append(dict(zip(self._kept, kept)))
-        self.base_values, self.base_key = values, key
+        forward = self.recording_forward()
+        for b, (x, _) in enumerate(self.batches):
+            forward(b, x)
 
     def _metrics(self, logits: torch.Tensor, ensemble: torch.Tensor | None) -> Evaluation:
         labels = torch.cat([y for _, y in self.batches])
