@@ -269,6 +269,73 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _landscape_config(args: argparse.Namespace, **defaults: Any) -> Any:
+    from .landscape import LandscapeConfig
+
+    cfg = LandscapeConfig(**defaults)
+    for name in ("images", "batch_size", "bn", "power_iters", "lanczos_steps", "hutchinson_samples", "surface_1d",
+                 "surface_2d", "surface_range", "seed", "device"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    cfg.validate()
+    return cfg
+
+
+def _add_landscape_args(p: argparse.ArgumentParser, *, surfaces: bool) -> None:
+    p.add_argument("--images", type=int, default=None, help="fixed training images the loss is measured on "
+                   "(the same number per class)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (BN batch statistics); default 128")
+    p.add_argument("--bn", choices=("batch", "running"), default=None,
+                   help="BN on each batch's statistics (as the search; default) or on its running statistics")
+    p.add_argument("--power-iters", type=int, default=None, help="power iterations for lambda_max")
+    p.add_argument("--lanczos-steps", type=int, default=None, help="Lanczos steps for lambda_min and the density")
+    p.add_argument("--hutchinson-samples", type=int, default=None, help="Rademacher vectors for the trace")
+    if surfaces:
+        p.add_argument("--surface-1d", type=int, default=None, help="points of the 1-D surface (0: none); default 41")
+        p.add_argument("--surface-2d", type=int, default=None,
+                       help="points per axis of the 2-D surface (0: none); default 15")
+        p.add_argument("--surface-range", type=float, default=None, help="surface coordinates in [-R, R]; default 1")
+    p.add_argument("--seed", type=int, default=None, help="seed of every random vector and direction; default 0")
+    _add_device_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    from .landscape import landscape
+
+    cfg = _landscape_config(args)
+    out = Path(args.out)
+    if (out / "landscape.json").exists() and not args.force:
+        raise EkgError(f"{out / 'landscape.json'} exists; add --force to measure again or choose another --out")
+    ckpt = _open_model(args)
+    data = _open_data(args)
+    rec = landscape(ckpt, data, out, config=cfg, progress=not args.quiet)
+    print(f"lambda_max {rec['lambda_max']:.4g}  lambda_min {rec['lambda_min']:.4g}  "
+          f"|lambda_min|/lambda_max {rec['neg_ratio']:.4f}  trace {rec['trace']:.4g} (± {rec['trace_stderr']:.2g})  "
+          f"loss {rec['loss']:.4f} on {rec['images']} images ({rec['params']:,} parameters, {rec['seconds']:.0f} s)")
+    print(f"wrote {out / 'landscape.json'}" + "".join(f", {out / f}" for k in ("surface_1d_files", "surface_2d_files")
+                                                          for f in rec.get(k, [])))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import StudyConfig, study
+
+    base = StudyConfig()
+    cfg = StudyConfig(perturb=args.perturb, swap=(args.swap[0], args.swap[1]), finetune_epochs=args.finetune_epochs,
+                      finetune_lr=args.finetune_lr, limit_train=args.limit_train, bootstrap=args.bootstrap,
+                      seed=args.seed if args.seed is not None else 0,
+                      landscape=_landscape_config(args, **{**base.landscape.to_dict()}))
+    cfg.validate()
+    data = _open_data(args)
+    rec = study(args.runs, data, args.out, config=cfg, progress=not args.quiet)
+    from .study import study_markdown
+
+    print(study_markdown(rec), end="")
+    print(f"wrote {Path(args.out) / 'study.json'}, study.md, study.png")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import model_names
     from .pretrained import PRETRAINED
@@ -392,6 +459,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), default=None, help="default: from --out's suffix")
     p.add_argument("--download", action="store_true", help="download a missing pretrained model")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("landscape", help="Hessian spectrum (lambda_max, lambda_min, trace) and loss-surface pictures",
+                       description="Measures the loss landscape of a model (slim or not) on fixed training images: "
+                                   "lambda_max by power iteration, lambda_min and the density by Lanczos, the trace "
+                                   "by Hutchinson, 1-D and 2-D filter-normalised loss surfaces. Writes "
+                                   "OUT/landscape.json (with the definitions), OUT/surface_*.json and PNGs.")
+    _add_model_arg(p)
+    _add_data_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier landscape.json in --out")
+    _add_landscape_args(p, surfaces=True)
+    p.set_defaults(func=cmd_landscape)
+
+    p = sub.add_parser("study", help="does smoothness predict fine-tuned quality? (the paper's potential study)",
+                       description="Takes finished `ekg prune` runs of one model at one budget (e.g. different "
+                                   "--importance), adds random perturbations of each, measures every sub-network's "
+                                   "val loss and Hessian numbers, fine-tunes each on the same short schedule and "
+                                   "reports rank correlations (Spearman, Kendall, bootstrap intervals) with the "
+                                   "test loss after fine-tuning. Re-running continues an interrupted study.")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="`ekg prune` run directories")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="study folder")
+    p.add_argument("--perturb", type=int, default=3, help="random perturbations per run; default: %(default)s")
+    p.add_argument("--swap", type=float, nargs=2, default=(0.1, 0.6), metavar=("LOW", "HIGH"),
+                   help="range of the fraction of kept channels swapped for pruned ones; default: 0.1 0.6")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="epochs of plain fine-tuning; default: %(default)s")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="default: %(default)s")
+    p.add_argument("--limit-train", type=int, default=None, help="fine-tune on the first N training images only")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples; default: %(default)s")
+    _add_landscape_args(p, surfaces=False)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("models", help="list architectures and pretrained checkpoints")
     p.set_defaults(func=cmd_models)

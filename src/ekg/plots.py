@@ -126,3 +126,81 @@ def plot_widths(names: list[str], before: list[int], after: list[int], path: str
     total_b, total_a = sum(before), sum(after)
     ax.set_title(title or f"Channel widths: {total_a} of {total_b} channels kept")
     return _save(fig, path)
+
+
+def plot_surface_1d(surface: dict[str, Any], out: str | os.PathLike, title: str = "") -> list[Path]:
+    """``out/surface_1d.png``: the loss along one filter-normalised direction (``surface`` as
+    written by :func:`ekg.landscape.surfaces`: ``alpha``, ``loss``). Returns the paths written."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    ax.plot(surface["alpha"], surface["loss"], lw=1.8, color="tab:blue")
+    ax.axvline(0.0, color="tab:gray", lw=0.8, ls="--")
+    ax.set_xlabel("α (step along a filter-normalised random direction)")
+    ax.set_ylabel("loss (mean cross-entropy)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"1-D loss surface{': ' + title if title else ''}", fontsize=10)
+    return [_save(fig, Path(out) / "surface_1d.png")]
+
+
+def plot_surface_2d(surface: dict[str, Any], out: str | os.PathLike, title: str = "") -> list[Path]:
+    """``out/surface_2d_contour.png`` (filled contours with labelled levels) and
+    ``out/surface_2d_3d.png`` (a 3-D surface) of the loss over two filter-normalised directions
+    (``alpha``, ``beta``, ``loss[i][j]`` at ``(alpha[i], beta[j])``). Returns the paths written."""
+    import numpy as np
+
+    plt = _pyplot()
+    a, b = np.asarray(surface["alpha"]), np.asarray(surface["beta"])
+    z = np.asarray(surface["loss"], dtype=float)
+    A, B = np.meshgrid(a, b, indexing="ij")
+    levels = np.linspace(np.nanmin(z), np.nanmax(z), 25) if np.nanmax(z) > np.nanmin(z) else 10
+    fig, ax = plt.subplots(figsize=(5.5, 4.8), constrained_layout=True)
+    filled = ax.contourf(A, B, z, levels=levels, cmap="viridis")
+    lines = ax.contour(A, B, z, levels=levels if isinstance(levels, int) else levels[::3], colors="white",
+                       linewidths=0.6)
+    ax.clabel(lines, fontsize=7, fmt="%.2f")
+    fig.colorbar(filled, ax=ax, label="loss")
+    ax.plot([0], [0], marker="*", color="tab:red", markersize=12, linestyle="none")
+    ax.set_xlabel("α (direction 1)")
+    ax.set_ylabel("β (direction 2)")
+    ax.set_title(f"2-D loss contours{': ' + title if title else ''}", fontsize=10)
+    paths = [_save(fig, Path(out) / "surface_2d_contour.png")]
+    fig = plt.figure(figsize=(6, 5), constrained_layout=True)
+    ax3 = fig.add_subplot(projection="3d")
+    ax3.plot_surface(A, B, z, cmap="viridis", linewidth=0, antialiased=True)
+    ax3.set_xlabel("α")
+    ax3.set_ylabel("β")
+    ax3.set_zlabel("loss")
+    ax3.set_title(f"2-D loss surface{': ' + title if title else ''}", fontsize=10)
+    paths.append(_save(fig, Path(out) / "surface_2d_3d.png"))
+    return paths
+
+
+def plot_study(rows: list[dict[str, Any]], metrics: Sequence[str], target: str, correlations: dict[str, Any],
+               path: str | os.PathLike) -> Path:
+    """One scatter panel per metric of the potential study: the metric (x) against ``target``
+    (y, the loss after fine-tuning), points coloured by where the sub-network came from, with
+    Spearman's and Kendall's coefficients in the panel title."""
+    plt = _pyplot()
+    n = len(metrics)
+    cols = min(n, 3)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), constrained_layout=True,
+                             squeeze=False)
+    sources = sorted({r.get("source", "") for r in rows})
+    colours = {s: f"C{i % 10}" for i, s in enumerate(sources)}
+    for ax, m in zip(axes.flat, metrics):
+        for s in sources:
+            pts = [(r[m], r[target]) for r in rows if r.get("source", "") == s and r.get(m) is not None]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, color=colours[s], label=s)
+        c = correlations.get(m, {})
+        sp, kd = c.get("spearman", {}), c.get("kendall", {})
+        ax.set_title(f"{m}\nSpearman {sp.get('value', math.nan):.2f} [{sp.get('low', math.nan):.2f}, "
+                     f"{sp.get('high', math.nan):.2f}], Kendall {kd.get('value', math.nan):.2f}", fontsize=9)
+        ax.set_xlabel(m)
+        ax.set_ylabel(target)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="best")
+    return _save(fig, path)

@@ -1,0 +1,316 @@
+"""The potential study: does a sub-network's smoothness predict how well it fine-tunes?
+
+The paper's feasibility experiment at a chosen scale (``ekg study``):
+
+1. **Sub-networks at one budget.** Each pruning run given (``ekg prune`` with different criteria:
+   ``--importance l1``, ``--method uniform``, ...) contributes its sub-network, and ``perturb``
+   random perturbations of it: in every pruned group a fraction ``f`` of the kept channels
+   (``f`` drawn uniformly from ``swap`` per sub-network) is swapped for pruned ones. Widths, hence
+   FLOPs, stay exactly those of the run.
+2. **Before fine-tuning**, on the same fixed training images for all: the val loss (BN on batch
+   statistics, as the search measures it) and the Hessian numbers of :mod:`ekg.landscape`
+   (λmax, |λmin|/λmax, trace) of the slim sub-network.
+3. **Fine-tuning**: the same short schedule for every sub-network (plain CE, the paper's optimiser
+   and lr), then the test loss and accuracy: the sub-network's "potential".
+4. **Rank correlations** (Spearman's ρ and Kendall's τ-b) of each number with the test loss after
+   fine-tuning, with percentile bootstrap intervals over sub-networks; a scatter plot per number.
+
+Every sub-network's result is a file (``subnets/NAME/result.json``) written when it is finished,
+so an interrupted study continues where it stopped (same command).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import EkgError
+from .landscape import LandscapeConfig
+
+METRICS = ("val_loss", "lambda_max", "neg_ratio", "trace")
+TARGET = "test_loss_after"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def rankdata(x: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank (as scipy.stats.rankdata)."""
+    a = np.asarray(x, dtype=float)
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(len(a))
+    sorted_a = a[order]
+    i = 0
+    while i < len(a):
+        j = i
+        while j + 1 < len(a) and sorted_a[j + 1] == sorted_a[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's ρ: Pearson's correlation of the (average-tie) ranks; nan if either is constant."""
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def kendall(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's τ-b (ties corrected); nan if either is constant."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    i, j = np.triu_indices(len(a), k=1)
+    dx, dy = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    n1, n2 = float((dx != 0).sum()), float((dy != 0).sum())
+    den = math.sqrt(n1 * n2)
+    return float((dx * dy).sum() / den) if den > 0 else float("nan")
+
+
+def bootstrap_interval(x: Sequence[float], y: Sequence[float], stat: Any, *, samples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat(x, y)`` over resampled pairs (nan draws dropped)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    rng = np.random.RandomState(seed)
+    draws = []
+    for _ in range(samples):
+        idx = rng.randint(0, len(a), len(a))
+        v = stat(a[idx], b[idx])
+        if math.isfinite(v):
+            draws.append(v)
+    if not draws:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(draws, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def correlations(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS, target: str = TARGET, *,
+                 samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """For each metric: Spearman and Kendall with ``target`` over ``rows``, each with a 95% interval."""
+    out: dict[str, Any] = {}
+    for m in metrics:
+        pairs = [(r[m], r[target]) for r in rows
+                 if r.get(m) is not None and r.get(target) is not None and math.isfinite(r[m])]
+        x, y = [p[0] for p in pairs], [p[1] for p in pairs]
+        entry: dict[str, Any] = {"n": len(pairs)}
+        for name, fn in (("spearman", spearman), ("kendall", kendall)):
+            if len(pairs) < 3:
+                entry[name] = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+                continue
+            lo, hi = bootstrap_interval(x, y, fn, samples=samples, seed=seed)
+            entry[name] = {"value": fn(x, y), "low": lo, "high": hi}
+        out[m] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------- sub-networks
+
+@dataclass
+class SubNetwork:
+    name: str
+    source: str                         # the criterion of the run it comes from (+ "perturbed")
+    run: str
+    kept: dict[int, torch.Tensor]       # graph group index -> kept channel indices
+    swap: float = 0.0
+
+
+def perturb(kept: dict[int, torch.Tensor], channels: dict[int, int], fraction: float,
+            rng: np.random.RandomState) -> dict[int, torch.Tensor]:
+    """Swap ``round(fraction · kept)`` kept channels of every pruned group for pruned ones
+    (at random); the widths are unchanged."""
+    if not 0 <= fraction <= 1:
+        raise EkgError(f"a swap fraction must lie in [0, 1], got {fraction}")
+    out = {}
+    for gi, idx in kept.items():
+        keep = idx.cpu().numpy()
+        pruned = np.setdiff1d(np.arange(channels[gi]), keep)
+        s = min(int(round(fraction * len(keep))), len(pruned))
+        if s == 0:
+            out[gi] = idx.clone()
+            continue
+        drop = rng.choice(len(keep), s, replace=False)
+        add = rng.choice(pruned, s, replace=False)
+        new = np.delete(keep, drop)
+        out[gi] = torch.as_tensor(np.sort(np.concatenate([new, add])), dtype=torch.long)
+    return out
+
+
+def _run_subnetwork(run: Path) -> tuple[Any, Any, dict[int, torch.Tensor], str]:
+    """(adapted checkpoint, its dependency graph, kept channels, criterion) of a finished prune run."""
+    from .checkpoint import load_checkpoint
+    from .masks import MaskedNetwork
+    from .search import SearchConfig, SearchState
+
+    for f in ("adapted.pt", "search_state.pt", "config.json", "pruned.pt"):
+        if not (run / f).exists():
+            raise EkgError(f"{run} is not a finished pruning run ({f} is missing); run `ekg prune --out {run}` first")
+    base = load_checkpoint(run / "adapted.pt")
+    state = SearchState.from_dict(torch.load(run / "search_state.pt", map_location="cpu", weights_only=True))
+    cfg = SearchConfig.from_dict(json.loads((run / "config.json").read_text())["search"])
+    net = MaskedNetwork(base.model, input_size=tuple(base.input_size))
+    if len(net.gates) != len(state.rates):
+        raise EkgError(f"{run}: its search state does not fit its adapted model")
+    for gate, r, rk in zip(net.gates, state.rates, state.ranks):
+        gate.rate, gate.ranks = float(r), rk
+    kept = net.kept_indices()
+    criterion = cfg.importance if cfg.method == "greedy" else f"{cfg.method}-{cfg.importance}"
+    return base, net.graph, kept, criterion
+
+
+# ----------------------------------------------------------------------------- the study
+
+@dataclass
+class StudyConfig:
+    """Settings of :func:`study`. Defaults: a small CPU-sized study."""
+
+    perturb: int = 3                              # random perturbations per run
+    swap: tuple[float, float] = (0.1, 0.6)        # range of the swapped fraction
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.01
+    limit_train: int | None = None
+    batch_size: int = 128
+    bootstrap: int = 2000
+    seed: int = 0
+    landscape: LandscapeConfig = field(default_factory=lambda: LandscapeConfig(
+        images=256, power_iters=20, power_tol=1e-2, lanczos_steps=20, hutchinson_samples=10, surface_1d=0,
+        surface_2d=0))
+
+    def validate(self) -> None:
+        if self.perturb < 0:
+            raise EkgError(f"--perturb must be 0 or more, got {self.perturb}")
+        lo, hi = self.swap
+        if not 0 <= lo <= hi <= 1:
+            raise EkgError(f"--swap must be two fractions 0 <= low <= high <= 1, got {lo} {hi}")
+        if self.finetune_epochs < 1:
+            raise EkgError(f"--finetune-epochs must be at least 1, got {self.finetune_epochs}")
+        self.landscape.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: StudyConfig | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Run the potential study over the sub-networks of ``runs`` (finished ``ekg prune`` run
+    directories of the same model at the same budget) and write ``out/study.json``,
+    ``out/study.md`` and ``out/study.png``. Returns the study record."""
+    import copy
+
+    from .checkpoint import Checkpoint
+    from .data import DataSplits, get_normalization, load_data
+    from .flops import count
+    from .io import write_json
+    from .landscape import DEFINITIONS, analyse, fixed_batches
+    from .plots import plot_study
+    from .runtime import resolve_device
+    from .slim import slim_model
+    from .train import finetune_config, train
+
+    cfg = config or StudyConfig()
+    cfg.validate()
+    if not runs:
+        raise EkgError("give at least one pruning run (--runs DIR ...)")
+    out = Path(out)
+    saved_cfg = out / "study_config.json"
+    if saved_cfg.exists():
+        saved = json.loads(saved_cfg.read_text())
+        now = json.loads(json.dumps({"runs": [str(r) for r in runs], **cfg.to_dict()}))
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise EkgError(f"{out} holds a study with other settings ({', '.join(diff)}); use another --out")
+    splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
+    device = resolve_device(cfg.landscape.device)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved_cfg, {"runs": [str(r) for r in runs], **cfg.to_dict()})
+
+    subnets: list[tuple[SubNetwork, Any, Any]] = []
+    for ri, r in enumerate(runs):
+        run = Path(r)
+        base, graph, kept, criterion = _run_subnetwork(run)
+        if base.num_classes != splits.num_classes:
+            raise EkgError(f"{run} predicts {base.num_classes} classes but the data has {splits.num_classes}")
+        channels = {g.index: g.channels for g in graph.groups}
+        label = run.name
+        subnets.append((SubNetwork(label, criterion, str(run), kept), base, graph))
+        rng = np.random.RandomState(cfg.seed * 7919 + ri)
+        for k in range(cfg.perturb):
+            f = float(rng.uniform(*cfg.swap))
+            subnets.append((SubNetwork(f"{label}~{k + 1}", f"{criterion} perturbed", str(run),
+                                       perturb(kept, channels, f, rng), swap=f), base, graph))
+
+    rows = []
+    bar = tqdm(subnets, desc="study", unit="sub-network", disable=not progress)
+    for sub, base, graph in bar:
+        bar.set_postfix_str(sub.name)
+        folder = out / "subnets" / sub.name
+        result_path = folder / "result.json"
+        if result_path.exists():
+            rows.append(json.loads(result_path.read_text()))
+            continue
+        t0 = time.perf_counter()
+        slim = slim_model(base.model, graph, sub.kept).to(device)
+        if cfg.landscape.channels_last:
+            slim.to(memory_format=torch.channels_last)
+        norm = get_normalization(base.normalization)
+        batches = fixed_batches(splits.train, norm, cfg.landscape, device)
+        scape = analyse(slim, batches, cfg.landscape, with_surfaces=False, progress=False)
+        counts = count(slim, tuple(base.input_size))
+        flops, params = counts.flops, counts.params
+        ckpt = Checkpoint(model=slim.cpu().to(memory_format=torch.contiguous_format), normalization=dict(base.normalization), dataset=dict(base.dataset),
+                          input_size=tuple(base.input_size), meta={"source": f"{sub.run} ({sub.name})"})
+        ft_cfg = finetune_config("none", epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
+                                 limit_train=cfg.limit_train, device=str(device), seed=cfg.seed)
+        ft_dir = folder / "finetune"
+        train(ft_cfg, splits, ft_dir, init=copy.deepcopy(ckpt), resume=(ft_dir / "last.pt").exists(), progress=False)
+        last = json.loads((ft_dir / "log.jsonl").read_text().strip().splitlines()[-1])
+        row = {"name": sub.name, "source": sub.source, "run": sub.run, "swap": sub.swap, "flops": flops,
+               "params": params, "val_loss": scape["loss"], "val_accuracy": scape["accuracy"],
+               "lambda_max": scape["lambda_max"], "lambda_min": scape["lambda_min"],
+               "neg_ratio": scape["neg_ratio"], "trace": scape["trace"], "trace_stderr": scape["trace_stderr"],
+               "power_converged": scape["power"]["converged"], TARGET: last["test_loss"],
+               "test_top1_after": last["test_top1"], "seconds": time.perf_counter() - t0}
+        write_json(result_path, row)
+        rows.append(row)
+    bar.close()
+
+    corr = correlations(rows, samples=cfg.bootstrap, seed=cfg.seed)
+    record = {"subnetworks": rows, "correlations": corr, "target": TARGET, "metrics": list(METRICS),
+              "definitions": {**{k: DEFINITIONS[k] for k in ("lambda_max", "neg_ratio", "trace")},
+                              "val_loss": "mean cross-entropy on the fixed training images before fine-tuning, "
+                                          "BN on batch statistics (as the search)",
+                              TARGET: f"test-set cross-entropy after {cfg.finetune_epochs} epoch(s) of plain "
+                                      "fine-tuning (BN on running statistics)",
+                              "intervals": f"95% percentile bootstrap over sub-networks ({cfg.bootstrap} resamples)"},
+              "settings": cfg.to_dict(), "data": splits.source}
+    write_json(out / "study.json", record)
+    (out / "study.md").write_text(study_markdown(record))
+    plot_study(rows, list(METRICS), TARGET, corr, out / "study.png")
+    return record
+
+
+def study_markdown(record: dict[str, Any]) -> str:
+    """The study's correlation table and its sub-networks, as Markdown."""
+    corr, rows = record["correlations"], record["subnetworks"]
+    lines = [f"# Potential study: {len(rows)} sub-networks", "",
+             f"Rank correlation of each number (before fine-tuning) with `{record['target']}`; "
+             "95% bootstrap intervals over sub-networks.", "",
+             "| number | Spearman ρ [95% CI] | Kendall τ [95% CI] |", "|---|---|---|"]
+    for m, c in corr.items():
+        s, k = c["spearman"], c["kendall"]
+        lines.append(f"| {m} | {s['value']:.2f} [{s['low']:.2f}, {s['high']:.2f}] | "
+                     f"{k['value']:.2f} [{k['low']:.2f}, {k['high']:.2f}] |")
+    lines += ["", "| sub-network | source | val loss | λmax | \\|λmin\\|/λmax | trace | test loss after | "
+              "test top-1 after (%) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['source']} | {r['val_loss']:.3f} | {r['lambda_max']:.2f} | "
+                     f"{r['neg_ratio']:.3f} | {r['trace']:.1f} | {r[TARGET]:.3f} | {r['test_top1_after']:.2f} |")
+    return "\n".join(lines) + "\n"
