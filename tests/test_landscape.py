@@ -106,7 +106,6 @@ def _tiny(dtype=torch.float64):
 
 
 def _finite_difference_hessian(obj: Objective, eps: float = 1e-5) -> torch.Tensor:
-    (p,) = obj.params if len(obj.params) == 1 else (None,)
     n = obj.size
     flat = torch.cat([q.detach().reshape(-1) for q in obj.params])
     cols = []
@@ -255,3 +254,24 @@ def test_landscape_cli_on_a_real_checkpoint(tmp_path, shared_data, cifar10_exact
     assert main(args[:-1] + ["--surface-2d", "1", "--force", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ekg: error:") and "--surface-2d" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_masked_network_is_measured_as_its_slim_twin():
+    from ekg.masks import MaskedNetwork
+    from ekg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", seed=0)
+    net = MaskedNetwork(model)
+    net.set_rates([0.5] * len(net.gates))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))]
+    cfg = LandscapeConfig(batch_size=8, power_iters=2, lanczos_steps=2, hutchinson_samples=1, surface_1d=0,
+                          surface_2d=0, device="cpu")
+    res = analyse(net, batches, cfg, progress=False)
+    from ekg.landscape import bn_mode
+
+    with bn_mode(net, "batch"), torch.no_grad():
+        masked_loss = float(F.cross_entropy(net(batches[0][0]), batches[0][1]))
+    assert res["loss"] == pytest.approx(masked_loss, rel=1e-4)
+    assert res["params"] < sum(p.numel() for p in model.parameters()) * 0.6

@@ -446,8 +446,18 @@ def surfaces(objective: Objective, cfg: LandscapeConfig, *, progress: bool = Tru
 def analyse(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], cfg: LandscapeConfig, *,
             with_surfaces: bool = True, progress: bool = True) -> dict[str, Any]:
     """Every landscape number of ``model`` on ``batches``: loss and accuracy, the spectrum and
-    (optionally) the surfaces. The model's parameters and BN statistics are left unchanged."""
+    (optionally) the surfaces. The model's parameters and BN statistics are left unchanged.
+
+    A :class:`ekg.masks.MaskedNetwork` is measured through its slim twin (the same function, only
+    the sub-network's own parameters; see the module doc)."""
+    from .masks import MaskedNetwork
+
     cfg.validate()
+    if isinstance(model, MaskedNetwork):
+        from .slim import slim_model
+
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = slim_model(model.model, model.graph, model.kept_indices()).to(memory_format=fmt)
     obj = model_objective(model, batches, bn=cfg.bn)
     t0 = time.perf_counter()
     with bn_mode(model, cfg.bn), torch.no_grad():
