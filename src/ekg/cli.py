@@ -64,11 +64,27 @@ def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: i
     p.add_argument("--pad-mode", choices=("reflect", "zeros"), default="reflect")
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
+    _add_speed_args(p)
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    """How training runs (not what it computes): precision, compilation, memory format, accumulation."""
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="mixed precision: auto (bf16 or fp16 on GPUs, off on the CPU), off, bf16 (also on the "
+                        "CPU), fp16 (GPUs only, with loss scaling); default: %(default)s")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and its inputs")
+    p.add_argument("--accum", type=int, default=1, metavar="N",
+                   help="gradient accumulation: each --batch-size batch runs as N micro-batches of batch-size/N "
+                        "(the same gradient, up to BN's per-micro-batch statistics); default: %(default)s")
+
+
+def _speed(args: argparse.Namespace) -> dict[str, Any]:
+    return {"amp": args.amp, "compile": args.compile, "channels_last": args.channels_last, "accum": args.accum}
 
 
 def _open_model(args: argparse.Namespace, arch: str | None = None) -> Any:
@@ -184,8 +200,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=args.jitter)
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.wd, schedule=args.schedule, warmup_epochs=args.warmup,
-                      normalization=args.normalization, augment=aug, seed=args.seed, amp=args.amp,
-                      device=args.device, limit_train=args.limit_train, limit_test=args.limit_test)
+                      normalization=args.normalization, augment=aug, seed=args.seed, device=args.device,
+                      limit_train=args.limit_train, limit_test=args.limit_test, **_speed(args))
     cfg.validate()
     from .models import spec_for
 
@@ -206,8 +222,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=jitter)
     cfg = finetune_config(args.kd, arch="(from --model)", epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.wd, schedule=args.schedule, warmup_epochs=args.warmup,
-                          augment=aug, seed=args.seed, amp=args.amp, device=args.device,
-                          limit_train=args.limit_train, limit_test=args.limit_test, temperature=args.temperature)
+                          augment=aug, seed=args.seed, device=args.device, limit_train=args.limit_train,
+                          limit_test=args.limit_test, temperature=args.temperature, **_speed(args))
     cfg.validate()
     if args.kd != "none" and args.bank is None:
         raise EkgError(f"--kd {args.kd} needs --bank RUN (an `ekg prune` run directory, or a bank folder); "
@@ -253,7 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ckpt = _open_model(args)
     data = _open_data(args)
     summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
-                  progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers)
+                  progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers,
+                  speed=_speed(args))
     print(summary_markdown(summary), end="")
     print(f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
     return 0
@@ -380,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the preset's fine-tuning epochs")
     p.add_argument("--limit-train", type=int, default=None, help="fine-tune on the first N training images only")
     p.add_argument("--teachers", type=int, default=None, help="teachers in the memory bank (default 5)")
+    _add_speed_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 

@@ -59,14 +59,20 @@ PRESETS = {
 def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *, out: str | Path,
         preset: str = "paper", kd: str = "ensemble", search: SearchConfig | None = None,
         latency_batches: tuple[int, ...] = (1, 64), progress: bool = True, epochs: int | None = None,
-        limit_train: int | None = None, teachers: int | None = None) -> dict[str, Any]:
+        limit_train: int | None = None, teachers: int | None = None,
+        speed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Adaptation, search, slimming, memory bank, fine-tuning and the final comparison.
-    ``epochs``, ``limit_train`` and ``teachers`` override the preset's."""
+    ``epochs``, ``limit_train`` and ``teachers`` override the preset's; ``speed`` holds how the
+    fine-tuning runs (TrainConfig's amp, compile, channels_last, accum), not part of run.json."""
     if preset not in PRESETS:
         raise EkgError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers))
                  if v is not None}
     p = dataclasses.replace(PRESETS[preset], **overrides)
+    device = search.device if search is not None else "auto"
+    ft_cfg = finetune_config(kd, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, limit_train=p.limit_train,
+                             device=device, **(speed or {}))
+    ft_cfg.validate()  # a bad fine-tuning setting fails before the search, not after
     out = Path(out)
     settings = {"keep": keep, "preset": preset, "kd": kd, **overrides}
     saved_path = out / "run.json"
@@ -96,8 +102,6 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
                             progress=progress)
     ft = out / "finetune"
     _say(progress, f"== fine-tuning ({p.description})")
-    ft_cfg = finetune_config(kd, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, limit_train=p.limit_train,
-                             device=cfg.device)
     train(ft_cfg, splits, ft, resume=(ft / "last.pt").exists(), progress=progress,
           init=pruned, bank=bank)
     final = load_checkpoint(ft / "model.pt")

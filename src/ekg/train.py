@@ -70,6 +70,10 @@ class TrainConfig:
     limit_test: int | None = None
     kd: str = "none"                  # none | single | ensemble: distillation from the memory bank
     temperature: float = 4.0          # of the KD loss (4 for CIFAR, 10 for 1000 classes)
+    # how the run executes, not what it computes (not resume keys; see _RESUME_KEYS):
+    accum: int = 1                    # split each batch of batch_size into this many micro-batches
+    compile: bool = False             # torch.compile the model for training
+    channels_last: bool = False       # NHWC memory format for the model and its inputs
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -84,6 +88,11 @@ class TrainConfig:
             raise EkgError(f"--kd must be one of {', '.join(KD_MODES)}, got {self.kd!r}")
         if not self.temperature > 0:
             raise EkgError(f"--temperature must be positive, got {self.temperature}")
+        if self.accum < 1:
+            raise EkgError(f"--accum must be at least 1, got {self.accum}")
+        if self.batch_size % self.accum:
+            raise EkgError(f"--batch-size {self.batch_size} is not divisible by --accum {self.accum}: "
+                           "each of the accum micro-batches holds batch-size/accum images")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +135,9 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return g
 
 
-# Keys of the training-state file that must match for --resume to be meaningful.
+# Keys of the training-state file that must match for --resume to be meaningful. The others say how
+# the run executes (device, amp, eval batch, accum, compile, channels_last, limit_test, epochs):
+# changing them on resume changes speed or rounding, not the recipe.
 _RESUME_KEYS = ("arch", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
                 "gamma", "warmup_epochs", "normalization", "augment", "seed", "limit_train", "kd", "temperature")
 
@@ -175,6 +186,8 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             p.requires_grad_(True)
     else:
         model = create_model(cfg.arch, data.num_classes, seed=cfg.seed).to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -187,7 +200,8 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             raise EkgError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(diff)}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16
+            scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"])
         _truncate_log(out / "log.jsonl", start_epoch)
         if start_epoch >= cfg.epochs:
@@ -196,12 +210,15 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     write_json(out / "config.json", cfg.to_dict())
     writer = _tensorboard(out / "tb")
 
+    # the model that trains: compiled (or not); checkpoints always hold `model` itself, whose
+    # state_dict keys carry no compile wrapper prefix
+    train_model = _compile(model) if cfg.compile else model
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            model.train()
+            train_model.train()
             gen = epoch_generator(cfg.seed, epoch, device)
             if cfg.kd == "none":
                 batches = ((x, y, None) for x, y in iterate_batches(
@@ -213,37 +230,37 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
                        disable=not progress, leave=False, dynamic_ncols=True)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
-            seen, kd_sum, selected_sum = 0, 0.0, 0
+            seen, kd_sum, selected_sum = 0, 0.0, 0.0
             for i, (x, y, teachers) in enumerate(bar):
                 lr = lr_at(cfg, (epoch * steps_per_epoch + i) / total_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                with autocast(device, amp_dtype):
-                    if teachers is None:
-                        logits = model(x)
-                        loss = F.cross_entropy(logits.float(), y)
-                    else:  # both views in one forward pass of 2B images
-                        both = model(torch.cat(x))
-                        views = list(both.float().chunk(2))
-                        kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=cfg.temperature)
-                        loss, logits = kd.loss, views[0]
-                        kd_sum += kd.kd * len(y)
-                        selected_sum += kd.selected
+                if cfg.channels_last:
+                    x = [v.contiguous(memory_format=torch.channels_last) for v in x] if teachers is not None \
+                        else x.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                for xm, ym, tm in _micro_batches(x, y, teachers, cfg.accum):
+                    with autocast(device, amp_dtype):
+                        loss, logits, kd = _loss(train_model, xm, ym, tm, cfg)
+                    # the gradient of the batch's mean loss: each micro-batch's mean weighted by its share
+                    scaler.scale(loss * (len(ym) / len(y))).backward()
+                    loss_sum += loss.detach() * len(ym)
+                    correct += (logits.argmax(1) == ym).sum()
+                    if kd is not None:
+                        kd_sum += kd.kd * len(ym)
+                        selected_sum += kd.selected / cfg.accum
                 scaler.step(opt)
                 scaler.update()
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 if progress and i % 10 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
             bar.close()
             train_seconds = time.perf_counter() - t0
             test = evaluate(model, test_set, normalization, batch_size=cfg.eval_batch_size, device=device)
+            loss_total, correct_total = loss_sum.double().item(), correct.item()
             record = {
-                "epoch": epoch + 1, "train_loss": (loss_sum / max(seen, 1)).item(),
-                "train_top1": 100.0 * correct.item() / max(seen, 1), "test_top1": test["top1"],
+                "epoch": epoch + 1, "train_loss": loss_total / max(seen, 1),
+                "train_top1": 100.0 * correct_total / max(seen, 1), "test_top1": test["top1"],
                 "test_top5": test["top5"], "test_loss": test["loss"], "lr": lr,
                 "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds,
             }
@@ -271,6 +288,33 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
         if writer is not None:
             writer.close()
     return out / "model.pt"
+
+
+def _compile(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` of ``model`` (its parameters are shared, so the optimizer and the saved
+    state of ``model`` are unchanged)."""
+    return torch.compile(model)
+
+
+def _micro_batches(x: Any, y: torch.Tensor, teachers: torch.Tensor | None, n: int):
+    """Split a batch (``x`` a tensor, or a list of views) into ``n`` equal consecutive parts."""
+    size = len(y) // n
+    for k in range(n):
+        part = slice(k * size, (k + 1) * size)
+        xm = [v[part] for v in x] if isinstance(x, list) else x[part]
+        yield xm, y[part], None if teachers is None else teachers[part]
+
+
+def _loss(model: torch.nn.Module, x: Any, y: torch.Tensor, teachers: torch.Tensor | None,
+          cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(mean loss, logits of the first view, the KD details or None) of one (micro-)batch."""
+    if teachers is None:
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y), logits, None
+    both = model(torch.cat(x))  # both views in one forward pass of 2B images
+    views = list(both.float().chunk(2))
+    kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=cfg.temperature)
+    return kd.loss, views[0], kd
 
 
 def _truncate_log(path: Path, epochs: int) -> None:
