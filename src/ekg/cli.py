@@ -100,6 +100,12 @@ def _open_data(args: argparse.Namespace) -> Any:
     return load_data(args.data, download=args.download, progress=sys.stderr.isatty())
 
 
+def _say(args: argparse.Namespace, text: str, end: str = "\n") -> None:
+    """Print on stdout, once: on rank 0 of a torchrun launch."""
+    if args.dist.is_main:
+        print(text, end=end)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -207,15 +213,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec_for(cfg.arch)  # a bad --arch fails before the data is read
     data = _open_data(args)
-    path = train(cfg, data, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"trained model: {path}")
+    path = train(cfg, data, args.out, resume=args.resume, progress=not args.quiet, dist=args.dist)
+    _say(args, f"trained model: {path}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .bank import bank_for_run
     from .data import AugmentConfig
-    from .runtime import resolve_device
     from .train import finetune_config, train
 
     jitter = args.kd != "none" if args.jitter is None else args.jitter
@@ -235,10 +240,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data = _open_data(args)
     bank = None
     if args.kd != "none":
-        bank = bank_for_run(args.bank, data.train, teachers=args.teachers, device=resolve_device(args.device),
-                            progress=not args.quiet)
-    path = train(cfg, data, out, resume=args.resume, progress=not args.quiet, init=ckpt, bank=bank)
-    print(f"fine-tuned model: {path}")
+        bank = bank_for_run(args.bank, data.train, teachers=args.teachers, device=args.dist.device(args.device),
+                            progress=not args.quiet, dist=args.dist)
+    path = train(cfg, data, out, resume=args.resume, progress=not args.quiet, init=ckpt, bank=bank, dist=args.dist)
+    _say(args, f"fine-tuned model: {path}")
     return 0
 
 
@@ -253,10 +258,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg.validate()
     ckpt = _open_model(args)
     data = _open_data(args)
-    res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, progress=not args.quiet)
-    print(f"pruned model: {res.run_dir / 'pruned.pt'}  ({res.checkpoint.arch})")
-    print(f"FLOPs {human(res.flops)} (ratio {res.flops_ratio:.4f}), params {human(res.params)}, "
-          f"{res.steps} steps, {res.seconds:.0f} s; slim == masked (max output difference {res.slim_max_diff:.1e})")
+    res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, progress=not args.quiet,
+                dist=args.dist)
+    _say(args, f"pruned model: {res.run_dir / 'pruned.pt'}  ({res.checkpoint.arch})")
+    _say(args, f"FLOPs {human(res.flops)} (ratio {res.flops_ratio:.4f}), params {human(res.params)}, "
+               f"{res.steps} steps, {res.seconds:.0f} s; slim == masked (max output difference {res.slim_max_diff:.1e})")
     return 0
 
 
@@ -270,9 +276,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = _open_data(args)
     summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
                   progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers,
-                  speed=_speed(args))
-    print(summary_markdown(summary), end="")
-    print(f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
+                  speed=_speed(args), dist=args.dist)
+    _say(args, summary_markdown(summary), end="")
+    _say(args, f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
     return 0
 
 
@@ -416,10 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that split their work over the processes of a torchrun launch
+DISTRIBUTED = ("train", "finetune", "prune", "run")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import Dist, init_distributed, shutdown
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.dist = Dist()
     try:
+        if args.command in DISTRIBUTED:
+            args.dist = init_distributed(args.device)
         return args.func(args)
     except EkgError as e:
         print(f"ekg: error: {e}", file=sys.stderr)
@@ -433,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ekg: internal error: {type(e).__name__}: {e} (set EKG_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        shutdown(args.dist)
 
 
 if __name__ == "__main__":

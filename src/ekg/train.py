@@ -20,6 +20,7 @@ With ``kd`` other than ``none`` every batch is seen in two augmented views and t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -34,13 +35,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, save_checkpoint
 from .bank import MemoryBank
+from .distributed import Dist
 from .data import AugmentConfig, DataSplits, augment, get_normalization, iterate_batches
 from .distill import KD_MODES, kd_loss
 from .errors import EkgError
 from .evaluate import evaluate
 from .io import atomic_path, write_json
 from .models import create_model
-from .runtime import autocast, resolve_amp, resolve_device
+from .runtime import autocast, resolve_amp
 
 SCHEDULES = ("cosine", "step")
 
@@ -144,12 +146,20 @@ _RESUME_KEYS = ("arch", "batch_size", "lr", "momentum", "nesterov", "weight_deca
 
 def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool = False,
           progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          init: Checkpoint | None = None, bank: MemoryBank | None = None) -> Path:
+          init: Checkpoint | None = None, bank: MemoryBank | None = None, dist: Dist | None = None) -> Path:
     """Train on ``data`` into run directory ``out``; return the path of model.pt.
 
     From scratch (``cfg.arch``), or, with ``init``, starting from that checkpoint's model and
-    preprocessing (fine-tuning). ``cfg.kd`` other than ``none`` needs ``bank``."""
+    preprocessing (fine-tuning). ``cfg.kd`` other than ``none`` needs ``bank``.
+
+    With ``dist`` (torchrun) the model trains under DDP: every rank draws the same batches of
+    ``batch_size`` and takes its consecutive share of each, gradients are averaged, the test set
+    is split for evaluation and the sums reduced; rank 0 alone writes the run directory."""
+    dist = dist or Dist()
     cfg.validate()
+    if cfg.batch_size % (cfg.accum * dist.world_size):
+        raise EkgError(f"--batch-size {cfg.batch_size} is not divisible by --accum {cfg.accum} × "
+                       f"{dist.world_size} processes: each process runs batch-size/processes images per step")
     if cfg.kd != "none":
         if bank is None:
             raise EkgError(f"--kd {cfg.kd} needs a memory bank (--bank RUN)")
@@ -161,8 +171,9 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     if resume and not state_path.exists():
         raise EkgError(f"nothing to resume: {state_path} does not exist (no epoch finished yet); "
                        "run the same command without --resume")
+    progress = progress and dist.is_main
 
-    device = resolve_device(cfg.device)
+    device = dist.device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     if init is not None:
         if init.num_classes != data.num_classes:
@@ -206,13 +217,23 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
         _truncate_log(out / "log.jsonl", start_epoch)
         if start_epoch >= cfg.epochs:
             return out / "model.pt"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_dict())
-    writer = _tensorboard(out / "tb")
+    dist.barrier()  # every rank has read the run directory before rank 0 writes to it
+    writer = None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", cfg.to_dict())
+        writer = _tensorboard(out / "tb")
 
     # the model that trains: compiled (or not); checkpoints always hold `model` itself, whose
     # state_dict keys carry no compile wrapper prefix
-    train_model = _compile(model) if cfg.compile else model
+    train_model: torch.nn.Module = model
+    if dist.enabled:  # DDP averages the ranks' gradients (it also starts every rank from rank 0's weights)
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = _compile(train_model)
+    part = dist.part(cfg.batch_size)
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     try:
@@ -221,11 +242,11 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             train_model.train()
             gen = epoch_generator(cfg.seed, epoch, device)
             if cfg.kd == "none":
-                batches = ((x, y, None) for x, y in iterate_batches(
+                batches = ((x[part], y[part], None) for x, y in iterate_batches(
                     train_set, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment,
                     normalization=normalization, drop_last=True))
             else:
-                batches = _two_view_batches(train_set, cfg, gen, normalization, bank)
+                batches = _two_view_batches(train_set, cfg, gen, normalization, bank, part)
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not progress, leave=False, dynamic_ncols=True)
             loss_sum = torch.zeros((), device=device)
@@ -239,11 +260,14 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
                     x = [v.contiguous(memory_format=torch.channels_last) for v in x] if teachers is not None \
                         else x.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
-                for xm, ym, tm in _micro_batches(x, y, teachers, cfg.accum):
-                    with autocast(device, amp_dtype):
-                        loss, logits, kd = _loss(train_model, xm, ym, tm, cfg)
-                    # the gradient of the batch's mean loss: each micro-batch's mean weighted by its share
-                    scaler.scale(loss * (len(ym) / len(y))).backward()
+                for k, (xm, ym, tm) in enumerate(_micro_batches(x, y, teachers, cfg.accum)):
+                    # DDP averages gradients over ranks once, after the last micro-batch
+                    sync = k == cfg.accum - 1 or not dist.enabled
+                    with contextlib.nullcontext() if sync else _no_sync(train_model):
+                        with autocast(device, amp_dtype):
+                            loss, logits, kd = _loss(train_model, xm, ym, tm, cfg)
+                        # the gradient of the batch's mean loss: each micro-batch's mean weighted by its share
+                        scaler.scale(loss * (len(ym) / len(y))).backward()
                     loss_sum += loss.detach() * len(ym)
                     correct += (logits.argmax(1) == ym).sum()
                     if kd is not None:
@@ -256,8 +280,11 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
             bar.close()
             train_seconds = time.perf_counter() - t0
-            test = evaluate(model, test_set, normalization, batch_size=cfg.eval_batch_size, device=device)
-            loss_total, correct_total = loss_sum.double().item(), correct.item()
+            test = evaluate(model, test_set, normalization, batch_size=cfg.eval_batch_size, device=device, dist=dist)
+            sums = dist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double()] + [
+                torch.tensor(float(v), dtype=torch.float64, device=device) for v in (seen, kd_sum, selected_sum)]))
+            loss_total, correct_total, seen, kd_sum, selected_sum = sums.tolist()
+            selected_sum /= dist.world_size
             record = {
                 "epoch": epoch + 1, "train_loss": loss_total / max(seen, 1),
                 "train_top1": 100.0 * correct_total / max(seen, 1), "test_top1": test["top1"],
@@ -269,11 +296,12 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
                 record["teachers_selected"] = selected_sum / max(1, steps_per_epoch)
             # the log line first, then the commit point (last.pt): a kill between the two leaves a
             # line that --resume drops, never a finished epoch without its line
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record,
-                        by="ekg finetune" if init is not None else "ekg train",
-                        source=None if init is None else str(init.meta.get("source", "")))
+            if dist.is_main:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record,
+                            by="ekg finetune" if init is not None else "ekg train",
+                            source=None if init is None else str(init.meta.get("source", "")))
             if writer is not None:
                 for k, v in record.items():
                     if k != "epoch":
@@ -287,6 +315,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     finally:
         if writer is not None:
             writer.close()
+    dist.barrier()  # model.pt is written for every rank
     return out / "model.pt"
 
 
@@ -294,6 +323,11 @@ def _compile(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile`` of ``model`` (its parameters are shared, so the optimizer and the saved
     state of ``model`` are unchanged)."""
     return torch.compile(model)
+
+
+def _no_sync(model: torch.nn.Module) -> Any:
+    """DDP's ``no_sync`` (gradients stay local) of ``model``, also when it is compiled."""
+    return getattr(model, "_orig_mod", model).no_sync()
 
 
 def _micro_batches(x: Any, y: torch.Tensor, teachers: torch.Tensor | None, n: int):
@@ -333,18 +367,19 @@ def _truncate_log(path: Path, epochs: int) -> None:
 
 
 def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normalization: Any,
-                      bank: MemoryBank | None):
+                      bank: MemoryBank | None, part: slice = slice(None)):
     """Shuffled batches of (two augmented views, labels, teacher logits (B, T, classes)): the
-    bank's rows are read by each image's index in the training set."""
+    bank's rows are read by each image's index in the training set. Each batch is drawn and
+    augmented whole (the same images as on one process); ``part`` of it is yielded."""
     n = len(data)
     order = torch.randperm(n, generator=gen, device=gen.device)
     aug_gen = torch.Generator(device=data.images.device)
     aug_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item()))
     for idx in order[: n - n % cfg.batch_size].to(data.images.device).split(cfg.batch_size):
         raw, y = data.images[idx], data.labels[idx]
-        views = [normalization.apply(augment(raw, cfg.augment, aug_gen)) for _ in range(2)]
-        teachers = bank.batch(idx, device=data.images.device) if bank is not None else None
-        yield views, y, teachers
+        views = [normalization.apply(augment(raw, cfg.augment, aug_gen))[part] for _ in range(2)]
+        teachers = bank.batch(idx[part], device=data.images.device) if bank is not None else None
+        yield views, y[part], teachers
 
 
 def _save_epoch(out: Path, cfg: TrainConfig, data: DataSplits, model: torch.nn.Module, opt: torch.optim.Optimizer,
