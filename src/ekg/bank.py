@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import ImageSet, Normalization, iterate_batches
+from .distributed import Dist
 from .errors import EkgError
 from .evaluate import batch_statistics_bn
 from .io import write_json
@@ -121,10 +122,15 @@ def _open_checked(folder: Path, data: ImageSet) -> MemoryBank | None:
 
 def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet, normalization: Normalization,
                folder: str | os.PathLike, *, teachers: int = 5, batch_size: int = 256,
-               progress: bool = True) -> MemoryBank:
+               progress: bool = True, dist: Dist | None = None) -> MemoryBank:
     """Select teachers from ``history`` (the search's, final sub-network last) and store their
     logits on every image of ``data``. ``net`` is the masked network on the search's frozen
-    (adapted) weights; its masks are restored afterwards."""
+    (adapted) weights; its masks are restored afterwards.
+
+    With ``dist`` (several processes sharing the folder) each rank computes every
+    world_size-th batch (the same batches, so the same rows, as one process) and writes its rows
+    into the memory-mapped array; rank 0 writes the progress record and the final names."""
+    dist = dist or Dist()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     existing = _open_checked(folder, data)
@@ -146,9 +152,12 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
         saved = json.loads(prog.read_text())
         if saved.get("info") == info:
             done = saved["done"]
-    if not done:
+    dist.barrier()  # every rank has read the progress record
+    if not done and dist.is_main:
         np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
+    dist.barrier()  # the array exists for every rank
     out = np.load(partial, mmap_mode="r+")
+    progress = progress and dist.is_main
     saved_masks = [m.mask.detach().clone() for m in net.masks]
     device = net.masks[0].mask.device if len(net.masks) else torch.device("cpu")
     bar = tqdm(total=len(chosen) * n, initial=len(done) * n, desc="memory bank", unit="img", disable=not progress)
@@ -159,23 +168,29 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
                     continue
                 for gm, m in zip(net.masks, candidates[i]["masks"]):
                     gm.set(m.to(device))
-                start = 0
-                for x, _ in iterate_batches(data, batch_size, normalization=normalization, device=device):
+                n_batches = -(-n // batch_size)
+                for b in dist.shard(n_batches):
+                    rows = slice(b * batch_size, min(n, (b + 1) * batch_size))
+                    x, _ = next(iterate_batches(data.subset(range(n)[rows]), batch_size,
+                                                normalization=normalization, device=device))
                     z = net(x).float().cpu().numpy()
-                    out[start:start + len(z), :, t] = z.astype(np.float16)
-                    start += len(z)
-                    bar.update(len(z))
+                    out[rows, :, t] = z.astype(np.float16)
+                    bar.update(len(z) * dist.world_size)
                 out.flush()
+                dist.barrier()  # every rank's rows of this teacher are on disk
                 done.append(t)
-                write_json(prog, {"info": info, "done": done})
+                if dist.is_main:
+                    write_json(prog, {"info": info, "done": done})
     finally:
         bar.close()
         for gm, m in zip(net.masks, saved_masks):
             gm.set(m.bool())
     del out
-    write_json(folder / "bank.json", info)
-    os.replace(partial, final)
-    prog.unlink(missing_ok=True)
+    if dist.is_main:
+        write_json(folder / "bank.json", info)
+        os.replace(partial, final)
+        prog.unlink(missing_ok=True)
+    dist.barrier()  # the finished bank is in place for every rank
     return open_bank(folder)
 
 
@@ -185,7 +200,7 @@ def _num_classes(net: MaskedNetwork, data: ImageSet) -> int:
 
 
 def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, batch_size: int = 256,
-                 device: torch.device | str = "cpu", progress: bool = True) -> MemoryBank:
+                 device: torch.device | str = "cpu", progress: bool = True, dist: Dist | None = None) -> MemoryBank:
     """The memory bank of an `ekg prune` run directory: a finished bank in ``run`` itself (a bank
     folder) or in ``RUN/bank``, checked against ``data``; else one built into ``RUN/bank`` from
     ``RUN/adapted.pt`` and ``RUN/history.pt``."""
@@ -215,4 +230,4 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, b
         raise EkgError(f"the search history in {run} does not match the model's channel groups "
                        f"({len(saved['groups'])} saved, {len(names)} now); was it written by another ekg version?")
     return build_bank(net, saved["history"], data.to(device), get_normalization(ckpt.normalization), run / "bank",
-                      teachers=teachers, batch_size=batch_size, progress=progress)
+                      teachers=teachers, batch_size=batch_size, progress=progress, dist=dist)

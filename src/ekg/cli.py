@@ -64,11 +64,27 @@ def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: i
     p.add_argument("--pad-mode", choices=("reflect", "zeros"), default="reflect")
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
+    _add_speed_args(p)
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    """How training runs (not what it computes): precision, compilation, memory format, accumulation."""
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="mixed precision: auto (bf16 or fp16 on GPUs, off on the CPU), off, bf16 (also on the "
+                        "CPU), fp16 (GPUs only, with loss scaling); default: %(default)s")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and its inputs")
+    p.add_argument("--accum", type=int, default=1, metavar="N",
+                   help="gradient accumulation: each --batch-size batch runs as N micro-batches of batch-size/N "
+                        "(the same gradient, up to BN's per-micro-batch statistics); default: %(default)s")
+
+
+def _speed(args: argparse.Namespace) -> dict[str, Any]:
+    return {"amp": args.amp, "compile": args.compile, "channels_last": args.channels_last, "accum": args.accum}
 
 
 def _open_model(args: argparse.Namespace, arch: str | None = None) -> Any:
@@ -82,6 +98,12 @@ def _open_data(args: argparse.Namespace) -> Any:
     from .data import load_data
 
     return load_data(args.data, download=args.download, progress=sys.stderr.isatty())
+
+
+def _say(args: argparse.Namespace, text: str, end: str = "\n") -> None:
+    """Print on stdout, once: on rank 0 of a torchrun launch."""
+    if args.dist.is_main:
+        print(text, end=end)
 
 
 def _print_json(obj: Any) -> None:
@@ -184,30 +206,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=args.jitter)
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.wd, schedule=args.schedule, warmup_epochs=args.warmup,
-                      normalization=args.normalization, augment=aug, seed=args.seed, amp=args.amp,
-                      device=args.device, limit_train=args.limit_train, limit_test=args.limit_test)
+                      normalization=args.normalization, augment=aug, seed=args.seed, device=args.device,
+                      limit_train=args.limit_train, limit_test=args.limit_test, **_speed(args))
     cfg.validate()
     from .models import spec_for
 
     spec_for(cfg.arch)  # a bad --arch fails before the data is read
     data = _open_data(args)
-    path = train(cfg, data, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"trained model: {path}")
+    path = train(cfg, data, args.out, resume=args.resume, progress=not args.quiet, dist=args.dist)
+    _say(args, f"trained model: {path}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .bank import bank_for_run
     from .data import AugmentConfig
-    from .runtime import resolve_device
     from .train import finetune_config, train
 
     jitter = args.kd != "none" if args.jitter is None else args.jitter
     aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=jitter)
     cfg = finetune_config(args.kd, arch="(from --model)", epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.wd, schedule=args.schedule, warmup_epochs=args.warmup,
-                          augment=aug, seed=args.seed, amp=args.amp, device=args.device,
-                          limit_train=args.limit_train, limit_test=args.limit_test, temperature=args.temperature)
+                          augment=aug, seed=args.seed, device=args.device, limit_train=args.limit_train,
+                          limit_test=args.limit_test, temperature=args.temperature, **_speed(args))
     cfg.validate()
     if args.kd != "none" and args.bank is None:
         raise EkgError(f"--kd {args.kd} needs --bank RUN (an `ekg prune` run directory, or a bank folder); "
@@ -219,10 +240,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data = _open_data(args)
     bank = None
     if args.kd != "none":
-        bank = bank_for_run(args.bank, data.train, teachers=args.teachers, device=resolve_device(args.device),
-                            progress=not args.quiet)
-    path = train(cfg, data, out, resume=args.resume, progress=not args.quiet, init=ckpt, bank=bank)
-    print(f"fine-tuned model: {path}")
+        bank = bank_for_run(args.bank, data.train, teachers=args.teachers, device=args.dist.device(args.device),
+                            progress=not args.quiet, dist=args.dist)
+    path = train(cfg, data, out, resume=args.resume, progress=not args.quiet, init=ckpt, bank=bank, dist=args.dist)
+    _say(args, f"fine-tuned model: {path}")
     return 0
 
 
@@ -237,10 +258,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg.validate()
     ckpt = _open_model(args)
     data = _open_data(args)
-    res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, progress=not args.quiet)
-    print(f"pruned model: {res.run_dir / 'pruned.pt'}  ({res.checkpoint.arch})")
-    print(f"FLOPs {human(res.flops)} (ratio {res.flops_ratio:.4f}), params {human(res.params)}, "
-          f"{res.steps} steps, {res.seconds:.0f} s; slim == masked (max output difference {res.slim_max_diff:.1e})")
+    res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, progress=not args.quiet,
+                dist=args.dist)
+    _say(args, f"pruned model: {res.run_dir / 'pruned.pt'}  ({res.checkpoint.arch})")
+    _say(args, f"FLOPs {human(res.flops)} (ratio {res.flops_ratio:.4f}), params {human(res.params)}, "
+               f"{res.steps} steps, {res.seconds:.0f} s; slim == masked (max output difference {res.slim_max_diff:.1e})")
     return 0
 
 
@@ -253,9 +275,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     ckpt = _open_model(args)
     data = _open_data(args)
     summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
-                  progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers)
-    print(summary_markdown(summary), end="")
-    print(f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
+                  progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers,
+                  speed=_speed(args), dist=args.dist)
+    _say(args, summary_markdown(summary), end="")
+    _say(args, f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
     return 0
 
 
@@ -447,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the preset's fine-tuning epochs")
     p.add_argument("--limit-train", type=int, default=None, help="fine-tune on the first N training images only")
     p.add_argument("--teachers", type=int, default=None, help="teachers in the memory bank (default 5)")
+    _add_speed_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -496,10 +520,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that split their work over the processes of a torchrun launch
+DISTRIBUTED = ("train", "finetune", "prune", "run")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import Dist, init_distributed, shutdown
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.dist = Dist()
     try:
+        if args.command in DISTRIBUTED:
+            args.dist = init_distributed(args.device)
         return args.func(args)
     except EkgError as e:
         print(f"ekg: error: {e}", file=sys.stderr)
@@ -513,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ekg: internal error: {type(e).__name__}: {e} (set EKG_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        shutdown(args.dist)
 
 
 if __name__ == "__main__":

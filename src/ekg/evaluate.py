@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSet, Normalization, iterate_batches
+from .distributed import Dist
 from .errors import EkgError
 
 BN_MODES = ("eval", "batch")
@@ -98,12 +99,29 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
 
 
 def evaluate(model: nn.Module, data: ImageSet, normalization: Normalization, *, batch_size: int = 256,
-             device: torch.device | str = "cpu", bn_mode: str = "eval") -> dict[str, Any]:
-    """Accuracy and loss of ``model`` on ``data``; see :func:`metrics_from_logits`."""
+             device: torch.device | str = "cpu", bn_mode: str = "eval", dist: Dist | None = None) -> dict[str, Any]:
+    """Accuracy and loss of ``model`` on ``data``; see :func:`metrics_from_logits`.
+
+    With ``dist`` on several processes (and BN in inference mode, where a batch's composition does
+    not matter) each rank evaluates its consecutive share of ``data`` and the counts and loss sums
+    are summed over ranks; every rank returns the same numbers."""
     if len(data) == 0:
         raise EkgError("the evaluation set is empty")
-    logits = predict_logits(model, data, normalization, batch_size=batch_size, device=device, bn_mode=bn_mode)
-    return metrics_from_logits(logits, data.labels.cpu())
+    if dist is None or not dist.enabled or bn_mode != "eval":
+        logits = predict_logits(model, data, normalization, batch_size=batch_size, device=device, bn_mode=bn_mode)
+        return metrics_from_logits(logits, data.labels.cpu())
+    part = dist.part(len(data))
+    mine = data.subset(range(len(data))[part])
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    if len(mine):
+        logits = predict_logits(model, mine, normalization, batch_size=batch_size, device=device)
+        m = metrics_from_logits(logits, mine.labels.cpu())
+        n = m["n_images"]
+        sums += torch.tensor([m["top1"] * n / 100, m["top5"] * n / 100, m["loss"] * n], dtype=torch.float64,
+                             device=device)
+    top1, top5, loss = dist.all_reduce_sum(sums).tolist()
+    n = len(data)
+    return {"top1": 100.0 * round(top1) / n, "top5": 100.0 * round(top5) / n, "loss": loss / n, "n_images": n}
 
 
 @torch.inference_mode()

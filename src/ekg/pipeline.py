@@ -29,7 +29,7 @@ from .evaluate import evaluate, measure_latency
 from .flops import FLOPS_CONVENTION, count
 from .io import atomic_path, write_json
 from .prune import prune
-from .runtime import resolve_device
+from .distributed import Dist
 from .search import SearchConfig
 from .train import finetune_config, train
 
@@ -59,14 +59,24 @@ PRESETS = {
 def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *, out: str | Path,
         preset: str = "paper", kd: str = "ensemble", search: SearchConfig | None = None,
         latency_batches: tuple[int, ...] = (1, 64), progress: bool = True, epochs: int | None = None,
-        limit_train: int | None = None, teachers: int | None = None) -> dict[str, Any]:
+        limit_train: int | None = None, teachers: int | None = None,
+        speed: dict[str, Any] | None = None, dist: Dist | None = None) -> dict[str, Any]:
     """Adaptation, search, slimming, memory bank, fine-tuning and the final comparison.
-    ``epochs``, ``limit_train`` and ``teachers`` override the preset's."""
+    ``epochs``, ``limit_train`` and ``teachers`` override the preset's; ``speed`` holds how the
+    fine-tuning runs (TrainConfig's amp, compile, channels_last, accum), not part of run.json.
+    With ``dist`` (torchrun) the search, the bank and the fine-tuning are split over the ranks;
+    rank 0 writes every file and measures the final comparison."""
+    dist = dist or Dist()
+    progress = progress and dist.is_main
     if preset not in PRESETS:
         raise EkgError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers))
                  if v is not None}
     p = dataclasses.replace(PRESETS[preset], **overrides)
+    device = search.device if search is not None else "auto"
+    ft_cfg = finetune_config(kd, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, limit_train=p.limit_train,
+                             device=device, **(speed or {}))
+    ft_cfg.validate()  # a bad fine-tuning setting fails before the search, not after
     out = Path(out)
     settings = {"keep": keep, "preset": preset, "kd": kd, **overrides}
     saved_path = out / "run.json"
@@ -78,28 +88,32 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
                            "use the same flags to continue it, or another --out")
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved_path, settings)
+    resume_prune, have_pruned = (out / "config.json").exists(), (out / "pruned.pt").exists()
+    resume_ft = (out / "finetune" / "last.pt").exists()
+    dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(saved_path, settings)
     cfg = dataclasses.replace(search, keep=keep) if search is not None else SearchConfig(keep=keep)
 
     # phase 1, 2, 4: adaptation, search, slimming (prune resumes from its own state)
-    if not (out / "pruned.pt").exists():
+    if not have_pruned:
         _say(progress, "== search and slimming")
-        prune(ckpt, splits, keep, out=out, config=cfg, resume=(out / "config.json").exists(), progress=progress)
+        prune(ckpt, splits, keep, out=out, config=cfg, resume=resume_prune, progress=progress, dist=dist)
     pruned = load_checkpoint(out / "pruned.pt")
 
     # phase 3: memory bank; phase 5: fine-tuning
     bank = None
     if kd != "none":
         _say(progress, "== memory bank")
-        bank = bank_for_run(out, splits.train, teachers=p.teachers, device=resolve_device(cfg.device),
-                            progress=progress)
+        bank = bank_for_run(out, splits.train, teachers=p.teachers, device=dist.device(cfg.device),
+                            progress=progress, dist=dist)
     ft = out / "finetune"
     _say(progress, f"== fine-tuning ({p.description})")
-    ft_cfg = finetune_config(kd, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, limit_train=p.limit_train,
-                             device=cfg.device)
-    train(ft_cfg, splits, ft, resume=(ft / "last.pt").exists(), progress=progress,
-          init=pruned, bank=bank)
+    train(ft_cfg, splits, ft, resume=resume_ft, progress=progress, init=pruned, bank=bank, dist=dist)
+    if not dist.is_main:  # rank 0 measures and writes the comparison; the others read it
+        dist.barrier()
+        return json.loads((out / "summary.json").read_text())
     final = load_checkpoint(ft / "model.pt")
     final.meta = {**final.meta, "pipeline": "ekg run", **settings}
     save_checkpoint(final, out / "final.pt")
@@ -117,6 +131,7 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     write_json(out / "summary.json", summary)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(summary_markdown(summary))
+    dist.barrier()
     return summary
 
 

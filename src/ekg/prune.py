@@ -35,7 +35,7 @@ from .errors import EkgError
 from .evaluate import batch_statistics_bn
 from .io import atomic_path, write_json
 from .masks import MaskedNetwork
-from .runtime import resolve_device
+from .distributed import Dist
 from .search import SearchConfig, Searcher, SearchState, adapt
 
 
@@ -70,64 +70,76 @@ def _check_resume(out: Path, cfg: SearchConfig, resume: bool) -> None:
 
 def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *,
           out: str | Path, config: SearchConfig | None = None, resume: bool = False,
-          progress: bool = True) -> PruneResult:
+          progress: bool = True, dist: Dist | None = None) -> PruneResult:
     """Search a sub-network of ``model`` at FLOPs ratio ``keep`` and slim it into ``out``.
 
     ``model``: an ekg :class:`Checkpoint` or any file ``load_checkpoint`` reads; ``data``: a
     :class:`DataSplits` or anything ``load_data`` reads (the search sets are carved from its
-    training split)."""
+    training split). With ``dist`` (torchrun) every rank runs this with the same arguments: the
+    adaptation, the Taylor scores and the candidate evaluations are split over the ranks, every
+    rank takes the same decisions, and rank 0 alone writes the run directory."""
+    dist = dist or Dist()
     cfg = dataclasses.replace(config, keep=keep) if config is not None else SearchConfig(keep=keep)
     cfg.validate()
     out = Path(out)
     _check_resume(out, cfg, resume)
+    adapted, state_path = out / "adapted.pt", out / "search_state.pt"
+    have_adapted, have_state = adapted.exists(), state_path.exists()
+    dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+    progress = progress and dist.is_main
     t_start = time.perf_counter()
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
-    device = resolve_device(cfg.device)
+    device = dist.device(cfg.device)
     net_model = copy.deepcopy(ckpt.model).to(device)
     for p in net_model.parameters():
         p.requires_grad_(False)
     norm = get_normalization(ckpt.normalization)
     d_val, d_sub = carve_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class,
                                      seed=cfg.split_seed)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"search": cfg.to_dict(), "model": str(ckpt.meta.get("source", model)),
-                                     "data": splits.source, "normalization": ckpt.normalization})
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"search": cfg.to_dict(), "model": str(ckpt.meta.get("source", model)),
+                                         "data": splits.source, "normalization": ckpt.normalization})
 
-    adapted = out / "adapted.pt"
-    if adapted.exists():
+    if have_adapted:
         net_model.load_state_dict(load_checkpoint(adapted).model.state_dict())
     else:
         if cfg.adapt:
-            adapt(net_model, iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True), cfg)
-        save_checkpoint(Checkpoint(model=copy.deepcopy(net_model).cpu(), normalization=dict(ckpt.normalization),
-                                   dataset=dict(ckpt.dataset), input_size=tuple(ckpt.input_size),
-                                   meta={"source": str(ckpt.meta.get("source", model)),
-                                         "stage": "after the adaptation epoch" if cfg.adapt else "not adapted"}),
-                        adapted)
+            adapt(net_model, iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True), cfg,
+                  dist=dist)
+            # the ranks agree already (same summed gradients); rank 0's copy makes it exact
+            dist.broadcast_([*net_model.parameters(), *net_model.buffers()])
+        if dist.is_main:
+                save_checkpoint(Checkpoint(model=copy.deepcopy(net_model).cpu(), normalization=dict(ckpt.normalization),
+                                       dataset=dict(ckpt.dataset), input_size=tuple(ckpt.input_size),
+                                       meta={"source": str(ckpt.meta.get("source", model)),
+                                             "stage": "after the adaptation epoch" if cfg.adapt else "not adapted"}),
+                            adapted)
 
     val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))
-    state_path = out / "search_state.pt"
     with batch_statistics_bn(net_model):
         net = MaskedNetwork(net_model, input_size=tuple(ckpt.input_size))
         if not net.gates:
             raise EkgError("this model has no prunable channel group: "
                            + "; ".join(f"{g.name}: {g.reason}" for g in net.graph.groups if g.producers))
-        searcher = Searcher(net, val_batches, cfg)
-        if state_path.exists():
+        searcher = Searcher(net, val_batches, cfg, dist=dist)
+        if have_state:
             state = SearchState.from_dict(torch.load(state_path, map_location="cpu", weights_only=True))
         else:
             state = searcher.initial_state()
-            _save_state(out, state)
+            if dist.is_main:
+                _save_state(out, state)
         searcher.restore(state)
         bar = tqdm(total=round(1 - cfg.keep, 4), desc="search", unit="FLOPs", disable=not progress,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} of FLOPs removed [{elapsed}<{remaining}{postfix}]")
         bar.update(round(1 - state.log[-1]["flops_ratio"], 4))
 
         def on_step(s: SearchState) -> None:
-            _save_state(out, s)
+            if dist.is_main:
+                _save_state(out, s)
             row = s.log[-1]
             bar.update(max(0.0, round(1 - row["flops_ratio"], 4) - bar.n))
             bar.set_postfix_str(f"step {row['step']}, ratio {row['flops_ratio']:.4f}, val acc {row['val_accuracy']:.1f}%")
@@ -136,14 +148,17 @@ def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: f
             state = searcher.run(state, on_step=on_step)
         finally:
             bar.close()
-        _save_state(out, state)
+        if dist.is_main:
+            _save_state(out, state)
     # BN running statistics are restored now (the search ran BN on batch statistics): slim outside.
     slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
 
     result_ckpt = Checkpoint(model=slim.cpu(), normalization=dict(ckpt.normalization), dataset=dict(ckpt.dataset),
                              meta={"source": str(ckpt.meta.get("source", model)), "pruned_by": "ekg prune",
                                    "search": cfg.to_dict()}, input_size=tuple(ckpt.input_size))
-    _write_outputs(out, net, state, result_ckpt, diff)
+    if dist.is_main:
+        _write_outputs(out, net, state, result_ckpt, diff)
+    dist.barrier()  # the run directory is complete for every rank
     last = state.log[-1]
     return PruneResult(run_dir=out, checkpoint=result_ckpt, flops=last["flops"], params=last["params"],
                        flops_ratio=last["flops_ratio"], steps=state.step, seconds=time.perf_counter() - t_start,

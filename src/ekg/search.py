@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import EkgError
+from .distributed import Dist, synced_batchnorm
 from .masks import MaskedNetwork, ranks_from_scores
 
 IMPORTANCES = ("ekg", "taylor", "l1", "fpgm", "random")
@@ -158,10 +159,17 @@ class SearchConfig:
 
 @dataclass
 class Evaluation:
-    logits: torch.Tensor
+    parts: list[torch.Tensor | None]  # logits per D_val batch; on several processes only this rank's
     loss: float      # mean CE
     j: float         # mean J
     accuracy: float  # percent
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """All logits ``(N, classes)`` (one process; on several, ``CandidateEvaluator.gather``)."""
+        if any(z is None for z in self.parts):
+            raise RuntimeError("this rank holds only its batches' logits: use CandidateEvaluator.gather")
+        return torch.cat(self.parts)  # type: ignore[arg-type]
 
     def reward(self, kind: str) -> float:
         return self.j if kind == "ensemble" else self.loss
@@ -204,11 +212,19 @@ class CandidateEvaluator:
     gate then runs only that gate's tail. Only frontier values are kept (block inputs, for a
     ResNet), not every activation."""
 
-    def __init__(self, net: MaskedNetwork, batches: list[tuple[torch.Tensor, torch.Tensor]], fast: bool) -> None:
+    def __init__(self, net: MaskedNetwork, batches: list[tuple[torch.Tensor, torch.Tensor]], fast: bool,
+                 dist: Dist | None = None) -> None:
         self.net = net
         self.batches = batches
         self.fast = fast
-        self.base_values: list[dict[fx.Node, torch.Tensor]] | None = None
+        self.dist = dist or Dist()
+        # rows of each batch in D_val's order; this rank runs only its own batches (`local`)
+        sizes = [len(y) for _, y in batches]
+        starts = [sum(sizes[:b]) for b in range(len(sizes))]
+        self.rows = [slice(a, a + n) for a, n in zip(starts, sizes)]
+        self.local = self.dist.shard(len(batches))
+        self.labels = torch.cat([y for _, y in batches]) if batches else torch.zeros(0, dtype=torch.long)
+        self.base_values: dict[int, dict[fx.Node, torch.Tensor]] | None = None
         self.base_key: tuple | None = None
         self._affected: list[set[fx.Node]] = []
         self._frontier: list[list[fx.Node]] = []
@@ -254,16 +270,28 @@ class CandidateEvaluator:
         """Evaluate the network in its current mask state. ``changed_gate`` names the one gate that
         differs from the base state recorded by :meth:`set_base` (fast mode); None means evaluate
         from scratch."""
-        logits = []
+        logits: list[torch.Tensor | None] = [None] * len(self.batches)
         use_cache = self.fast and changed_gate is not None and self.base_values is not None
-        for b, (x, _) in enumerate(self.batches):
+        for b in self.local:
             if use_cache:
                 vals = self.base_values[b]
-                out = self._tails[changed_gate](*(vals[n] for n in self._frontier[changed_gate]))
+                logits[b] = self._tails[changed_gate](*(vals[n] for n in self._frontier[changed_gate]))
             else:
-                out = self.net(x)
-            logits.append(out)
-        return self._metrics(torch.cat(logits), ensemble)
+                logits[b] = self.net(self.batches[b][0])
+        return self._metrics(logits, ensemble)
+
+    def gather(self, logits: list[torch.Tensor | None]) -> torch.Tensor:
+        """Every batch's logits as one ``(N, classes)`` tensor on every rank (each rank fills its
+        batches' rows with zeros elsewhere and the sum over ranks is exact)."""
+        if not self.dist.enabled:
+            return torch.cat(logits)  # type: ignore[arg-type]
+        own = next((z for z in logits if z is not None), None)
+        classes = torch.tensor([own.shape[1] if own is not None else 0], device=self.labels.device)
+        torch.distributed.all_reduce(classes, op=torch.distributed.ReduceOp.MAX)
+        full = torch.zeros(len(self.labels), int(classes), device=self.labels.device)
+        for b in self.local:
+            full[self.rows[b]] = logits[b].float()
+        return self.dist.all_reduce_sum(full)
 
     def recording_forward(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """A forward for batch ``b`` that also records the frontier values (fast mode), so that a
@@ -273,12 +301,15 @@ class CandidateEvaluator:
         if not self.fast:
             return lambda b, x: self.net(x)
         key = self._key()
-        values: list[dict[fx.Node, torch.Tensor]] = [{} for _ in self.batches]
+        values: dict[int, dict[fx.Node, torch.Tensor]] = {}
+        last = self.local[-1] if self.local else None
+        if last is None:  # a rank without batches has nothing to record
+            self.base_values, self.base_key = values, key
 
         def forward(b: int, x: torch.Tensor) -> torch.Tensor:
             out, *kept = self._base(x)
             values[b] = {n: v.detach() for n, v in zip(self._kept, kept)}
-            if b == len(self.batches) - 1:
+            if b == last:
                 self.base_values, self.base_key = values, key
             return out
 
@@ -292,17 +323,29 @@ class CandidateEvaluator:
         if self._key() == self.base_key:
             return
         forward = self.recording_forward()
-        for b, (x, _) in enumerate(self.batches):
-            forward(b, x)
+        for b in self.local:
+            forward(b, self.batches[b][0])
 
-    def _metrics(self, logits: torch.Tensor, ensemble: torch.Tensor | None) -> Evaluation:
-        labels = torch.cat([y for _, y in self.batches])
-        n = len(labels)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        j = objective(logits, labels, ensemble)
-        acc = (logits.argmax(1) == labels).sum()
-        stats = torch.stack([loss, j, acc.float()]).tolist()  # one host sync
-        return Evaluation(logits=logits, loss=stats[0] / n, j=stats[1] / n, accuracy=100.0 * stats[2] / n)
+    def _metrics(self, logits: list[torch.Tensor | None] | torch.Tensor, ensemble: torch.Tensor | None) -> Evaluation:
+        """Mean CE, mean J and accuracy over all batches. ``logits``: per batch (this rank's filled)
+        or one ``(N, classes)`` tensor. Each batch's sums are computed alone, laid out by batch
+        index, summed over ranks and then over batches in float64 in batch order: the same numbers
+        on any number of processes."""
+        if isinstance(logits, torch.Tensor):
+            logits = [logits[r] for r in self.rows]
+        stats = torch.zeros(len(self.batches), 3, dtype=torch.float64, device=self.labels.device)
+        for b in self.local:
+            z, y = logits[b], self.labels[self.rows[b]]
+            k = ensemble[self.rows[b]] if ensemble is not None else None
+            stats[b] = torch.stack([F.cross_entropy(z.float(), y, reduction="sum"), objective(z, y, k),
+                                    (z.argmax(1) == y).sum().float()]).double()
+        self.dist.all_reduce_sum(stats)
+        total = torch.zeros(3, dtype=torch.float64, device=stats.device)
+        for b in range(len(self.batches)):
+            total += stats[b]
+        loss, j, acc = total.tolist()  # one host sync
+        n = len(self.labels)
+        return Evaluation(parts=logits, loss=loss / n, j=j / n, accuracy=100.0 * acc / n)
 
 
 # ----------------------------------------------------------------------------- importance
@@ -333,23 +376,39 @@ def weight_scores(net: MaskedNetwork, kind: str, seed: int) -> list[torch.Tensor
 
 def taylor_scores(net: MaskedNetwork, batches: list[tuple[torch.Tensor, torch.Tensor]],
                   ensemble: torch.Tensor | None, nominal_batch: int,
-                  forward: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+                  forward: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                  dist: Dist | None = None) -> list[torch.Tensor]:
     """EKG's Taylor scores: back-propagate J (or plain CE when ``ensemble`` is None) batch by
     batch and accumulate ``|Σ (∂J/∂y)·y|`` per batch and mask point. ``forward(b, x)`` replaces
-    ``net(x)`` (same function; the search's records activations on the way)."""
+    ``net(x)`` (same function; the search's records activations on the way).
+
+    Each batch's scores are kept apart (float64), laid out by batch index, summed over ranks
+    (``dist``: each rank runs its share of the batches) and then over batches in batch order, so
+    the scores are the same on any number of processes."""
+    dist = dist or Dist()
+    sizes = [g.score.numel() for g in net.masks]
+    per_batch = torch.zeros(len(batches), sum(sizes), dtype=torch.float64,
+                            device=net.masks[0].score.device if net.masks else "cpu")
+    starts = [sum(len(y) for _, y in batches[:b]) for b in range(len(batches))]
     net.collect_scores(True)
     try:
-        start = 0
-        for b, (x, y) in enumerate(batches):
-            k = ensemble[start:start + len(y)] if ensemble is not None else None
-            start += len(y)
+        for b in dist.shard(len(batches)):
+            x, y = batches[b]
+            k = ensemble[starts[b]:starts[b] + len(y)] if ensemble is not None else None
+            for gm in net.masks:
+                gm.score.zero_()
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
                 out = forward(b, xg) if forward is not None else net(xg)
                 (objective(out, y, k) / nominal_batch).backward()
+            per_batch[b] = torch.cat(net.scores())
     finally:
         net.collect_scores(False)
-    return net.scores()
+    dist.all_reduce_sum(per_batch)
+    total = torch.zeros(per_batch.shape[1], dtype=torch.float64, device=per_batch.device)
+    for b in range(len(batches)):
+        total += per_batch[b]
+    return [t.clone() for t in total.split(sizes)]
 
 
 # ----------------------------------------------------------------------------- the search
@@ -386,13 +445,13 @@ class Searcher:
     """Greedy EKG search over ``net`` on ``D_val`` batches."""
 
     def __init__(self, net: MaskedNetwork, val_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                 cfg: SearchConfig) -> None:
+                 cfg: SearchConfig, dist: Dist | None = None) -> None:
         if cfg.sliced:  # channels-last convs and kept-channels-only layers: same function, less work
             net.model.to(memory_format=torch.channels_last)
             net.set_sliced(True)
             val_batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in val_batches]
-        self.net, self.batches, self.cfg = net, val_batches, cfg
-        self.evaluator = CandidateEvaluator(net, val_batches, fast=cfg.fast)
+        self.net, self.batches, self.cfg, self.dist = net, val_batches, cfg, dist or Dist()
+        self.evaluator = CandidateEvaluator(net, val_batches, fast=cfg.fast, dist=self.dist)
         self.full_cost = net.graph.cost(net.graph.full_widths(), bn_ops=cfg.bn_ops)
 
     # -- budget
@@ -407,14 +466,15 @@ class Searcher:
     def initial_state(self) -> SearchState:
         self.net.set_rates([1.0] * len(self.net.gates))
         base = self.evaluator.evaluate(None)
+        logits = self.evaluator.gather(base.parts)
         entry = {"step": 0, "masks": pack_masks(self.net), "rates": self.net.rates(), "loss": base.loss,
                  "accuracy": base.accuracy}
         state = SearchState(step=0, rates=self.net.rates(), ranks=[torch.arange(g.channels) for g in self.net.gates],
-                            ensemble=base.logits.clone(), ensemble_count=1, history=[entry])
+                            ensemble=logits, ensemble_count=1, history=[entry])
         flops, params = self.cost()
         state.log.append({"step": 0, "group": None, "group_name": None, "flops": flops, "params": params,
                           "flops_ratio": 1.0, "val_accuracy": base.accuracy, "val_loss": base.loss,
-                          "j": self.evaluator._metrics(base.logits, base.logits).j,
+                          "j": self.evaluator._metrics(logits, logits).j,
                           "candidates": 0, "evaluated": 0, "seconds": 0.0})
         return state
 
@@ -428,7 +488,7 @@ class Searcher:
         if imp in ("ekg", "taylor"):
             k = state.ensemble if imp == "ekg" else None
             return taylor_scores(self.net, self.batches, k, self.cfg.batch_size,
-                                 forward=self.evaluator.recording_forward())
+                                 forward=self.evaluator.recording_forward(), dist=self.dist)
         return weight_scores(self.net, imp, self.cfg.seed)
 
     def step(self, state: SearchState) -> SearchState:
@@ -472,7 +532,7 @@ class Searcher:
         _, winner, new_rate, ev = best
         gates[winner].rate = new_rate
         self.net.apply_gates()
-        state.ensemble = update_ensemble(state.ensemble, ev.logits, state.ensemble_count)
+        state.ensemble = update_ensemble(state.ensemble, self.evaluator.gather(ev.parts), state.ensemble_count)
         state.ensemble_count += 1
         state.step += 1
         state.rates = self.net.rates()
@@ -537,18 +597,31 @@ class Searcher:
         return state
 
 
-def adapt(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: SearchConfig) -> None:
-    """Phase 1: one epoch of SGD (Nesterov) on D_sub with BN in training mode."""
+def adapt(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: SearchConfig,
+          dist: Dist | None = None) -> None:
+    """Phase 1: one epoch of SGD (Nesterov) on D_sub with BN in training mode.
+
+    On several processes (``dist``) each rank runs its consecutive share of every batch, BN
+    normalises with the whole batch's statistics (:func:`~ekg.distributed.synced_batchnorm`) and
+    the gradients of the batch's summed loss are summed over ranks: the step of one process on the
+    whole batch, up to float rounding."""
+    dist = dist or Dist()
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=cfg.adapt_lr, momentum=cfg.adapt_momentum, nesterov=True,
                           weight_decay=cfg.adapt_weight_decay)
     model.train()
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with synced_batchnorm(model, dist):
+        for x, y in batches:
+            if dist.enabled:
+                part = dist.part(len(y))
+                loss = F.cross_entropy(model(x[part]), y[part], reduction="sum") / len(y)
+            else:
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            dist.sum_gradients(params)
+            opt.step()
     for p in params:
         p.requires_grad_(False)

@@ -20,6 +20,7 @@ With ``kd`` other than ``none`` every batch is seen in two augmented views and t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -34,13 +35,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, save_checkpoint
 from .bank import MemoryBank
+from .distributed import Dist
 from .data import AugmentConfig, DataSplits, augment, get_normalization, iterate_batches
 from .distill import KD_MODES, kd_loss
 from .errors import EkgError
 from .evaluate import evaluate
 from .io import atomic_path, write_json
 from .models import create_model
-from .runtime import autocast, resolve_amp, resolve_device
+from .runtime import autocast, resolve_amp
 
 SCHEDULES = ("cosine", "step")
 
@@ -70,6 +72,10 @@ class TrainConfig:
     limit_test: int | None = None
     kd: str = "none"                  # none | single | ensemble: distillation from the memory bank
     temperature: float = 4.0          # of the KD loss (4 for CIFAR, 10 for 1000 classes)
+    # how the run executes, not what it computes (not resume keys; see _RESUME_KEYS):
+    accum: int = 1                    # split each batch of batch_size into this many micro-batches
+    compile: bool = False             # torch.compile the model for training
+    channels_last: bool = False       # NHWC memory format for the model and its inputs
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -84,6 +90,11 @@ class TrainConfig:
             raise EkgError(f"--kd must be one of {', '.join(KD_MODES)}, got {self.kd!r}")
         if not self.temperature > 0:
             raise EkgError(f"--temperature must be positive, got {self.temperature}")
+        if self.accum < 1:
+            raise EkgError(f"--accum must be at least 1, got {self.accum}")
+        if self.batch_size % self.accum:
+            raise EkgError(f"--batch-size {self.batch_size} is not divisible by --accum {self.accum}: "
+                           "each of the accum micro-batches holds batch-size/accum images")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,19 +137,29 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return g
 
 
-# Keys of the training-state file that must match for --resume to be meaningful.
+# Keys of the training-state file that must match for --resume to be meaningful. The others say how
+# the run executes (device, amp, eval batch, accum, compile, channels_last, limit_test, epochs):
+# changing them on resume changes speed or rounding, not the recipe.
 _RESUME_KEYS = ("arch", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
                 "gamma", "warmup_epochs", "normalization", "augment", "seed", "limit_train", "kd", "temperature")
 
 
 def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool = False,
           progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          init: Checkpoint | None = None, bank: MemoryBank | None = None) -> Path:
+          init: Checkpoint | None = None, bank: MemoryBank | None = None, dist: Dist | None = None) -> Path:
     """Train on ``data`` into run directory ``out``; return the path of model.pt.
 
     From scratch (``cfg.arch``), or, with ``init``, starting from that checkpoint's model and
-    preprocessing (fine-tuning). ``cfg.kd`` other than ``none`` needs ``bank``."""
+    preprocessing (fine-tuning). ``cfg.kd`` other than ``none`` needs ``bank``.
+
+    With ``dist`` (torchrun) the model trains under DDP: every rank draws the same batches of
+    ``batch_size`` and takes its consecutive share of each, gradients are averaged, the test set
+    is split for evaluation and the sums reduced; rank 0 alone writes the run directory."""
+    dist = dist or Dist()
     cfg.validate()
+    if cfg.batch_size % (cfg.accum * dist.world_size):
+        raise EkgError(f"--batch-size {cfg.batch_size} is not divisible by --accum {cfg.accum} × "
+                       f"{dist.world_size} processes: each process runs batch-size/processes images per step")
     if cfg.kd != "none":
         if bank is None:
             raise EkgError(f"--kd {cfg.kd} needs a memory bank (--bank RUN)")
@@ -150,8 +171,9 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     if resume and not state_path.exists():
         raise EkgError(f"nothing to resume: {state_path} does not exist (no epoch finished yet); "
                        "run the same command without --resume")
+    progress = progress and dist.is_main
 
-    device = resolve_device(cfg.device)
+    device = dist.device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     if init is not None:
         if init.num_classes != data.num_classes:
@@ -175,6 +197,8 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             p.requires_grad_(True)
     else:
         model = create_model(cfg.arch, data.num_classes, seed=cfg.seed).to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -187,63 +211,83 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             raise EkgError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(diff)}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16
+            scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"])
         _truncate_log(out / "log.jsonl", start_epoch)
         if start_epoch >= cfg.epochs:
             return out / "model.pt"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_dict())
-    writer = _tensorboard(out / "tb")
+    dist.barrier()  # every rank has read the run directory before rank 0 writes to it
+    writer = None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", cfg.to_dict())
+        writer = _tensorboard(out / "tb")
 
+    # the model that trains: compiled (or not); checkpoints always hold `model` itself, whose
+    # state_dict keys carry no compile wrapper prefix
+    train_model: torch.nn.Module = model
+    if dist.enabled:  # DDP averages the ranks' gradients (it also starts every rank from rank 0's weights)
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = _compile(train_model)
+    part = dist.part(cfg.batch_size)
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            model.train()
+            train_model.train()
             gen = epoch_generator(cfg.seed, epoch, device)
             if cfg.kd == "none":
-                batches = ((x, y, None) for x, y in iterate_batches(
+                batches = ((x[part], y[part], None) for x, y in iterate_batches(
                     train_set, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment,
                     normalization=normalization, drop_last=True))
             else:
-                batches = _two_view_batches(train_set, cfg, gen, normalization, bank)
+                batches = _two_view_batches(train_set, cfg, gen, normalization, bank, part)
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not progress, leave=False, dynamic_ncols=True)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
-            seen, kd_sum, selected_sum = 0, 0.0, 0
+            seen, kd_sum, selected_sum = 0, 0.0, 0.0
             for i, (x, y, teachers) in enumerate(bar):
                 lr = lr_at(cfg, (epoch * steps_per_epoch + i) / total_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                with autocast(device, amp_dtype):
-                    if teachers is None:
-                        logits = model(x)
-                        loss = F.cross_entropy(logits.float(), y)
-                    else:  # both views in one forward pass of 2B images
-                        both = model(torch.cat(x))
-                        views = list(both.float().chunk(2))
-                        kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=cfg.temperature)
-                        loss, logits = kd.loss, views[0]
-                        kd_sum += kd.kd * len(y)
-                        selected_sum += kd.selected
+                if cfg.channels_last:
+                    x = [v.contiguous(memory_format=torch.channels_last) for v in x] if teachers is not None \
+                        else x.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                for k, (xm, ym, tm) in enumerate(_micro_batches(x, y, teachers, cfg.accum)):
+                    # DDP averages gradients over ranks once, after the last micro-batch
+                    sync = k == cfg.accum - 1 or not dist.enabled
+                    with contextlib.nullcontext() if sync else _no_sync(train_model):
+                        with autocast(device, amp_dtype):
+                            loss, logits, kd = _loss(train_model, xm, ym, tm, cfg)
+                        # the gradient of the batch's mean loss: each micro-batch's mean weighted by its share
+                        scaler.scale(loss * (len(ym) / len(y))).backward()
+                    loss_sum += loss.detach() * len(ym)
+                    correct += (logits.argmax(1) == ym).sum()
+                    if kd is not None:
+                        kd_sum += kd.kd * len(ym)
+                        selected_sum += kd.selected / cfg.accum
                 scaler.step(opt)
                 scaler.update()
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 if progress and i % 10 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
             bar.close()
             train_seconds = time.perf_counter() - t0
-            test = evaluate(model, test_set, normalization, batch_size=cfg.eval_batch_size, device=device)
+            test = evaluate(model, test_set, normalization, batch_size=cfg.eval_batch_size, device=device, dist=dist)
+            sums = dist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double()] + [
+                torch.tensor(float(v), dtype=torch.float64, device=device) for v in (seen, kd_sum, selected_sum)]))
+            loss_total, correct_total, seen, kd_sum, selected_sum = sums.tolist()
+            selected_sum /= dist.world_size
             record = {
-                "epoch": epoch + 1, "train_loss": (loss_sum / max(seen, 1)).item(),
-                "train_top1": 100.0 * correct.item() / max(seen, 1), "test_top1": test["top1"],
+                "epoch": epoch + 1, "train_loss": loss_total / max(seen, 1),
+                "train_top1": 100.0 * correct_total / max(seen, 1), "test_top1": test["top1"],
                 "test_top5": test["top5"], "test_loss": test["loss"], "lr": lr,
                 "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds,
             }
@@ -252,11 +296,12 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
                 record["teachers_selected"] = selected_sum / max(1, steps_per_epoch)
             # the log line first, then the commit point (last.pt): a kill between the two leaves a
             # line that --resume drops, never a finished epoch without its line
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record,
-                        by="ekg finetune" if init is not None else "ekg train",
-                        source=None if init is None else str(init.meta.get("source", "")))
+            if dist.is_main:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record,
+                            by="ekg finetune" if init is not None else "ekg train",
+                            source=None if init is None else str(init.meta.get("source", "")))
             if writer is not None:
                 for k, v in record.items():
                     if k != "epoch":
@@ -270,7 +315,40 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     finally:
         if writer is not None:
             writer.close()
+    dist.barrier()  # model.pt is written for every rank
     return out / "model.pt"
+
+
+def _compile(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` of ``model`` (its parameters are shared, so the optimizer and the saved
+    state of ``model`` are unchanged)."""
+    return torch.compile(model)
+
+
+def _no_sync(model: torch.nn.Module) -> Any:
+    """DDP's ``no_sync`` (gradients stay local) of ``model``, also when it is compiled."""
+    return getattr(model, "_orig_mod", model).no_sync()
+
+
+def _micro_batches(x: Any, y: torch.Tensor, teachers: torch.Tensor | None, n: int):
+    """Split a batch (``x`` a tensor, or a list of views) into ``n`` equal consecutive parts."""
+    size = len(y) // n
+    for k in range(n):
+        part = slice(k * size, (k + 1) * size)
+        xm = [v[part] for v in x] if isinstance(x, list) else x[part]
+        yield xm, y[part], None if teachers is None else teachers[part]
+
+
+def _loss(model: torch.nn.Module, x: Any, y: torch.Tensor, teachers: torch.Tensor | None,
+          cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(mean loss, logits of the first view, the KD details or None) of one (micro-)batch."""
+    if teachers is None:
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y), logits, None
+    both = model(torch.cat(x))  # both views in one forward pass of 2B images
+    views = list(both.float().chunk(2))
+    kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=cfg.temperature)
+    return kd.loss, views[0], kd
 
 
 def _truncate_log(path: Path, epochs: int) -> None:
@@ -289,18 +367,19 @@ def _truncate_log(path: Path, epochs: int) -> None:
 
 
 def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normalization: Any,
-                      bank: MemoryBank | None):
+                      bank: MemoryBank | None, part: slice = slice(None)):
     """Shuffled batches of (two augmented views, labels, teacher logits (B, T, classes)): the
-    bank's rows are read by each image's index in the training set."""
+    bank's rows are read by each image's index in the training set. Each batch is drawn and
+    augmented whole (the same images as on one process); ``part`` of it is yielded."""
     n = len(data)
     order = torch.randperm(n, generator=gen, device=gen.device)
     aug_gen = torch.Generator(device=data.images.device)
     aug_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item()))
     for idx in order[: n - n % cfg.batch_size].to(data.images.device).split(cfg.batch_size):
         raw, y = data.images[idx], data.labels[idx]
-        views = [normalization.apply(augment(raw, cfg.augment, aug_gen)) for _ in range(2)]
-        teachers = bank.batch(idx, device=data.images.device) if bank is not None else None
-        yield views, y, teachers
+        views = [normalization.apply(augment(raw, cfg.augment, aug_gen))[part] for _ in range(2)]
+        teachers = bank.batch(idx[part], device=data.images.device) if bank is not None else None
+        yield views, y[part], teachers
 
 
 def _save_epoch(out: Path, cfg: TrainConfig, data: DataSplits, model: torch.nn.Module, opt: torch.optim.Optimizer,
