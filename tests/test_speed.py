@@ -69,7 +69,7 @@ def test_one_training_step_with_accum_equals_the_large_batch(tmp_path, exact, mo
     for k in a:
         moved = (a[k] - init[k]).abs().max()
         assert moved > 1e-3, k  # the step moved every weight
-        assert (a[k] - b[k]).abs().max() <= 1e-5 * moved, k  # and both moved them alike, up to float rounding
+        assert (a[k] - b[k]).abs().max() <= 1e-4 * moved, k  # and both moved them alike, up to float rounding
 
 
 def test_accum_must_divide_the_batch(tmp_path, cifar10_exact, capsys):
