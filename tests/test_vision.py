@@ -108,6 +108,23 @@ def test_graph_roles_of_torchvision_models():
     assert not vgg.groups[-1].prunable and "classifier.6" in vgg.groups[-1].reason
 
 
+def test_resnet34_random_masks_slim_to_the_masked_network():
+    """ResNet-34 (BasicBlocks, downsample shortcuts) without a search: random channels kept in every
+    group, slimmed, compared with the masked network, counted against the graph's cost."""
+    model = torchvision_model("resnet34")
+    graph = build_graph(model, (3, 32, 32))
+    assert len(graph.prunable) == 1 + 3 + 16  # stem + stage-1 stream, 3 downsampled streams, 16 blocks
+    net = MaskedNetwork(model, graph)
+    gen = torch.Generator().manual_seed(4)
+    for gate in net.gates:
+        gate.ranks = torch.randperm(gate.channels, generator=gen)
+    net.set_rates([0.3 + 0.6 * torch.rand(1, generator=gen).item() for _ in net.gates])
+    slim = slim_model(model, graph, net.kept_indices()).eval()
+    check_equivalent(net, slim, random_batches((3, 32, 32))[0][0])
+    counted = flops.count(slim, (3, 32, 32))
+    assert (counted.flops, counted.params) == graph.cost(net.widths())
+
+
 # ----------------------------------------------------------------------------- refusals
 
 class ChannelShuffle(nn.Module):
