@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-
 from torch import nn
+from tqdm.auto import tqdm
 
 from .arch import classifier_outputs, module_shapes, record_for
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
