@@ -224,18 +224,41 @@ def test_residual_addition_couples_a_stream():
     assert graph.cost(graph.full_widths()) == counted(Residual(), SMALL)
 
 
-def test_view_flatten_of_a_spatial_map_freezes_the_last_group():
+def test_view_flatten_of_a_spatial_map_is_cut_in_blocks():
+    """``fc`` reads c2's 6 channels as 6 blocks of 4·4 columns: the group stays prunable and the
+    cost of a narrower c2 is that of a model whose fc reads 4·4 columns per kept channel."""
     graph = build_graph(ViewFlatten(), SMALL)
     by_producer = groups_by_producer(graph)
     first, last = graph.groups[by_producer["c1"]], graph.groups[by_producer["c2"]]
-    assert first.prunable
-    assert not last.prunable and "cannot prune through" in last.reason
+    assert first.prunable and last.prunable and last.consumers == ["fc"]
+    fc = next(layer for layer in graph.layers if layer.name == "fc")
+    assert (fc.in_group, fc.in_block, fc.in_channels) == (last.index, 16, 6)
     assert graph.cost(graph.full_widths()) == counted(ViewFlatten(), SMALL)
+    small = ViewFlatten()
+    small.c2, small.b2 = nn.Conv2d(8, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2)
+    small.fc = nn.Linear(2 * 4 * 4, 5)
+    widths = graph.full_widths()
+    widths[last.index] = 2
+    assert graph.cost(widths, bn_ops=True) == counted(small, SMALL, bn_ops=True)
 
 
-def test_view_flatten_reason_names_the_view():
-    graph = build_graph(ViewFlatten(), SMALL)
-    assert "view" in graph.groups[groups_by_producer(graph)["c2"]].reason
+class SplitView(ViewFlatten):
+    """``x.view(N, C // 2, 2·H, W)`` mixes channel pairs into one: no channel of the input survives
+    as a channel of the output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        n, c, h, w = x.shape
+        x = x.view(n, c // 2, 2 * h, w)
+        return self.fc(x.reshape(n, -1))
+
+
+def test_view_that_splits_channels_freezes_and_names_the_view():
+    graph = build_graph(SplitView(), SMALL)
+    g = graph.groups[groups_by_producer(graph)["c2"]]
+    assert not g.prunable and "view" in g.reason and "cannot prune through" in g.reason
+    assert graph.groups[groups_by_producer(graph)["c1"]].prunable
 
 
 class PooledView(ViewFlatten):
@@ -268,15 +291,36 @@ class Depthwise(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_depthwise_conv_freezes_its_channels():
+def test_depthwise_conv_passes_its_group_through():
     graph = build_graph(Depthwise(), SMALL)
     g = graph.groups[groups_by_producer(graph)["c1"]]
-    assert not g.prunable and "'dw'" in g.reason
+    assert g.prunable and g.depthwise == ["dw"] and g.consumers == ["fc"] and len(g.mask_nodes) == 2
+    assert len(graph.groups) == 3  # input, c1 (through dw), logits
 
 
 def test_depthwise_conv_is_counted_in_cost():
     graph = build_graph(Depthwise(), SMALL)
     assert graph.cost(graph.full_widths()) == counted(Depthwise(), SMALL)
+    small = Depthwise()
+    small.c1, small.b1 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+    small.dw, small.fc = nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.Linear(3, 5)
+    widths = graph.full_widths()
+    widths[groups_by_producer(graph)["c1"]] = 3
+    assert graph.cost(widths, bn_ops=True) == counted(small, SMALL, bn_ops=True)
+
+
+class Multiplier(Depthwise):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.fc = nn.Linear(16, 5)
+
+
+def test_channel_multiplier_conv_freezes_and_names_the_layer():
+    graph = build_graph(Multiplier(), SMALL)
+    g = graph.groups[groups_by_producer(graph)["c1"]]
+    assert not g.prunable and "'dw'" in g.reason and "channel multiplier" in g.reason
+    assert graph.cost(graph.full_widths()) == counted(Multiplier(), SMALL)
 
 
 class NoAffineBN(Chain):

@@ -428,6 +428,70 @@ def test_keep_accepts_numpy_group_indices_and_index_sets(r20):
     assert slim.layer1[0].conv1.out_channels == 3 and slim.spec.block_widths[0][0] == 3
 
 
+class DepthwiseFlat(nn.Module):
+    """conv-BN-ReLU, depthwise conv(bias)-BN-ReLU, flatten of a 4x4 map, linear-ReLU, linear: the
+    depthwise conv carries c1's group and fc1 reads it in blocks of 16 columns; fc1's outputs are a
+    group of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.b2 = nn.Conv2d(8, 8, 3, padding=1, stride=4, groups=8), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 6), nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.dw(x)))
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def masked_depthwise_flat(model: DepthwiseFlat, m1: torch.Tensor, m2: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """By the method doc: a depthwise kernel connects channel c to channel c only, so its mask is
+    m1 on its filters; fc1's input mask repeats each channel's entry over its 16 columns."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.c1.weight.copy_(masked_weight(ref.c1.weight, m1, None))
+        ref.dw.weight.copy_(masked_weight(ref.dw.weight, m1, None))
+        ref.fc1.weight.copy_(masked_weight(ref.fc1.weight, m2, m1.repeat_interleave(16)))
+        ref.fc2.weight.copy_(masked_weight(ref.fc2.weight, None, m2))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(ref.b1(ref.c1(x))) * m1.to(x).view(1, -1, 1, 1)
+        x = F.relu(ref.b2(ref.dw(x))) * m1.to(x).view(1, -1, 1, 1)
+        return ref.fc2(F.relu(ref.fc1(torch.flatten(x, 1))) * m2.to(x))
+
+    return forward
+
+
+def test_slim_depthwise_conv_and_blocked_linear():
+    torch.manual_seed(0)
+    model = DepthwiseFlat().double()
+    randomise_bn(model, torch.Generator().manual_seed(1))
+    model.eval()
+    graph = build_graph(model, (3, 16, 16))
+    g1, g2 = (next(g.index for g in graph.groups if g.producers == [n]) for n in ("c1", "fc1"))
+    assert graph.groups[g1].depthwise == ["dw"] and graph.groups[g2].prunable
+    m1 = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    m2 = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool)
+    slim = slim_model(model, graph, {g1: m1, g2: m2})
+    assert (slim.dw.in_channels, slim.dw.out_channels, slim.dw.groups) == (4, 4, 4)
+    assert tuple(slim.dw.weight.shape) == (4, 1, 3, 3) and torch.equal(slim.dw.bias, model.dw.bias[m1])
+    assert (slim.fc1.in_features, slim.fc1.out_features, slim.fc2.in_features) == (64, 3, 3)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    assert check_equivalent(masked_depthwise_flat(model, m1, m2), slim, x, atol=1e-8) <= 1e-8
+    # ekg's masked network computes the same function, full width and sliced.
+    from ekg.masks import MaskedNetwork
+
+    net = MaskedNetwork(model, graph)
+    for gate, gm in zip(net.gates, net.masks):
+        gm.set(m1 if gate.group.index == g1 else m2)
+    for sliced in (False, True):
+        net.set_sliced(sliced)
+        assert check_equivalent(net, slim, x, atol=1e-8) <= 1e-8
+    assert graph.cost([w if i not in (g1, g2) else (4 if i == g1 else 3) for i, w in enumerate(graph.full_widths())],
+                      bn_ops=True) == (flops.count(slim, (3, 16, 16), bn_ops=True).flops, flops.count(slim, (3, 16, 16)).params)
+
+
 def test_grouped_conv_is_not_supported():
     model = PlainNet()
     graph = build_graph(model, (3, 16, 16))

@@ -11,7 +11,10 @@ Our format is a ``torch.save`` of plain containers and tensors, so it loads with
      "meta": {"source": ..., "created": ..., "ekg_version": ..., ...}}
 
 The architecture record holds every channel width, so a pruned model reloads without the original,
-and the preprocessing record means ``ekg test`` needs no extra flags.
+and the preprocessing record means ``ekg test`` needs no extra flags. For a CIFAR ResNet it is its
+:class:`~ekg.models.ResNetSpec` (format version 1, unchanged); for any other model it is an
+:class:`~ekg.arch.ArchRecord` — the factory that builds the unpruned model (``torchvision:NAME``
+with its kwargs, or a user's callable) plus every conv/linear/BN width — written as version 2.
 
 Importers (both through restricted unpicklers that cannot execute code):
 
@@ -28,7 +31,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,41 +39,62 @@ from torch import nn
 
 from . import __version__, safe_pickle
 from .errors import CheckpointError, EkgError
+from .arch import ArchRecord, rebuild
 from .io import atomic_path
 from .models import CifarResNet, ResNetSpec, arch_name, build_model, spec_for
 
 FORMAT = "ekg-checkpoint"
-VERSION = 1
+VERSION = 2          # the newest version this ekg reads
+RESNET_VERSION = 1   # CIFAR ResNets are still written as version 1 (older ekg reads them)
 
 
 @dataclass
 class Checkpoint:
-    """A model with everything needed to use it: architecture, preprocessing, provenance."""
+    """A model with everything needed to use it: architecture, preprocessing, provenance.
 
-    model: CifarResNet
+    ``model`` is a :class:`CifarResNet` (its spec is the architecture record) or any other module
+    together with its ``record`` (see :mod:`ekg.arch`)."""
+
+    model: nn.Module
     normalization: dict[str, Any]
     dataset: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     input_size: tuple[int, int, int] = (3, 32, 32)
+    record: ArchRecord | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, CifarResNet) and self.record is None:
+            raise EkgError(f"a checkpoint of a {type(self.model).__name__} needs its architecture record "
+                           "(ekg.arch.record_for)")
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.model, CifarResNet)
 
     @property
     def spec(self) -> ResNetSpec:
+        if not self.is_resnet:
+            raise EkgError(f"this checkpoint holds {self.arch}, not a CIFAR ResNet: it has no ResNet spec")
         return self.model.spec
 
     @property
     def num_classes(self) -> int:
-        return self.model.spec.num_classes
+        return self.model.spec.num_classes if self.is_resnet else self.record.num_classes
 
     @property
     def arch(self) -> str:
-        return arch_name(self.model.spec)
+        return arch_name(self.model.spec) if self.is_resnet else self.record.name
+
+    def arch_dict(self) -> dict[str, Any]:
+        """The architecture record as stored in the file."""
+        return self.spec.to_dict() if self.is_resnet else self.record.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return {
             "format": FORMAT,
-            "version": VERSION,
-            "arch": self.spec.to_dict(),
+            "version": RESNET_VERSION if self.is_resnet else VERSION,
+            "arch": self.arch_dict(),
             "preprocess": {"normalization": dict(self.normalization), "input_size": list(self.input_size)},
             "dataset": dict(self.dataset),
             "state_dict": state,
@@ -128,10 +152,12 @@ def _torch_load(path: Path) -> Any:
         return None
 
 
-def load_checkpoint(path: str | Path, *, arch: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, arch: str | None = None,
+                    factory: Callable[..., nn.Module] | None = None) -> Checkpoint:
     """Load a model file of any supported kind: an ekg checkpoint, the original EKG release's
     TensorFlow pickle, or an akamaster ``.th``. ``arch`` forces a registry architecture for the
-    imported formats (an error if the weights do not fit it)."""
+    imported formats (an error if the weights do not fit it). ``factory`` builds the unpruned
+    model of a checkpoint whose record names a user's factory (torchvision models need none)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model file {path} does not exist")
@@ -141,7 +167,7 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None) -> Checkpoint:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if arch is not None:
             raise EkgError(f"{path} is an ekg checkpoint, which records its architecture; drop --arch")
-        return _from_payload(obj, str(path))
+        return _from_payload(obj, str(path), factory)
     if isinstance(obj, dict) and "state_dict" in obj:
         return import_akamaster(obj, str(path), arch=arch)
     if obj is None:
@@ -162,11 +188,16 @@ def _looks_like_pickle(path: Path) -> bool:
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
-def _from_payload(obj: dict[str, Any], source: str) -> Checkpoint:
+def _from_payload(obj: dict[str, Any], source: str, factory: Callable[..., nn.Module] | None = None) -> Checkpoint:
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{source} was written by a newer ekg (format version {obj['version']}); upgrade ekg")
+    record = None
     try:
-        model = build_model(obj["arch"])
+        if isinstance(obj["arch"], dict) and obj["arch"].get("kind") == "module":
+            record = ArchRecord.from_dict(obj["arch"])
+            model = rebuild(record, factory, source)
+        else:
+            model = build_model(obj["arch"])
         pre = obj["preprocess"]
         norm = dict(pre["normalization"])
         state = obj["state_dict"]
@@ -174,7 +205,8 @@ def _from_payload(obj: dict[str, Any], source: str) -> Checkpoint:
         raise CheckpointError(f"{source} is an incomplete ekg checkpoint (missing {e})") from None
     load_state_dict_checked(model, state, source)
     return Checkpoint(model=model, normalization=norm, dataset=dict(obj.get("dataset", {})),
-                      meta=dict(obj.get("meta", {})), input_size=tuple(pre.get("input_size", (3, 32, 32))))
+                      meta=dict(obj.get("meta", {})), input_size=tuple(pre.get("input_size", (3, 32, 32))),
+                      record=record)
 
 
 # ----------------------------------------------------------------------------- importers

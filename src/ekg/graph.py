@@ -4,13 +4,23 @@ The model is traced with ``torch.fx``; every tensor in the graph is given a *cha
 the rules below say how layers create, pass on or couple spaces:
 
 * a ``Conv2d`` (groups=1) creates a new space (its output channels) and *consumes* its input's;
+* a depthwise ``Conv2d`` (groups = in = out channels) passes its input's space through: channel c
+  of its output depends on channel c of its input only, so both sides are cut together (its weight
+  is sliced along dim 0);
+* a conv with a channel multiplier (groups = in, out = k·in) or any other grouped conv freezes the
+  spaces it touches: its channel blocks cannot be cut consistently by one mask;
 * BatchNorm, activations, pooling, dropout, identity and flattening of ``(N, C, 1, 1)`` pass the
   space through;
+* flattening ``(N, C, H, W)`` to ``(N, C·H·W)`` passes the space through in *blocks* of H·W
+  columns per channel (VGG's classifier reads 512·7·7 features): a linear layer reading it consumes
+  whole blocks;
 * an addition (or any elementwise op of two tensors) *couples* its inputs' spaces: they become one
   group that must be pruned together (a residual stream);
-* a ``Linear`` consumes its input's space and creates the logits' space;
-* anything else — a zero-padding shortcut, a reshape, an unknown function — *freezes* the spaces it
-  touches: they are kept whole, and the group records why.
+* a ``Linear`` on a 2-D input consumes its input's space and creates a new one (its output
+  features: prunable when an activation follows, as in VGG's hidden classifier layers);
+* anything else — a zero-padding shortcut, a reshape that splits channels, a concatenation, an
+  unknown function or module — *freezes* the spaces it touches: they are kept whole, and the group
+  records why, naming the layer.
 
 A group's **mask points** are the activation outputs in its spaces (for a CIFAR ResNet: a block's
 inner ReLU, the stem's ReLU and every block's add+ReLU), where the EKG mask is applied and the
@@ -41,6 +51,7 @@ _PASS_FUNCS: set[Any] = _ACT_FUNCS | {F.adaptive_avg_pool2d, F.avg_pool2d, F.max
                                       F.dropout, torch.flatten}
 _ACT_METHODS = {"relu", "relu_"}
 _PASS_METHODS = _ACT_METHODS | {"flatten", "view", "reshape", "contiguous"}
+_FLATTENS: set[Any] = {torch.flatten, "flatten", "view", "reshape"}
 _REDUCTIONS = {"mean", "amax", "sum"}  # pass channels only when reducing dims other than 0 and 1
 _QUERY_METHODS = {"size", "dim", "numel"}  # return no tensor
 _JOIN_FUNCS: set[Any] = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd}
@@ -57,6 +68,7 @@ class ChannelGroup:
     producers: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
+    depthwise: list[str] = field(default_factory=list)   # depthwise convs inside the group (sliced on dim 0)
     mask_nodes: list[str] = field(default_factory=list)
     prunable: bool = True
     reason: str = ""
@@ -67,10 +79,14 @@ class ChannelGroup:
 
 @dataclass
 class LayerCost:
-    """FLOPs/params of one conv/linear/BN as a function of the widths of its channel groups."""
+    """FLOPs/params of one conv/linear/BN as a function of the widths of its channel groups.
+
+    A depthwise conv (``dwconv``) has ``in_group == out_group`` and connects one input channel to
+    each output channel. A linear reading a flattened ``(N, C, H, W)`` map has ``in_block = H·W``
+    input features per channel of its input group (``in_channels`` counts channels, not features)."""
 
     name: str
-    kind: str                 # conv, linear or bn
+    kind: str                 # conv, dwconv, linear or bn
     in_group: int | None      # group index of its input channels (None: fixed)
     out_group: int | None
     in_channels: int
@@ -79,6 +95,7 @@ class LayerCost:
     params_per_pair: int
     bias: bool
     groups: int = 1           # a grouped conv connects cin·cout/groups pairs
+    in_block: int = 1         # input features per input channel (linear after a spatial flatten)
 
 
 class _UnionFind:
@@ -144,14 +161,28 @@ class DependencyGraph:
                 if bn_ops:
                     flops += 2 * layer.flops_per_pair * cout
                 continue
-            pairs = cin * cout // layer.groups
+            pairs = cout if layer.kind == "dwconv" else cin * cout // layer.groups
             flops += layer.flops_per_pair * pairs
             params += layer.params_per_pair * pairs + (cout if layer.bias else 0)
         return int(flops), int(params)
 
 
-def _conv_is_plain(m: nn.Conv2d) -> bool:
-    return m.groups == 1
+def _conv_kind(m: nn.Conv2d) -> str:
+    """plain (groups=1), depthwise (groups = in = out), or grouped (anything else)."""
+    if m.groups == 1:
+        return "plain"
+    if m.groups == m.in_channels == m.out_channels:
+        return "depthwise"
+    return "grouped"
+
+
+def _grouped_reason(name: str, m: nn.Conv2d) -> str:
+    if m.groups == m.in_channels:
+        return (f"conv '{name}' has a channel multiplier (groups={m.groups}, {m.in_channels} in, "
+                f"{m.out_channels} out channels): each input channel feeds {m.out_channels // m.groups} "
+                "output channels, which one channel mask cannot cut consistently")
+    return (f"grouped conv '{name}' (groups={m.groups}, {m.in_channels} in, {m.out_channels} out channels) "
+            "needs every group cut to the same width, which ekg does not do")
 
 
 def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
@@ -178,11 +209,14 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
     space_channels: list[int] = []
     frozen: dict[int, str] = {}
     space: dict[str, int | None] = {}           # node name -> space id
+    block: dict[str, int] = {}                  # node name -> columns per channel (flattened maps), if > 1
+    writer: dict[int, str] = {}                 # space id -> the layer that created it (for messages)
     producers: dict[int, list[str]] = {}
     norms: dict[int, list[str]] = {}
     consumers: dict[int, list[str]] = {}
+    depthwise: dict[int, list[str]] = {}
     acts: dict[int, list[str]] = {}
-    layer_refs: list[tuple[str, str, int | None, int | None, nn.Module, tuple[int, int]]] = []
+    layer_refs: list[tuple[str, str, int | None, int | None, nn.Module, tuple[int, int], int]] = []
 
     def new_space(channels: int) -> int:
         s = uf.new()
@@ -210,6 +244,19 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         a = n.args[0] if n.args else None
         return space.get(a.name) if isinstance(a, fx.Node) else None
 
+    def in_block(n: fx.Node) -> int:
+        a = n.args[0] if n.args else None
+        return block.get(a.name, 1) if isinstance(a, fx.Node) else 1
+
+    def pass_through(node: fx.Node, src_node: fx.Node, is_act: bool) -> None:
+        src = space.get(src_node.name)
+        space[node.name] = src
+        b = block.get(src_node.name, 1)
+        if b > 1:
+            block[node.name] = b
+        elif is_act and src is not None:  # a mask needs one entry per channel: not on flattened blocks
+            acts.setdefault(src, []).append(node.name)
+
     for node in gm.graph.nodes:
         out_shape = shape(node)
         if node.op == "placeholder":
@@ -219,38 +266,46 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         elif node.op == "call_module":
             m = modules[node.target]
             src = in_space(node)
-            if isinstance(m, nn.Conv2d) and not _conv_is_plain(m):
-                why = f"grouped conv '{node.target}' (groups={m.groups}) is not supported yet"
+            if isinstance(m, nn.Conv2d) and _conv_kind(m) == "depthwise" and src is not None:
+                depthwise.setdefault(src, []).append(node.target)
+                layer_refs.append((node.target, "dwconv", src, src, m, out_shape[-2:], 1))
+                space[node.name] = src
+            elif isinstance(m, nn.Conv2d) and _conv_kind(m) != "plain":
+                why = _grouped_reason(node.target, m)
                 freeze(src, why)
                 s = new_space(m.out_channels)
                 freeze(s, why)
-                layer_refs.append((node.target, "conv", src, s, m, out_shape[-2:]))
+                writer[s] = f"conv '{node.target}'"
+                layer_refs.append((node.target, "conv", src, s, m, out_shape[-2:], 1))
                 space[node.name] = s
             elif isinstance(m, nn.Conv2d):
                 s = new_space(m.out_channels)
+                writer[s] = f"conv '{node.target}'"
                 producers.setdefault(s, []).append(node.target)
                 if src is not None:
                     consumers.setdefault(src, []).append(node.target)
-                layer_refs.append((node.target, "conv", src, s, m, out_shape[-2:]))
+                layer_refs.append((node.target, "conv", src, s, m, out_shape[-2:], 1))
                 space[node.name] = s
             elif isinstance(m, nn.Linear):
                 s = new_space(m.out_features)
-                freeze(s, "it is a linear layer's output")
+                writer[s] = f"linear layer '{node.target}'"
                 in_shape = shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-                if src is not None and in_shape is not None and len(in_shape) != 2:
-                    freeze(src, f"linear layer '{node.target}' reads a {len(in_shape)}-D tensor")
+                if in_shape is not None and len(in_shape) != 2:
+                    why = f"linear layer '{node.target}' reads a {len(in_shape)}-D tensor"
+                    freeze(src, why)
+                    freeze(s, why)
                     src = None
+                else:
+                    producers.setdefault(s, []).append(node.target)
                 if src is not None:
                     consumers.setdefault(src, []).append(node.target)
-                layer_refs.append((node.target, "linear", src, None, m, (1, 1)))
+                layer_refs.append((node.target, "linear", src, s, m, (1, 1), in_block(node)))
                 space[node.name] = s
-            elif isinstance(m, _PASS_MODULES):
-                space[node.name] = src
+            elif isinstance(m, _PASS_MODULES) and isinstance(node.args[0], fx.Node):
+                pass_through(node, node.args[0], isinstance(m, _ACT_MODULES))
                 if isinstance(m, nn.BatchNorm2d) and src is not None:
                     norms.setdefault(src, []).append(node.target)
-                    layer_refs.append((node.target, "bn", src, src, m, out_shape[-2:]))
-                if isinstance(m, _ACT_MODULES) and src is not None:
-                    acts.setdefault(src, []).append(node.name)
+                    layer_refs.append((node.target, "bn", src, src, m, out_shape[-2:], 1))
             else:
                 opaque(node, f"it passes through {type(m).__name__} '{node.target}', which ekg cannot prune through")
         elif node.op in ("call_function", "call_method") and _is_query(node):
@@ -261,27 +316,35 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             is_pass = (target in _PASS_FUNCS if node.op == "call_function" else target in _PASS_METHODS) or \
                 (node.op == "call_method" and target in _REDUCTIONS and _reduces_spatial_only(node))
             is_act = target in _ACT_FUNCS if node.op == "call_function" else target in _ACT_METHODS
-            if is_pass and len(tensor_args) == 1 and _keeps_channels(shape(tensor_args[0]), out_shape):
-                src = space.get(tensor_args[0].name)
-                space[node.name] = src
-                if is_act and src is not None:
-                    acts.setdefault(src, []).append(node.name)
+            src_shape = shape(tensor_args[0]) if tensor_args else None
+            if is_pass and len(tensor_args) == 1 and _keeps_channels(src_shape, out_shape):
+                pass_through(node, tensor_args[0], is_act)
+            elif is_pass and len(tensor_args) == 1 and target in _FLATTENS and \
+                    _flattens_channels(src_shape, out_shape) and block.get(tensor_args[0].name, 1) == 1:
+                space[node.name] = space.get(tensor_args[0].name)
+                block[node.name] = int(np.prod(src_shape[2:]))
             elif node.op == "call_function" and target in _JOIN_FUNCS and len(tensor_args) == 2 and \
-                    shape(tensor_args[0]) == shape(tensor_args[1]) == out_shape:
+                    shape(tensor_args[0]) == shape(tensor_args[1]) == out_shape and \
+                    block.get(tensor_args[0].name, 1) == block.get(tensor_args[1].name, 1):
                 a, b = (space.get(t.name) for t in tensor_args)
+                if block.get(tensor_args[0].name, 1) > 1:
+                    block[node.name] = block[tensor_args[0].name]
                 if a is None or b is None:
                     space[node.name] = a if b is None else b
                 else:
                     space[node.name] = uf.union(a, b)
             elif len(tensor_args) == 1 and not node.kwargs and out_shape == shape(tensor_args[0]) and \
                     target in (operator.mul, operator.truediv, torch.mul):  # scaling by a constant
-                space[node.name] = space.get(tensor_args[0].name)
+                pass_through(node, tensor_args[0], False)
             else:
                 name = getattr(target, "__name__", str(target))
                 opaque(node, f"it passes through {name} ('{node.name}'), which ekg cannot prune through")
         elif node.op == "output":
             for a in node.all_input_nodes:
-                freeze(space.get(a.name), "it is a model output")
+                s = space.get(a.name)
+                if s is not None:
+                    by = writer.get(s)
+                    freeze(s, "it is the model's output" + (f", written by {by}" if by else ""))
         else:  # get_attr
             space[node.name] = None
 
@@ -300,6 +363,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             g.producers += producers.get(s, [])
             g.norms += norms.get(s, [])
             g.consumers += consumers.get(s, [])
+            g.depthwise += depthwise.get(s, [])
             g.mask_nodes += acts.get(s, [])
         reasons = [frozen[s] for s in members if s in frozen]
         g.name = g.producers[0] if g.producers else f"space{r}"
@@ -316,15 +380,16 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         groups.append(g)
 
     layers = []
-    for name, kind, gin, gout, m, hw in layer_refs:
+    for name, kind, gin, gout, m, hw, blk in layer_refs:
         gi = group_index[root_of[gin]] if gin is not None else None
         go = group_index[root_of[gout]] if gout is not None else None
-        if kind == "conv":
+        if kind in ("conv", "dwconv"):
             kk = m.kernel_size[0] * m.kernel_size[1]
             layers.append(LayerCost(name, kind, gi, go, m.in_channels, m.out_channels,
                                     int(hw[0] * hw[1] * kk), kk, m.bias is not None, m.groups))
         elif kind == "linear":
-            layers.append(LayerCost(name, kind, gi, None, m.in_features, m.out_features, 1, 1, m.bias is not None))
+            layers.append(LayerCost(name, kind, gi, go, m.in_features // blk, m.out_features, blk, blk,
+                                    m.bias is not None, in_block=blk))
         else:
             layers.append(LayerCost(name, kind, gi, go, m.num_features, m.num_features, int(hw[0] * hw[1]), 0,
                                     bool(m.affine)))  # for BN, `bias` records affine parameters
@@ -351,6 +416,12 @@ def _keeps_channels(src: tuple[int, ...] | None, dst: tuple[int, ...] | None) ->
     """True if an op keeps the batch and channel dimensions, e.g. (N, C, H, W) -> (N, C, h, w) or
     (N, C); flattening (N, C, H, W) with H·W > 1 does not."""
     return src is not None and dst is not None and len(src) >= 2 and len(dst) >= 2 and src[:2] == dst[:2]
+
+
+def _flattens_channels(src: tuple[int, ...] | None, dst: tuple[int, ...] | None) -> bool:
+    """True for ``(N, C, H, W) -> (N, C·H·W)``: channel-major blocks of H·W columns."""
+    return src is not None and dst is not None and len(src) >= 3 and len(dst) == 2 and \
+        dst == (src[0], int(np.prod(src[1:])))
 
 
 def describe(graph: DependencyGraph) -> list[dict[str, Any]]:

@@ -8,7 +8,12 @@ mask does in the forward pass"):
    gradient goes through unchanged (as in the original release) and, while scores are being
    collected, ``|Σ_{batch,h,w} (∂J/∂y)·y|`` is added to the group's score per batch and point;
 2. every conv/linear whose input or output channels are partly masked computes with the
-   norm-preserving kernel ``(W ⊙ M)·‖W‖/‖W ⊙ M‖``.
+   norm-preserving kernel ``(W ⊙ M)·‖W‖/‖W ⊙ M‖``. For a depthwise conv (input and output in one
+   group) ``M`` masks its filters (dim 0); for a linear reading a flattened map, each input
+   channel's mask entry covers its block of H·W columns.
+
+In-place operations of the model (``ReLU(inplace=True)``, ``out += identity``) run out of place in
+the masked network, so a value kept for re-use (the search's frontier) is never overwritten.
 
 Each group's :class:`Gate` holds the channel scores, their ranks (0 = most important) and the
 kept fraction ``rate``; the mask keeps the channels ranked below ``max(C·rate, 1)``.
@@ -17,7 +22,9 @@ The masked network shares its parameters with the model it wraps; it never chang
 
 from __future__ import annotations
 
+import copy
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -125,10 +132,15 @@ class MaskedLayer(nn.Module):
     With ``sliced=True`` it computes only the kept input/output channels and scatters the result
     into a zero tensor of full width: the same function and gradients, fewer FLOPs."""
 
-    def __init__(self, layer: nn.Module, in_mask: GroupMask | None, out_mask: GroupMask | None) -> None:
+    def __init__(self, layer: nn.Module, in_mask: GroupMask | None, out_mask: GroupMask | None, *,
+                 depthwise: bool = False, in_block: int = 1) -> None:
         super().__init__()
         self.layer = layer
         self.sliced = False
+        self.depthwise = depthwise  # one group on both sides; the mask cuts dim 0 of the weight only
+        self.in_block = in_block    # input columns per input channel (linear after a spatial flatten)
+        if depthwise:
+            in_mask = None
         # Plain attributes, not submodules: the masks are registered once, under `gates`.
         self.__dict__["in_mask"] = in_mask
         self.__dict__["out_mask"] = out_mask
@@ -147,8 +159,17 @@ class MaskedLayer(nn.Module):
         if m_out is not None:
             mw = mw * m_out.mask.view(-1, *shape[1:])
         if m_in is not None:
-            mw = mw * m_in.mask.view(1, -1, *shape[2:])
+            mw = mw * self._expand(m_in.mask).view(1, -1, *shape[2:])
         return mw * (w.norm() / mw.norm().clamp_min(1e-30))
+
+    def _expand(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """A per-channel mask as one entry per input column (blocks of ``in_block``)."""
+        return per_channel if self.in_block == 1 else per_channel.repeat_interleave(self.in_block)
+
+    def _expand_index(self, kept: torch.Tensor) -> torch.Tensor:
+        if self.in_block == 1:
+            return kept
+        return (kept.view(-1, 1) * self.in_block + torch.arange(self.in_block, device=kept.device)).flatten()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sliced:
@@ -162,19 +183,38 @@ class MaskedLayer(nn.Module):
         m_in, m_out = self._partial(self.in_mask), self._partial(self.out_mask)
         if m_in is None and m_out is None:
             return self.layer(x)
+        if self.depthwise:
+            return self._sliced_depthwise(x, m_out)
         w, b = self.layer.weight, self.layer.bias
         ws = w
         if m_out is not None:
             ws = ws.index_select(0, m_out.kept_index)
             b = b.index_select(0, m_out.kept_index) if b is not None else None
         if m_in is not None:
-            ws = ws.index_select(1, m_in.kept_index)
-            x = x.index_select(1, m_in.kept_index)
+            cols = self._expand_index(m_in.kept_index)
+            ws = ws.index_select(1, cols)
+            x = x.index_select(1, cols)
         ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))
         y = functional_call(self.layer, {"weight": ws, "bias": b}, (x,))
-        if m_out is None:
-            return y
-        full = y.new_zeros((y.shape[0], w.shape[0], *y.shape[2:]))
+        return y if m_out is None else self._scatter(y, m_out, w.shape[0])
+
+    def _sliced_depthwise(self, x: torch.Tensor, m_out: GroupMask) -> torch.Tensor:
+        """A depthwise conv on its kept channels (``groups`` = kept count); a conv subclass with its
+        own forward (e.g. TF padding) keeps full width with the masked kernel (the same function)."""
+        conv = self.layer
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+            return functional_call(conv, {"weight": self.effective_weight()}, (x,))
+        w, idx = conv.weight, m_out.kept_index
+        ws = w.index_select(0, idx)
+        ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))
+        b = conv.bias.index_select(0, idx) if conv.bias is not None else None
+        y = torch.nn.functional.conv2d(x.index_select(1, idx), ws, b, conv.stride, conv.padding, conv.dilation,
+                                       int(idx.numel()))
+        return self._scatter(y, m_out, w.shape[0])
+
+    @staticmethod
+    def _scatter(y: torch.Tensor, m_out: GroupMask, channels: int) -> torch.Tensor:
+        full = y.new_zeros((y.shape[0], channels, *y.shape[2:]))
         if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last):
             full = full.contiguous(memory_format=torch.channels_last)
         return full.index_copy(1, m_out.kept_index, y)
@@ -201,18 +241,28 @@ class MaskedNetwork(nn.Module):
         group_of_index = {g.index: i for i, g in enumerate(self.graph.prunable)}
         root = nn.Module()
         root.model = self.model
-        layer_groups = {c.name: (c.in_group, c.out_group) for c in self.graph.layers if c.kind in ("conv", "linear")}
+        layer_costs = {c.name: c for c in self.graph.layers if c.kind in ("conv", "dwconv", "linear")}
         for node in src.graph.nodes:
             new = graph.node_copy(node, lambda n: env[n])
+            if node.op == "call_function" and node.target is operator.iadd:
+                new.target = operator.add
             if node.op == "call_module":
                 new.target = f"model.{node.target}"
-                if node.target in layer_groups:
-                    gin, gout = layer_groups[node.target]
-                    mi = self.masks[group_of_index[gin]] if gin in group_of_index else None
-                    mo = self.masks[group_of_index[gout]] if gout in group_of_index else None
+                module = self.model.get_submodule(node.target)
+                if getattr(module, "inplace", False) is True and not list(module.parameters()):
+                    name = "outofplace_" + node.target.replace(".", "_")
+                    out_of_place = copy.copy(module)
+                    out_of_place.inplace = False
+                    root.add_module(name, out_of_place)
+                    new.target = name
+                if node.target in layer_costs:
+                    c = layer_costs[node.target]
+                    mi = self.masks[group_of_index[c.in_group]] if c.in_group in group_of_index else None
+                    mo = self.masks[group_of_index[c.out_group]] if c.out_group in group_of_index else None
                     if mi is not None or mo is not None:
                         name = "masked_" + node.target.replace(".", "_")
-                        root.add_module(name, MaskedLayer(self.model.get_submodule(node.target), mi, mo))
+                        root.add_module(name, MaskedLayer(module, mi, mo, depthwise=c.kind == "dwconv",
+                                                          in_block=c.in_block))
                         new.target = name
             if node.name in mask_at:
                 i = mask_at[node.name]

@@ -14,6 +14,11 @@ Run directory (every phase's artifact, so each can be inspected or resumed alone
 
 Ctrl-C leaves the state of the last finished step; ``resume=True`` continues from it and ends with
 exactly the masks of an uninterrupted run.
+
+The Python API also takes a plain ``nn.Module`` (any CNN the dependency graph can read): with an
+``input_size`` and a normalisation (defaults: the data's image size and the dataset's preset), and
+a ``factory`` to record in the checkpoints (``torchvision:NAME``, or set by
+:func:`ekg.arch.torchvision_model`). ``PruneResult.model`` is the slim module.
 """
 
 from __future__ import annotations
@@ -27,15 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import classifier_outputs, module_shapes, record_for
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .data import DataSplits, carve_search_sets, get_normalization, iterate_batches, load_data
+from .data import NORMALIZATIONS, DataSplits, Normalization, carve_search_sets, get_normalization, iterate_batches, load_data
+from .distributed import Dist
 from .errors import EkgError
 from .evaluate import batch_statistics_bn
+from .graph import build_graph
 from .io import atomic_path, write_json
 from .masks import MaskedNetwork
-from .distributed import Dist
 from .search import SearchConfig, Searcher, SearchState, adapt
 
 
@@ -49,6 +57,11 @@ class PruneResult:
     steps: int
     seconds: float
     slim_max_diff: float = 0.0  # largest |slim - masked| output difference on a D_val batch
+
+    @property
+    def model(self) -> nn.Module:
+        """The slim model (also in ``checkpoint`` and ``run_dir/pruned.pt``)."""
+        return self.checkpoint.model
 
 
 def _save_torch(obj: Any, path: Path) -> None:
@@ -68,16 +81,22 @@ def _check_resume(out: Path, cfg: SearchConfig, resume: bool) -> None:
             raise EkgError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(diff)}")
 
 
-def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *,
-          out: str | Path, config: SearchConfig | None = None, resume: bool = False,
-          progress: bool = True, dist: Dist | None = None) -> PruneResult:
+def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | Path, keep: float = 0.45, *,
+          out: str | Path, config: SearchConfig | None = None, resume: bool = False, progress: bool = True,
+          input_size: tuple[int, int, int] | None = None,
+          normalization: str | dict[str, Any] | Normalization | None = None,
+          factory: str | None = None, factory_kwargs: dict[str, Any] | None = None,
+          dist: Dist | None = None) -> PruneResult:
     """Search a sub-network of ``model`` at FLOPs ratio ``keep`` and slim it into ``out``.
 
-    ``model``: an ekg :class:`Checkpoint` or any file ``load_checkpoint`` reads; ``data``: a
-    :class:`DataSplits` or anything ``load_data`` reads (the search sets are carved from its
-    training split). With ``dist`` (torchrun) every rank runs this with the same arguments: the
-    adaptation, the Taylor scores and the candidate evaluations are split over the ranks, every
-    rank takes the same decisions, and rank 0 alone writes the run directory."""
+    ``model``: an ekg :class:`Checkpoint`, any file ``load_checkpoint`` reads, or an ``nn.Module``
+    (then ``input_size``, ``normalization`` and ``factory``/``factory_kwargs`` describe it; see the
+    module doc); ``data``: a :class:`DataSplits` or anything ``load_data`` reads (the search sets
+    are carved from its training split). Raises :class:`EkgError` before any work if no channel
+    group of the model can be pruned, naming each layer and why. With ``dist`` (torchrun) every
+    rank runs this with the same arguments: the adaptation, the Taylor scores and the candidate
+    evaluations are split over the ranks, every rank takes the same decisions, and rank 0 alone
+    writes the run directory."""
     dist = dist or Dist()
     cfg = dataclasses.replace(config, keep=keep) if config is not None else SearchConfig(keep=keep)
     cfg.validate()
@@ -88,10 +107,18 @@ def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: f
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     progress = progress and dist.is_main
     t_start = time.perf_counter()
-    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
-    splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
+    if isinstance(model, nn.Module):
+        splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
+        ckpt = checkpoint_of_module(model, splits, input_size=input_size, normalization=normalization,
+                                    factory=factory, factory_kwargs=factory_kwargs)
+    else:
+        if input_size is not None or normalization is not None or factory is not None:
+            raise EkgError("input_size, normalization and factory describe an nn.Module; a checkpoint records them")
+        ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+        splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
+    _require_prunable(ckpt)
     device = dist.device(cfg.device)
     net_model = copy.deepcopy(ckpt.model).to(device)
     for p in net_model.parameters():
@@ -99,13 +126,14 @@ def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: f
     norm = get_normalization(ckpt.normalization)
     d_val, d_sub = carve_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class,
                                      seed=cfg.split_seed)
+    source = str(ckpt.meta.get("source", model))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"search": cfg.to_dict(), "model": str(ckpt.meta.get("source", model)),
+        write_json(out / "config.json", {"search": cfg.to_dict(), "model": source,
                                          "data": splits.source, "normalization": ckpt.normalization})
 
-    if have_adapted:
-        net_model.load_state_dict(load_checkpoint(adapted).model.state_dict())
+    if have_adapted:  # its weights only: the architecture is the model's own
+        net_model.load_state_dict(torch.load(adapted, map_location=device, weights_only=True)["state_dict"])
     else:
         if cfg.adapt:
             adapt(net_model, iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True), cfg,
@@ -113,18 +141,17 @@ def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: f
             # the ranks agree already (same summed gradients); rank 0's copy makes it exact
             dist.broadcast_([*net_model.parameters(), *net_model.buffers()])
         if dist.is_main:
-                save_checkpoint(Checkpoint(model=copy.deepcopy(net_model).cpu(), normalization=dict(ckpt.normalization),
+            save_checkpoint(Checkpoint(model=copy.deepcopy(net_model).cpu(), normalization=dict(ckpt.normalization),
                                        dataset=dict(ckpt.dataset), input_size=tuple(ckpt.input_size),
-                                       meta={"source": str(ckpt.meta.get("source", model)),
-                                             "stage": "after the adaptation epoch" if cfg.adapt else "not adapted"}),
+                                       meta={"source": source,
+                                             "stage": "after the adaptation epoch" if cfg.adapt else "not adapted"},
+                                       record=ckpt.record),
                             adapted)
+    net_model.eval()  # dropout off; the search runs BN on batch statistics (below)
 
     val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))
     with batch_statistics_bn(net_model):
         net = MaskedNetwork(net_model, input_size=tuple(ckpt.input_size))
-        if not net.gates:
-            raise EkgError("this model has no prunable channel group: "
-                           + "; ".join(f"{g.name}: {g.reason}" for g in net.graph.groups if g.producers))
         searcher = Searcher(net, val_batches, cfg, dist=dist)
         if have_state:
             state = SearchState.from_dict(torch.load(state_path, map_location="cpu", weights_only=True))
@@ -153,9 +180,10 @@ def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: f
     # BN running statistics are restored now (the search ran BN on batch statistics): slim outside.
     slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
 
+    record = None if ckpt.record is None else dataclasses.replace(ckpt.record, shapes=module_shapes(slim), pruned=True)
     result_ckpt = Checkpoint(model=slim.cpu(), normalization=dict(ckpt.normalization), dataset=dict(ckpt.dataset),
-                             meta={"source": str(ckpt.meta.get("source", model)), "pruned_by": "ekg prune",
-                                   "search": cfg.to_dict()}, input_size=tuple(ckpt.input_size))
+                             meta={"source": source, "pruned_by": "ekg prune", "search": cfg.to_dict()},
+                             input_size=tuple(ckpt.input_size), record=record)
     if dist.is_main:
         _write_outputs(out, net, state, result_ckpt, diff)
     dist.barrier()  # the run directory is complete for every rank
@@ -163,6 +191,32 @@ def prune(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: f
     return PruneResult(run_dir=out, checkpoint=result_ckpt, flops=last["flops"], params=last["params"],
                        flops_ratio=last["flops_ratio"], steps=state.step, seconds=time.perf_counter() - t_start,
                        slim_max_diff=diff)
+
+
+def checkpoint_of_module(model: nn.Module, splits: DataSplits, *, input_size: tuple[int, int, int] | None = None,
+                         normalization: str | dict[str, Any] | Normalization | None = None,
+                         factory: str | None = None, factory_kwargs: dict[str, Any] | None = None) -> Checkpoint:
+    """A user's module as an ekg checkpoint: ``input_size`` defaults to the data's image size, the
+    normalisation to the dataset's preset (ImageNet's for other data)."""
+    size = tuple(input_size) if input_size is not None else tuple(int(d) for d in splits.train.images.shape[1:])
+    if len(size) != 3:
+        raise EkgError(f"input_size must be (channels, height, width), got {size}")
+    if normalization is None:
+        normalization = splits.name if splits.name in NORMALIZATIONS else "imagenet"
+    name = normalization if isinstance(normalization, str) else "custom"
+    norm = {"name": name, **get_normalization(normalization).to_dict()}
+    num_classes = classifier_outputs(model, size)
+    record = record_for(model, num_classes, factory=factory, kwargs=factory_kwargs)
+    return Checkpoint(model=model, normalization=norm, dataset={"name": splits.name, "num_classes": splits.num_classes},
+                      meta={"source": f"{record.name} (Python API)"}, input_size=size, record=record)  # type: ignore[arg-type]
+
+
+def _require_prunable(ckpt: Checkpoint) -> None:
+    """One clear error, before any work, when no channel group can be pruned."""
+    graph = build_graph(ckpt.model, tuple(ckpt.input_size))
+    if not graph.prunable:
+        raise EkgError(f"this model ({ckpt.arch}) has no prunable channel group: "
+                       + "; ".join(f"{g.name}: {g.reason}" for g in graph.groups if g.producers))
 
 
 def _save_state(out: Path, state: SearchState) -> None:
@@ -194,7 +248,7 @@ def _write_outputs(out: Path, net: MaskedNetwork, state: SearchState, ckpt: Chec
 
     _save_torch({"history": state.history, "groups": [g.group.name for g in net.gates]}, out / "history.pt")
     widths = {g.group.name: {"channels": g.channels, "kept": g.kept, "rate": g.rate} for g in net.gates}
-    write_json(out / "widths.json", {"groups": widths, "spec": ckpt.spec.to_dict(),
+    write_json(out / "widths.json", {"groups": widths, "spec": ckpt.arch_dict(),
                                      "slim_check": {"max_abs_diff": diff, "images": 64, "bn": "inference mode"}})
     save_checkpoint(ckpt, out / "pruned.pt")
     plot_trajectory(state.log, out / "trajectory.png")

@@ -6,7 +6,10 @@ masked one (see the method doc, "What a mask does"):
 
 * every conv producing a group keeps only the kept output channels (and bias entries);
 * every BN over a group keeps only those channels' affine parameters and running statistics;
-* every conv/linear consuming a group keeps only the kept input channels;
+* every conv/linear consuming a group keeps only the kept input channels (a linear reading a
+  flattened ``(N, C, H, W)`` map keeps the H·W columns of each kept channel);
+* every depthwise conv inside a group keeps only the kept filters (dim 0 of its weight) and its
+  ``groups``/``in_channels``/``out_channels`` become the kept count;
 * every conv/linear weight that lost channels on either side is rescaled to its original
   Frobenius norm — the norm-preserving rescale of the masked forward pass, baked in
   (``W_sliced * ||W_full|| / ||W_sliced||``; biases are not rescaled).
@@ -53,6 +56,7 @@ class _Plan:
     outputs: dict[str, _Cut] = field(default_factory=dict)
     inputs: dict[str, _Cut] = field(default_factory=dict)
     norms: dict[str, _Cut] = field(default_factory=dict)
+    depthwise: dict[str, _Cut] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -89,6 +93,8 @@ def slim_model(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.M
         _slim_weighted(name, _module(modules, name), plan.outputs.get(name), plan.inputs.get(name))
     for name, cut in plan.norms.items():
         _slim_norm(name, _module(modules, name), cut)
+    for name, cut in plan.depthwise.items():
+        _slim_depthwise(name, _module(modules, name), cut)
     if isinstance(getattr(slim, "spec", None), ResNetSpec):
         slim.spec = resnet_spec_from_modules(slim)
     return slim
@@ -191,15 +197,19 @@ def _indices(group: ChannelGroup, indices: torch.Tensor | Sequence[int]) -> torc
 def _plan(graph: DependencyGraph, keep: Mapping[int, torch.Tensor]) -> _Plan:
     """Which side of which layer each kept group cuts."""
     plan = _Plan()
+    in_blocks = {layer.name: layer.in_block for layer in graph.layers}
     for gi, index in keep.items():
         group = graph.groups[gi]
         cut = _Cut(index, group.channels)
-        for side, names in ((plan.outputs, group.producers), (plan.norms, group.norms), (plan.inputs, group.consumers)):
+        for side, names in ((plan.outputs, group.producers), (plan.norms, group.norms), (plan.inputs, group.consumers),
+                            (plan.depthwise, group.depthwise)):
             for name in names:
                 if name in side:
                     raise EkgError(f"layer '{name}' appears in two channel groups on the same side — the graph "
                                    "is inconsistent; this is a bug in ekg; please report it")
-                side[name] = cut
+                b = in_blocks.get(name, 1) if side is plan.inputs else 1
+                side[name] = cut if b == 1 else _Cut((index.view(-1, 1) * b + torch.arange(b)).flatten(),
+                                                     group.channels * b)
     return plan
 
 
@@ -234,6 +244,20 @@ def _slim_weighted(name: str, m: nn.Module, out_cut: _Cut | None, in_cut: _Cut |
         m.bias = nn.Parameter(m.bias.detach()[out_idx].clone(), requires_grad=m.bias.requires_grad)
     setattr(m, attrs[0], int(sliced.shape[0]))
     setattr(m, attrs[1], int(sliced.shape[1]))
+
+
+def _slim_depthwise(name: str, m: nn.Module, cut: _Cut) -> None:
+    """Keep the cut's filters of a depthwise conv (weight dim 0, bias), rescaled to the full
+    kernel's norm; ``groups``, ``in_channels`` and ``out_channels`` become the kept count."""
+    if not isinstance(m, nn.Conv2d) or not m.groups == m.in_channels == m.out_channels:
+        raise EkgError(f"layer '{name}' is not a depthwise conv (groups = in = out channels); "
+                       "was the graph built from another model?")
+    full = m.weight.detach()
+    index = _checked_index(name, full.shape[0], cut, "output", full.device)
+    m.weight = nn.Parameter(_rescaled(full.index_select(0, index), full), requires_grad=m.weight.requires_grad)
+    if m.bias is not None:
+        m.bias = nn.Parameter(m.bias.detach()[index].clone(), requires_grad=m.bias.requires_grad)
+    m.in_channels = m.out_channels = m.groups = int(index.numel())
 
 
 def _rescaled(sliced: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
