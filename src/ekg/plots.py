@@ -187,12 +187,15 @@ def plot_study(rows: list[dict[str, Any]], metrics: Sequence[str], target: str, 
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), constrained_layout=True,
                              squeeze=False)
     sources = sorted({r.get("source", "") for r in rows})
-    colours = {s: f"C{i % 10}" for i, s in enumerate(sources)}
+    bases = sorted({s.replace(" perturbed", "") for s in sources})
+    cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
+    colours = {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
     for ax, m in zip(axes.flat, metrics):
-        for s in sources:
+        for s in sources:  # colour: the criterion; filled circle: its run, cross: a perturbation of it
             pts = [(r[m], r[target]) for r in rows if r.get("source", "") == s and r.get(m) is not None]
             if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, color=colours[s], label=s)
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=24, label=s,
+                           color=colours[s.replace(" perturbed", "")], marker="x" if "perturbed" in s else "o")
         c = correlations.get(m, {})
         sp, kd = c.get("spearman", {}), c.get("kendall", {})
         ax.set_title(f"{m}\nSpearman {sp.get('value', math.nan):.2f} [{sp.get('low', math.nan):.2f}, "
