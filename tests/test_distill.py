@@ -88,3 +88,15 @@ def test_no_teacher_selected_falls_back_to_teacher_zero() -> None:
     out = kd_loss([v, v], torch.tensor([0]), teachers, mode="ensemble", temperature=4.0)
     assert out.selected == 1 and math.isfinite(out.loss.item())
     assert out.kd == pytest.approx(0.0, abs=1e-7)
+
+
+def test_default_temperature_follows_the_number_of_classes():
+    from ekg.train import TrainConfig, default_temperature
+
+    assert default_temperature(10) == 4.0 and default_temperature(100) == 4.0
+    assert default_temperature(1000) == 10.0
+    TrainConfig(temperature=None).validate()
+    from ekg.errors import EkgError
+
+    with pytest.raises(EkgError, match="--temperature"):
+        TrainConfig(temperature=0.0).validate()

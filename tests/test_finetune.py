@@ -42,6 +42,7 @@ def test_finetune_cli_with_the_memory_bank(pruned_run, cifar10_exact, capsys):
     assert all(1 <= r["teachers_selected"] <= 3 and r["kd_loss"] >= 0 for r in log)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kd"] == "ensemble" and cfg["augment"]["jitter"] and cfg["milestones"] == [0.3, 0.6, 0.8]
+    assert cfg["temperature"] == 4.0  # the default for 10 classes
     # the fine-tuned model keeps the pruned architecture and reloads through `ekg test`
     pruned, tuned = load_checkpoint(pruned_run / "pruned.pt"), load_checkpoint(out / "model.pt")
     assert tuned.spec == pruned.spec

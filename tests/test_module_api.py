@@ -119,3 +119,19 @@ def test_reshape_refuses_a_record_that_does_not_fit():
         reshape(TinyMobile(), {"dw": {"type": "linear", "in": 4, "out": 4}})
     with pytest.raises(CheckpointError, match="do not fit"):
         reshape(TinyMobile(), {"dw": {"type": "conv", "in": 6, "out": 6, "groups": 4}})
+
+
+def test_a_pruned_user_module_fine_tunes_and_keeps_its_record(tmp_path):
+    from ekg.train import finetune_config, train
+
+    torch.manual_seed(0)
+    data = random_data()
+    res = prune(TinyMobile(), data, 0.6, out=tmp_path / "run", config=CFG, progress=False)
+    cfg = finetune_config("none", epochs=1, batch_size=10, device="cpu")
+    path = train(cfg, data, tmp_path / "ft", init=res.checkpoint, progress=False)
+    tuned = load_checkpoint(path, factory=TinyMobile)
+    assert tuned.input_size == (3, 16, 16) and tuned.record.pruned
+    assert {k: v.shape for k, v in tuned.model.state_dict().items()} == \
+        {k: v.shape for k, v in res.model.state_dict().items()}
+    assert not torch.equal(tuned.model.fc2.weight, res.model.fc2.weight)  # it trained
+    assert tuned.meta["trained_by"] == "ekg finetune"

@@ -187,6 +187,15 @@ def test_prune_api_on_a_torchvision_model_and_checkpoint_round_trip(tmp_path):
     x = torch.randn(2, *size)
     with torch.no_grad():
         assert torch.equal(back.model.eval()(x), res.model.eval()(x))
+    # the CLI reads it with no code of the user's, and fine-tuning keeps its record
+    from ekg.cli import main
+    from ekg.train import finetune_config, train
+
+    assert main(["info", "--model", str(tmp_path / "run" / "pruned.pt"), "--json"]) == 0
+    path = train(finetune_config("none", epochs=1, batch_size=10, device="cpu"), random_data(), tmp_path / "ft",
+                 init=back, progress=False)
+    tuned = load_checkpoint(path)
+    assert tuned.arch == back.arch and tuned.input_size == size
 
 
 def random_data(size: int = 32, per_class: int = 2):

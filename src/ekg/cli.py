@@ -165,7 +165,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     ckpt = _open_model(args)
     counts = count(ckpt.model, ckpt.input_size, bn_ops=args.bn_ops)
-    info = {"model": str(args.model), "arch": ckpt.arch, "spec": ckpt.spec.to_dict(),
+    info = {"model": str(args.model), "arch": ckpt.arch, "spec": ckpt.arch_dict(),
             "num_classes": ckpt.num_classes, "normalization": ckpt.normalization,
             "input_size": list(ckpt.input_size), "meta": ckpt.meta, **counts.to_dict()}
     if args.json:
@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation: ensemble (EKG's per-batch teacher selection), single (teacher 0), "
                         "none (cross-entropy only); default: %(default)s")
     p.add_argument("--teachers", type=int, default=5, help="teachers in a newly built bank; default: %(default)s")
-    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature; default: %(default)s")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="KD temperature; default: 4, or 10 for data with 1000 or more classes (the method's values)")
     _add_training_args(p, epochs=100, batch_size=128, lr=0.01, schedule="step")
     p.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=None,
                    help="the EKG colour jitter; default: on with --kd ensemble/single, off with --kd none")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -71,7 +72,7 @@ class TrainConfig:
     limit_train: int | None = None    # use only the first N training images (quick runs, tests)
     limit_test: int | None = None
     kd: str = "none"                  # none | single | ensemble: distillation from the memory bank
-    temperature: float = 4.0          # of the KD loss (4 for CIFAR, 10 for 1000 classes)
+    temperature: float | None = None  # of the KD loss; None: 4, or 10 with 1000+ classes (the method's values)
     # how the run executes, not what it computes (not resume keys; see _RESUME_KEYS):
     accum: int = 1                    # split each batch of batch_size into this many micro-batches
     compile: bool = False             # torch.compile the model for training
@@ -88,7 +89,7 @@ class TrainConfig:
             raise EkgError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.kd not in KD_MODES:
             raise EkgError(f"--kd must be one of {', '.join(KD_MODES)}, got {self.kd!r}")
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise EkgError(f"--temperature must be positive, got {self.temperature}")
         if self.accum < 1:
             raise EkgError(f"--accum must be at least 1, got {self.accum}")
@@ -117,6 +118,11 @@ def finetune_config(kd: str = "ensemble", **overrides: Any) -> TrainConfig:
                                   kd=kd)
     recipe.update(overrides)
     return TrainConfig(**recipe)
+
+
+def default_temperature(num_classes: int) -> float:
+    """The method's KD temperature: 4 for CIFAR-sized label sets, 10 for 1000-class data."""
+    return 10.0 if num_classes >= 1000 else 4.0
 
 
 def lr_at(cfg: TrainConfig, progress: float) -> float:
@@ -157,6 +163,8 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     is split for evaluation and the sums reduced; rank 0 alone writes the run directory."""
     dist = dist or Dist()
     cfg.validate()
+    if cfg.temperature is None:
+        cfg = dataclasses.replace(cfg, temperature=default_temperature(data.num_classes))
     if cfg.batch_size % (cfg.accum * dist.world_size):
         raise EkgError(f"--batch-size {cfg.batch_size} is not divisible by --accum {cfg.accum} × "
                        f"{dist.world_size} processes: each process runs batch-size/processes images per step")
@@ -299,9 +307,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             if dist.is_main:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record,
-                            by="ekg finetune" if init is not None else "ekg train",
-                            source=None if init is None else str(init.meta.get("source", "")))
+                _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record, init=init)
             if writer is not None:
                 for k, v in record.items():
                     if k != "epoch":
@@ -384,13 +390,16 @@ def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normali
 
 def _save_epoch(out: Path, cfg: TrainConfig, data: DataSplits, model: torch.nn.Module, opt: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, epoch: int, norm_record: dict[str, Any], record: dict[str, Any], *,
-                by: str = "ekg train", source: str | None = None) -> None:
-    """model.pt first, then last.pt: last.pt is the commit point for --resume."""
-    meta = {"trained_by": by, "epoch": epoch, "metrics": record}
-    if source:
-        meta["source"] = source
+                init: Checkpoint | None = None) -> None:
+    """model.pt first, then last.pt: last.pt is the commit point for --resume. A fine-tuned model
+    keeps ``init``'s input size and architecture record (any CNN, not only CIFAR ResNets)."""
+    meta = {"trained_by": "ekg train" if init is None else "ekg finetune", "epoch": epoch, "metrics": record}
+    if init is not None and init.meta.get("source"):
+        meta["source"] = str(init.meta["source"])
     ckpt = Checkpoint(model=model, normalization=dict(norm_record),
-                      dataset={"name": data.name, "num_classes": data.num_classes}, meta=meta)
+                      dataset={"name": data.name, "num_classes": data.num_classes}, meta=meta,
+                      input_size=tuple(init.input_size) if init is not None else (3, 32, 32),
+                      record=None if init is None or init.record is None else init.record)
     save_checkpoint(ckpt, out / "model.pt")
     state = {"config": cfg.to_dict(), "epoch": epoch,
              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
