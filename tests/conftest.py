@@ -155,3 +155,17 @@ def slim_checkpoint():
                 m.running_var.uniform_(0.5, 2)
     return Checkpoint(model=model.eval(), normalization={"name": "cifar10", **get_normalization("cifar10").to_dict()},
                       dataset={"name": "cifar10", "num_classes": 10})
+
+
+def random_splits(name: str = "imagefolder", size: int = 16, per_class: int = 2):
+    """Tiny random 10-class splits (train == test) for tests of models other than CIFAR ResNets."""
+    import torch
+
+    from ekg.data import DataSplits, ImageSet
+
+    gen = torch.Generator().manual_seed(3)
+    n = 10 * per_class
+    images = torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+    labels = torch.arange(n) % 10
+    classes = [f"c{i}" for i in range(10)]
+    return DataSplits(name, ImageSet(images, labels, classes), ImageSet(images, labels, classes), "random")

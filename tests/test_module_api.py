@@ -13,10 +13,12 @@ from torch import nn
 from ekg import flops
 from ekg.arch import ArchRecord, record_for, reshape
 from ekg.checkpoint import load_checkpoint
-from ekg.data import DataSplits, ImageSet
+from ekg.data import DataSplits
 from ekg.errors import CheckpointError, EkgError
 from ekg.prune import prune
 from ekg.search import SearchConfig
+
+from conftest import random_splits
 
 
 class TinyMobile(nn.Module):
@@ -58,12 +60,7 @@ class Opaque(nn.Module):
 
 
 def random_data(size: int = 16, per_class: int = 2) -> DataSplits:
-    gen = torch.Generator().manual_seed(3)
-    n = 10 * per_class
-    images = torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
-    labels = torch.arange(n) % 10
-    classes = [f"c{i}" for i in range(10)]
-    return DataSplits("imagefolder", ImageSet(images, labels, classes), ImageSet(images, labels, classes), "random")
+    return random_splits("imagefolder", size, per_class)
 
 
 CFG = SearchConfig(adapt=False, val_per_class=1, sub_per_class=1, batch_size=10)

@@ -200,11 +200,6 @@ def test_prune_api_on_a_torchvision_model_and_checkpoint_round_trip(tmp_path):
 
 def random_data(size: int = 32, per_class: int = 2):
     """CIFAR-10-shaped random images (name "cifar10": the default normalisation is its preset)."""
-    from ekg.data import DataSplits, ImageSet
+    from conftest import random_splits
 
-    gen = torch.Generator().manual_seed(3)
-    n = 10 * per_class
-    images = torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
-    labels = torch.arange(n) % 10
-    classes = [f"c{i}" for i in range(10)]
-    return DataSplits("cifar10", ImageSet(images, labels, classes), ImageSet(images, labels, classes), "random")
+    return random_splits("cifar10", size, per_class)
