@@ -110,3 +110,22 @@ def test_truncated_checkpoint(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_convert_torchvision_weights_needs_torchvision_or_says_so(tmp_path, capsys):
+    import importlib.util
+
+    import torch
+
+    from ekg.cli import main
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: tests/test_vision.py covers the conversion")
+    torch.save({"fc.weight": torch.zeros(10, 4)}, tmp_path / "w.pth")
+    assert main(["convert", str(tmp_path / "w.pth"), "--torchvision", "resnet18", "--out", str(tmp_path / "o.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "vision" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.pt").exists()
+    torch.save([1, 2], tmp_path / "bad.pth")
+    assert main(["convert", str(tmp_path / "bad.pth"), "--torchvision", "resnet18", "--out", str(tmp_path / "o.pt")]) == 1
+    assert "state dict" in capsys.readouterr().err

@@ -203,3 +203,28 @@ def random_data(size: int = 32, per_class: int = 2):
     from conftest import random_splits
 
     return random_splits("cifar10", size, per_class)
+
+
+def test_convert_torchvision_weights_into_an_ekg_checkpoint(tmp_path, capsys):
+    from ekg.checkpoint import load_checkpoint
+    from ekg.cli import main
+
+    torch.manual_seed(0)
+    model = tv_models.resnet18(num_classes=10)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "r18.pth")
+    out = tmp_path / "r18.pt"
+    assert main(["convert", str(tmp_path / "r18.pth"), "--torchvision", "resnet18", "--input-size", "3", "32", "32",
+                 "--normalization", "cifar10", "--out", str(out)]) == 0
+    assert "torchvision:resnet18" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert ckpt.num_classes == 10 and ckpt.input_size == (3, 32, 32) and ckpt.normalization["name"] == "cifar10"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ckpt.model.eval()(x), model.eval()(x))
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    capsys.readouterr()
+    # weights of another architecture: one line naming the mismatch
+    assert main(["convert", str(tmp_path / "r18.pth"), "--torchvision", "resnet34", "--out", str(tmp_path / "x.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ekg: error:") and "do not fit" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists()

@@ -302,3 +302,32 @@ def import_akamaster(obj: dict[str, Any], source: str, *, arch: str | None = Non
         meta["reported_top1"] = float(obj["best_prec1"])
     return Checkpoint(model=model, normalization=_normalization("imagenet"),
                       dataset=_dataset_record(num_classes), meta=meta)
+
+
+def import_torchvision(path: str | Path, name: str, *, input_size: tuple[int, int, int] = (3, 224, 224),
+                       normalization: str = "imagenet", **kwargs: Any) -> Checkpoint:
+    """A torchvision model's weights (a state dict saved with ``torch.save``, optionally under a
+    ``state_dict`` or ``model`` key and with DDP's ``module.`` prefix) as an ekg checkpoint of
+    ``torchvision:NAME``. ``num_classes`` and other factory arguments come in ``kwargs``; when
+    ``num_classes`` is not given it is read from the weights' last linear layer."""
+    from .arch import classifier_outputs, record_for, torchvision_model
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model file {path} does not exist")
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and ("state_dict" in obj or "model" in obj):
+        obj = obj.get("state_dict", obj.get("model"))
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors (save one with torch.save(model.state_dict(), PATH))")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    if "num_classes" not in kwargs:
+        linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+        if linears:
+            kwargs["num_classes"] = int(linears[-1].shape[0])
+    model = torchvision_model(name, **kwargs)
+    load_state_dict_checked(model, state, str(path))
+    num_classes = classifier_outputs(model, tuple(input_size))
+    return Checkpoint(model=model, normalization=_normalization(normalization), dataset=_dataset_record(num_classes),
+                      meta={"source": str(path), "imported_from": f"torchvision:{name}"},
+                      input_size=tuple(input_size), record=record_for(model, num_classes))  # type: ignore[arg-type]

@@ -191,7 +191,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if Path(args.out).resolve() == src.resolve():
         raise EkgError("--out must differ from the source file")
-    ckpt = load_checkpoint(src, arch=args.arch)
+    if args.torchvision:
+        from .checkpoint import import_torchvision
+
+        if args.arch:
+            raise EkgError("--arch names a CIFAR ResNet; with --torchvision the architecture is torchvision's")
+        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        ckpt = import_torchvision(src, args.torchvision, input_size=tuple(args.input_size),
+                                  normalization=args.normalization, **kwargs)
+    else:
+        ckpt = load_checkpoint(src, arch=args.arch)
     save_checkpoint(ckpt, args.out)
     c = count(ckpt.model, ckpt.input_size)
     print(f"wrote {args.out}: {ckpt.arch}, {ckpt.num_classes} classes, {human(c.flops)} FLOPs, "
@@ -402,10 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="convert an EKG TF pickle or akamaster .th into an ekg checkpoint")
-    p.add_argument("src", help="res56_cifar10.pkl (original EKG release) or an akamaster .th")
+    p = sub.add_parser("convert", help="convert an EKG TF pickle, an akamaster .th or torchvision weights into an "
+                                       "ekg checkpoint")
+    p.add_argument("src", help="res56_cifar10.pkl (original EKG release), an akamaster .th, or (with --torchvision) "
+                               "a torchvision model's state dict")
     p.add_argument("--out", required=True, metavar="DST.pt")
     p.add_argument("--arch", default=None, help="force an architecture name (default: detected)")
+    p.add_argument("--torchvision", default=None, metavar="NAME",
+                   help="SRC holds the weights of torchvision model NAME (e.g. resnet50); needs the vision extra")
+    p.add_argument("--num-classes", type=int, default=None, help="with --torchvision; default: from the weights")
+    p.add_argument("--input-size", type=int, nargs=3, default=(3, 224, 224), metavar=("C", "H", "W"),
+                   help="with --torchvision: the input size the model expects; default: 3 224 224")
+    p.add_argument("--normalization", default="imagenet",
+                   help="with --torchvision: the normalisation preset its weights expect; default: %(default)s")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train a CIFAR baseline from scratch")
