@@ -357,7 +357,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg = StudyConfig(perturb=args.perturb, swap=(args.swap[0], args.swap[1]), finetune_epochs=args.finetune_epochs,
                       finetune_lr=args.finetune_lr, limit_train=args.limit_train, bootstrap=args.bootstrap,
                       seed=args.seed if args.seed is not None else 0,
-                      landscape=_landscape_config(args, **{**base.landscape.to_dict()}))
+                      landscape=_landscape_config(args, **base.landscape.to_dict()))
     cfg.validate()
     data = _open_data(args)
     rec = study(args.runs, data, args.out, config=cfg, progress=not args.quiet)

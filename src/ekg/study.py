@@ -248,6 +248,7 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
                                        perturb(kept, channels, f, rng), swap=f), base, graph))
 
     rows = []
+    batches_by_norm: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     bar = tqdm(subnets, desc="study", unit="sub-network", disable=not progress)
     for sub, base, graph in bar:
         bar.set_postfix_str(sub.name)
@@ -260,8 +261,11 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
         slim = slim_model(base.model, graph, sub.kept).to(device)
         if cfg.landscape.channels_last:
             slim.to(memory_format=torch.channels_last)
-        norm = get_normalization(base.normalization)
-        batches = fixed_batches(splits.train, norm, cfg.landscape, device)
+        key = json.dumps(base.normalization, sort_keys=True)
+        if key not in batches_by_norm:  # the same fixed images for every sub-network
+            batches_by_norm[key] = fixed_batches(splits.train, get_normalization(base.normalization), cfg.landscape,
+                                                 device)
+        batches = batches_by_norm[key]
         scape = analyse(slim, batches, cfg.landscape, with_surfaces=False, progress=False)
         counts = count(slim, tuple(base.input_size))
         flops, params = counts.flops, counts.params
