@@ -535,3 +535,13 @@ def test_check_equivalent_leaves_train_mode_statistics_alone(r20):
     before = {k: v.clone() for k, v in slim.state_dict().items()}
     check_equivalent(slim, slim, inputs(4, torch.Generator().manual_seed(0)))
     assert all(torch.equal(before[k], v) for k, v in slim.state_dict().items())
+
+
+def test_masks_live_on_the_models_device():
+    """A model on another device gets its masks and score buffers there ('meta' stands in for a
+    GPU here: before this, masks were made on the CPU and a CUDA search failed at its first forward)."""
+    from ekg.masks import MaskedNetwork
+
+    net = MaskedNetwork(create_model("resnet20", 10).to("meta"))
+    assert {g.mask.device.type for g in net.masks} == {"meta"}
+    assert {g.score.device.type for g in net.masks} == {"meta"}

@@ -229,7 +229,10 @@ class MaskedNetwork(nn.Module):
         self.graph = graph if graph is not None else build_graph(model, input_size)
         self.model = model
         self.gates = [Gate(g) for g in self.graph.prunable]
-        self.masks = nn.ModuleList(GroupMask(g.channels) for g in self.graph.prunable)
+        # the masks live where the model's weights are (a model on a GPU gets its masks there)
+        first = next(iter(model.state_dict().values()), None)
+        self.masks = nn.ModuleList(GroupMask(g.channels) for g in self.graph.prunable).to(
+            first.device if first is not None else "cpu")
         self.gm = self._rewrite()
 
     # ------------------------------------------------------------------ graph rewrite
