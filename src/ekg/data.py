@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ImageSet", "DataSplits", "load_data", "download", "Normalization", "NORMALIZATIONS",
     "get_normalization", "AugmentConfig", "augment", "iterate_batches", "iterate_index_batches",
-    "carve_search_sets", "default_cache_dir", "DATA_MODES", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR100_URL", "CIFAR100_MD5",
+    "carve_search_sets", "default_cache_dir", "DATA_MODES", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR100_URL",
+    "CIFAR100_MD5",
 ]
 
 PathLike = Union[str, os.PathLike]

@@ -287,8 +287,9 @@ class FolderSet:
                     x = torch.zeros((0, views, 3, s, s), dtype=torch.uint8, device=target)
                 y = self.labels[m].to(target)
                 factors = None
-                if augment is not None and augment.jitter:
-                    factors = [[f[part].to(target) for f in _jitter_factors(len(b), augment, jitter_gen, torch.device("cpu"))]
+                if augment is not None and augment.jitter:  # drawn for the whole batch, as on one process
+                    cpu = torch.device("cpu")
+                    factors = [[f[part].to(target) for f in _jitter_factors(len(b), augment, jitter_gen, cpu)]
                                for _ in range(views)]
                 out = []
                 for v in range(views):
