@@ -298,6 +298,18 @@ def test_tree_with_mixed_sizes_names_the_file(tmp_path, cache):
         assert load_data(root, cache_dir=cache, progress=False).streamed
 
 
+def test_tree_of_large_images_of_one_size_is_streamed(tmp_path, cache):
+    root = tmp_path / "tree"
+    for split in ("train", "val"):
+        _png(root / split / "a" / "0.png", np.zeros((130, 140, 3), np.uint8))
+    if importlib.util.find_spec("torchvision") is None:
+        with raises_data_error(str(root), "140x130 pixels, larger than the 128x128", 'pip install "ekg[vision]"'):
+            load_data(root, cache_dir=cache, progress=False)
+    else:
+        assert load_data(root, cache_dir=cache, progress=False).streamed
+    assert load_data(root, cache_dir=cache, progress=False, mode="memory").train.images.shape == (1, 3, 130, 140)
+
+
 def test_tree_with_corrupt_image_names_the_file(tmp_path, cache):
     root = tmp_path / "tree"
     for split in ("train", "test"):

@@ -39,7 +39,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-mode", choices=("auto", "memory", "stream"), default="auto",
                    help="how a class-folder tree is read: memory (decoded once into memory; one image size), "
                         "stream (from disk batch by batch with torchvision's transforms: ImageNet), or auto: "
-                        "stream unless the images share one size and fit in 2 GiB; default: %(default)s")
+                        "stream unless the images share one size of at most 128 pixels a side and fit in "
+                        "2 GiB; default: %(default)s")
     p.add_argument("--image-size", type=int, default=None, metavar="S",
                    help="streamed trees: the crop side (RandomResizedCrop for training, CenterCrop for "
                         "evaluation); default: the model's input size, else 224")

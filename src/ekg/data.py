@@ -189,9 +189,9 @@ def load_data(spec: PathLike, *, cache_dir: PathLike | None = None, download: bo
     (:class:`ekg.folder.FolderSet`: decoded batch by batch with torchvision's transforms, sizes
     from ``stream``, a :class:`ekg.folder.StreamConfig`; needs the ``vision`` extra);
     ``"auto"`` (the default) streams a folder tree unless it is *small and uniform*: the images
-    probed (up to 64 per split, headers only) all have one size and the decoded training split
-    would take at most 2 GiB (CIFAR- and Tiny-ImageNet-sized trees stay in memory, ImageNet is
-    streamed). Zips and the CIFAR layouts are always read into memory.
+    probed (up to 64 per split, headers only) all have one size, at most 128 pixels a side, and
+    the decoded training split would take at most 2 GiB (CIFAR- and Tiny-ImageNet-sized trees stay
+    in memory, ImageNet is streamed). Zips and the CIFAR layouts are always read into memory.
 
     Raises :class:`DataError` with the path and the expected layout when the data is missing or
     malformed.
@@ -433,6 +433,7 @@ def _parse_batch(data: bytes, source: str, fmt: _CifarFormat, num_classes: int) 
 # --------------------------------------------------------------------------------------------
 
 _PROBE_PER_SPLIT = 64
+_SMALL_SIDE = 128  # pixels: larger images are streamed (cropped and resized), even if all of one size
 _MEMORY_LIMIT = 2 << 30  # bytes of decoded training pixels above which a uniform tree is streamed anyway
 
 
@@ -454,8 +455,9 @@ def _probe_files(split_dir: Path, limit: int) -> tuple[int, list[Path]]:
 
 
 def _stream_reason(root: Path, held_out: str) -> str | None:
-    """None if the images probed in both splits share one size and the decoded training split fits
-    in ``_MEMORY_LIMIT`` (the tree is then decoded into memory); else why it is streamed."""
+    """None if the images probed in both splits share one size of at most ``_SMALL_SIDE`` pixels a
+    side and the decoded training split fits in ``_MEMORY_LIMIT`` (the tree is then decoded into
+    memory); else why it is streamed."""
     sizes: dict[tuple[int, int], Path] = {}
     count = 0
     for split in ("train", held_out):
@@ -473,6 +475,8 @@ def _stream_reason(root: Path, held_out: str) -> str | None:
     if not sizes:
         return None  # no images at all: the in-memory reader names what is missing
     w, h = next(iter(sizes))
+    if max(w, h) > _SMALL_SIDE:
+        return f"holds images of {w}x{h} pixels, larger than the {_SMALL_SIDE}x{_SMALL_SIDE} held in memory"
     if count * 3 * w * h > _MEMORY_LIMIT:
         return f"holds {count} training images of {w}x{h}, {count * 3 * w * h / 2**30:.1f} GiB decoded"
     return None
