@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import os
 import pickle
@@ -284,8 +285,29 @@ def test_tree_with_mixed_sizes_names_the_file(tmp_path, cache):
     for split in ("train", "test"):
         _png(root / split / "a" / "0.png", np.zeros((8, 8, 3), np.uint8))
     _png(root / "train" / "b" / "1.png", np.zeros((8, 9, 3), np.uint8))
-    with raises_data_error(str(root / "train" / "b" / "1.png"), str(root / "train" / "a" / "0.png"), "same size"):
-        load_data(root, cache_dir=cache, progress=False)
+    _png(root / "test" / "b" / "1.png", np.zeros((8, 8, 3), np.uint8))
+    with raises_data_error(str(root / "train" / "b" / "1.png"), str(root / "train" / "a" / "0.png"), "same size",
+                           "--data-mode stream"):
+        load_data(root, cache_dir=cache, progress=False, mode="memory")
+    # by default such a tree is streamed (tests/test_folder.py), which needs torchvision
+    if importlib.util.find_spec("torchvision") is None:
+        with raises_data_error(str(root / "train" / "b" / "1.png"), str(root / "train" / "a" / "0.png"),
+                               "not all the same size", 'pip install "ekg[vision]"'):
+            load_data(root, cache_dir=cache, progress=False)
+    else:
+        assert load_data(root, cache_dir=cache, progress=False).streamed
+
+
+def test_tree_of_large_images_of_one_size_is_streamed(tmp_path, cache):
+    root = tmp_path / "tree"
+    for split in ("train", "val"):
+        _png(root / split / "a" / "0.png", np.zeros((130, 140, 3), np.uint8))
+    if importlib.util.find_spec("torchvision") is None:
+        with raises_data_error(str(root), "140x130 pixels, larger than the 128x128", 'pip install "ekg[vision]"'):
+            load_data(root, cache_dir=cache, progress=False)
+    else:
+        assert load_data(root, cache_dir=cache, progress=False).streamed
+    assert load_data(root, cache_dir=cache, progress=False, mode="memory").train.images.shape == (1, 3, 130, 140)
 
 
 def test_tree_with_corrupt_image_names_the_file(tmp_path, cache):
@@ -295,6 +317,21 @@ def test_tree_with_corrupt_image_names_the_file(tmp_path, cache):
     (root / "test" / "a" / "1.jpg").write_bytes(b"not a jpeg")
     with raises_data_error(str(root / "test" / "a" / "1.jpg"), "not a readable image"):
         load_data(root, cache_dir=cache, progress=False)
+
+
+def test_streaming_without_torchvision_names_the_extra(tmp_path, monkeypatch):
+    """Streaming needs torchvision's transforms (the ``vision`` extra): one line saying what to install."""
+    import sys
+
+    root = tmp_path / "tree"
+    for split in ("train", "val"):
+        _png(root / split / "a" / "0.png", np.zeros((8, 8, 3), np.uint8))
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.v2"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    with raises_data_error("streaming a class-folder tree", 'pip install "ekg[vision]"'):
+        load_data(root, mode="stream", progress=False)
+    data = load_data(root, mode="auto", cache_dir=tmp_path / "cache", progress=False)  # one small size: in memory
+    assert not data.streamed and data.test.images.shape == (1, 3, 8, 8)  # val/ is the held-out split
 
 
 # ============================================================================ malformed data

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageSet, Normalization, iterate_batches
+from .data import ImageSet, Normalization, iterate_index_batches
 from .distributed import Dist
 from .errors import EkgError
 from .evaluate import batch_statistics_bn
@@ -168,13 +168,11 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
                     continue
                 for gm, m in zip(net.masks, candidates[i]["masks"]):
                     gm.set(m.to(device))
-                n_batches = -(-n // batch_size)
-                for b in dist.shard(n_batches):
-                    rows = slice(b * batch_size, min(n, (b + 1) * batch_size))
-                    x, _ = next(iterate_batches(data.subset(range(n)[rows]), batch_size,
-                                                normalization=normalization, device=device))
+                mine = [range(n)[b * batch_size:(b + 1) * batch_size] for b in dist.shard(-(-n // batch_size))]
+                for rows, (x, _) in zip(mine, iterate_index_batches(data, mine, normalization=normalization,
+                                                                    device=device)):
                     z = net(x).float().cpu().numpy()
-                    out[rows, :, t] = z.astype(np.float16)
+                    out[rows.start:rows.stop, :, t] = z.astype(np.float16)
                     bar.update(len(z) * dist.world_size)
                 out.flush()
                 dist.barrier()  # every rank's rows of this teacher are on disk

@@ -32,10 +32,24 @@ def _add_model_arg(p: argparse.ArgumentParser, default: str | None = None) -> No
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="cifar10", metavar="DIR",
                    help="folder containing (or being) cifar-10-batches-py / cifar-100-python, an official "
-                        ".tar.gz, a train/ test/ class-folder tree or its zips, or the name cifar10/cifar100 "
-                        "(looked up under $EKG_DATA); default: %(default)s")
+                        ".tar.gz, a train/ + val/ (or test/) class-folder tree or its zips, or the name "
+                        "cifar10/cifar100 (looked up under $EKG_DATA); default: %(default)s")
     p.add_argument("--download", action="store_true",
                    help="download missing data or pretrained weights (needs a network)")
+    p.add_argument("--data-mode", choices=("auto", "memory", "stream"), default="auto",
+                   help="how a class-folder tree is read: memory (decoded once into memory; one image size), "
+                        "stream (from disk batch by batch with torchvision's transforms: ImageNet), or auto: "
+                        "stream unless the images share one size of at most 128 pixels a side and fit in "
+                        "2 GiB; default: %(default)s")
+    p.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="streamed trees: the crop side (RandomResizedCrop for training, CenterCrop for "
+                        "evaluation); default: the model's input size, else 224")
+    p.add_argument("--resize", type=int, default=None, metavar="R",
+                   help="streamed trees: resize the shorter side to R before the evaluation centre crop "
+                        "(0: no resize); default: image-size x 256/224")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="streamed trees: DataLoader worker processes per process (0: decode in-process); "
+                        "default: the CPUs shared among the processes of this machine, at most 8")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -94,10 +108,18 @@ def _open_model(args: argparse.Namespace, arch: str | None = None) -> Any:
     return load_checkpoint(resolve_model(args.model, download=getattr(args, "download", False)), arch=arch)
 
 
-def _open_data(args: argparse.Namespace) -> Any:
+def _open_data(args: argparse.Namespace, ckpt: Any = None) -> Any:
+    """The --data splits; a streamed tree crops to --image-size, by default the model's input size."""
     from .data import load_data
 
-    return load_data(args.data, download=args.download, progress=sys.stderr.isatty())
+    stream = None
+    if args.data_mode != "memory":
+        from .folder import StreamConfig
+
+        size = args.image_size or (int(ckpt.input_size[-1]) if ckpt is not None else 224)
+        stream = StreamConfig(image_size=size, resize=args.resize, workers=args.workers)
+    return load_data(args.data, download=args.download, progress=sys.stderr.isatty(), mode=args.data_mode,
+                     stream=stream)
 
 
 def _say(args: argparse.Namespace, text: str, end: str = "\n") -> None:
@@ -119,16 +141,16 @@ def cmd_test(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
 
     ckpt = _open_model(args)
-    data = _open_data(args)
+    data = _open_data(args, ckpt)
     if ckpt.num_classes != data.num_classes:
         raise EkgError(
             f"the model predicts {ckpt.num_classes} classes but the data ({data.name}, {args.data}) has "
             f"{data.num_classes}: use a checkpoint trained on this dataset"
         )
     split = data.test if args.split == "test" else data.train
-    if tuple(split.images.shape[1:]) != tuple(ckpt.input_size):
+    if tuple(split.image_size) != tuple(ckpt.input_size):
         raise EkgError(f"the model expects {tuple(ckpt.input_size)} inputs but the images are "
-                       f"{tuple(split.images.shape[1:])}")
+                       f"{tuple(split.image_size)}" + (" (set --image-size)" if data.streamed else ""))
     device = resolve_device(args.device)
     model = ckpt.model.to(device)
     norm = get_normalization(ckpt.normalization)
@@ -246,7 +268,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if out is None:
         raise EkgError("--out is required when there is no --bank")
     ckpt = _open_model(args)
-    data = _open_data(args)
+    data = _open_data(args, ckpt)
     bank = None
     if args.kd != "none":
         bank = bank_for_run(args.bank, data.train, teachers=args.teachers, device=args.dist.device(args.device),
@@ -263,10 +285,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
-                       device=args.device, seed=args.seed)
+                       device=args.device, seed=args.seed, val_per_class=args.val_per_class,
+                       sub_per_class=args.sub_per_class)
     cfg.validate()
     ckpt = _open_model(args)
-    data = _open_data(args)
+    data = _open_data(args, ckpt)
     res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, progress=not args.quiet,
                 dist=args.dist)
     _say(args, f"pruned model: {res.run_dir / 'pruned.pt'}  ({res.checkpoint.arch})")
@@ -282,7 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = SearchConfig(keep=args.keep, device=args.device)
     cfg.validate()
     ckpt = _open_model(args)
-    data = _open_data(args)
+    data = _open_data(args, ckpt)
     summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
                   progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers,
                   speed=_speed(args), dist=args.dist)
@@ -340,7 +363,7 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     if (out / "landscape.json").exists() and not args.force:
         raise EkgError(f"{out / 'landscape.json'} exists; add --force to measure again or choose another --out")
     ckpt = _open_model(args)
-    data = _open_data(args)
+    data = _open_data(args, ckpt)
     rec = landscape(ckpt, data, out, config=cfg, progress=not args.quiet)
     print(f"lambda_max {rec['lambda_max']:.4g}  lambda_min {rec['lambda_min']:.4g}  "
           f"|lambda_min|/lambda_max {rec['neg_ratio']:.4f}  trace {rec['trace']:.4g} (± {rec['trace_stderr']:.2g})  "
@@ -474,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--straightforward", action="store_true",
                    help="evaluate every candidate on the whole network (slower, same decisions)")
     p.add_argument("--seed", type=int, default=0, help="seed of --importance random")
+    p.add_argument("--val-per-class", type=int, default=32, metavar="N",
+                   help="images per class in the search set D_val (the last N of each class); default: %(default)s")
+    p.add_argument("--sub-per-class", type=int, default=256, metavar="N",
+                   help="images per class in the adaptation set D_sub (the first N of each class); "
+                        "default: %(default)s")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prune)

@@ -11,6 +11,9 @@ Readers (see :func:`load_data`):
 * class-per-folder image trees (``train/<class>/*.jpg``, ``test/<class>/...``) as a folder, a zip,
   or a folder holding a ``*train*.zip`` and a ``*test*.zip``; their decoded pixels are cached as
   an ``.npz`` in the cache folder so the images are decoded only once;
+* ImageNet-style trees (``train/<class>/*.JPEG``, ``val/<class>/...``, images of any size) are not
+  held in memory: they are *streamed* from disk (:class:`ekg.folder.FolderSet`, torchvision's
+  transforms in DataLoader workers); every function here that takes an ``ImageSet`` also takes one;
 * the names ``cifar10`` / ``cifar100``, looked up in ``$EKG_DATA`` and the cache folder, and
   optionally downloaded (:func:`download`).
 
@@ -36,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -48,10 +51,14 @@ from . import safe_pickle
 from .errors import DataError, EkgError
 from .io import atomic_path, md5sum
 
+if TYPE_CHECKING:
+    from .folder import FolderSet, StreamConfig
+
 __all__ = [
     "ImageSet", "DataSplits", "load_data", "download", "Normalization", "NORMALIZATIONS",
-    "get_normalization", "AugmentConfig", "augment", "iterate_batches", "carve_search_sets",
-    "default_cache_dir", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR100_URL", "CIFAR100_MD5",
+    "get_normalization", "AugmentConfig", "augment", "iterate_batches", "iterate_index_batches",
+    "carve_search_sets", "default_cache_dir", "DATA_MODES", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR100_URL",
+    "CIFAR100_MD5",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -63,6 +70,7 @@ CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SPLITS = ("train", "test")
+DATA_MODES = ("auto", "memory", "stream")
 _CACHE_VERSION = 1
 _PARALLEL_MIN_IMAGES = 4096  # below this, decoding in-process beats starting workers
 _DECODE_CHUNK = 1024
@@ -106,15 +114,26 @@ class ImageSet:
         """A copy on ``device`` (the same object's tensors if they are already there)."""
         return ImageSet(self.images.to(device), self.labels.to(device), list(self.classes))
 
+    @property
+    def image_size(self) -> tuple[int, int, int]:
+        """``(3, H, W)``: the size of every image, as a model's ``input_size``."""
+        return tuple(int(d) for d in self.images.shape[1:])  # type: ignore[return-value]
+
 
 @dataclass
 class DataSplits:
-    """A dataset's train and test splits, plus where they came from."""
+    """A dataset's train and test splits, plus where they came from. Each split is an in-memory
+    :class:`ImageSet` or, for a streamed ImageNet-style tree, an :class:`ekg.folder.FolderSet`."""
 
     name: str  # "cifar10", "cifar100" or "imagefolder"
-    train: ImageSet
-    test: ImageSet
+    train: ImageSet | FolderSet
+    test: ImageSet | FolderSet
     source: str  # human-readable description of the origin
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are read from disk batch by batch (an ImageNet-style tree)."""
+        return not isinstance(self.train, ImageSet)
 
     @property
     def num_classes(self) -> int:
@@ -146,8 +165,8 @@ def default_cache_dir() -> Path:
 
 
 def load_data(spec: PathLike, *, cache_dir: PathLike | None = None, download: bool = False,
-              progress: bool = True) -> DataSplits:
-    """Load a dataset's train and test splits into memory.
+              progress: bool = True, mode: str = "auto", stream: StreamConfig | None = None) -> DataSplits:
+    """Load a dataset's train and test splits: into memory, or as streamed file lists.
 
     ``spec`` is one of:
 
@@ -159,16 +178,29 @@ def load_data(spec: PathLike, *, cache_dir: PathLike | None = None, download: bo
     * a folder that is or directly contains ``cifar-10-batches-py/`` or ``cifar-100-python/``
       (the official python layouts, any number of images per batch), or the official tarball;
     * the official ``.tar.gz``, read without extracting it;
-    * a class-per-folder image tree (``train/<class>/*.jpg|jpeg|png`` and ``test/<class>/...``),
-      a zip of one, or a folder holding a ``*train*.zip`` and a ``*test*.zip``. Labels are the
-      positions of the class folder names in sorted order; files are sorted by name within a
-      class. Decoded pixels are cached in ``cache_dir`` (default :func:`default_cache_dir`).
+    * a class-per-folder image tree (``train/<class>/*.jpg|jpeg|png`` and ``val/<class>/...`` or
+      ``test/<class>/...``; ``val/`` is the held-out split when both exist), a zip of one, or a
+      folder holding a ``*train*.zip`` and a ``*test*.zip``. Labels are the positions of the class
+      folder names in sorted order; files are sorted by name within a class.
+
+    ``mode`` says how a class-folder tree is read: ``"memory"`` decodes every image into an
+    :class:`ImageSet` (all images of a split must have one size; decoded pixels are cached in
+    ``cache_dir``, default :func:`default_cache_dir`); ``"stream"`` keeps only the file list
+    (:class:`ekg.folder.FolderSet`: decoded batch by batch with torchvision's transforms, sizes
+    from ``stream``, a :class:`ekg.folder.StreamConfig`; needs the ``vision`` extra);
+    ``"auto"`` (the default) streams a folder tree unless it is *small and uniform*: the images
+    probed (up to 64 per split, headers only) all have one size, at most 128 pixels a side, and
+    the decoded training split would take at most 2 GiB (CIFAR- and Tiny-ImageNet-sized trees stay
+    in memory, ImageNet is streamed). Zips and the CIFAR layouts are always read into memory.
 
     Raises :class:`DataError` with the path and the expected layout when the data is missing or
     malformed.
     """
+    if mode not in DATA_MODES:
+        raise DataError(f"unknown data mode {mode!r}: choose one of {', '.join(DATA_MODES)}")
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if isinstance(spec, str) and spec in _CIFAR:
+        _no_stream(mode, f"the name {spec}")
         return _load_named(_CIFAR[spec], cache_root, download, progress)
     path = Path(spec).expanduser()
     if not path.exists():
@@ -176,8 +208,15 @@ def load_data(spec: PathLike, *, cache_dir: PathLike | None = None, download: bo
                         f"or one of the names {', '.join(_CIFAR)}")
     path = path.resolve()
     if path.is_file():
+        _no_stream(mode, str(path))
         return _load_file(path, cache_root, progress)
-    return _load_folder(path, cache_root, progress)
+    return _load_folder(path, cache_root, progress, mode, stream)
+
+
+def _no_stream(mode: str, what: str) -> None:
+    if mode == "stream":
+        raise DataError(f"--data-mode stream reads a class-folder tree (train/<class>/*, val/<class>/* or "
+                        f"test/<class>/*) from disk; {what} is not one (extract a zip into a folder first)")
 
 
 def _load_file(path: Path, cache_root: Path, progress: bool) -> DataSplits:
@@ -189,15 +228,25 @@ def _load_file(path: Path, cache_root: Path, progress: bool) -> DataSplits:
     raise DataError(f"{path} is neither a CIFAR .tar.gz nor a .zip of train/ and test/ class folders")
 
 
-def _load_folder(path: Path, cache_root: Path, progress: bool) -> DataSplits:
+def _load_folder(path: Path, cache_root: Path, progress: bool, mode: str = "auto",
+                 stream: StreamConfig | None = None) -> DataSplits:
     """A folder: a CIFAR layout, an image tree, a pair of zips or a CIFAR tarball, in that order."""
     for fmt in _CIFAR.values():
+        if path.name == fmt.folder or (path / fmt.folder).is_dir():
+            _no_stream(mode, f"{path} (a {fmt.title} python layout)")
         if path.name == fmt.folder:
             return _load_cifar_folder(path, fmt)
         if (path / fmt.folder).is_dir():
             return _load_cifar_folder(path / fmt.folder, fmt)
-    if all((path / split).is_dir() for split in _SPLITS):
-        return _load_image_folder(path, cache_root, progress)
+    held_out = _held_out_split(path)
+    if held_out is not None:
+        reason = _stream_reason(path, held_out) if mode == "auto" else None
+        if mode == "memory" or (mode == "auto" and reason is None):
+            return _load_image_folder(path, cache_root, progress, held_out)
+        from .folder import load_folder_tree
+
+        return load_folder_tree(path, held_out, stream, reason=reason)
+    _no_stream(mode, str(path))
     zips = {split: sorted(path.glob(f"*{split}*.zip")) for split in _SPLITS}
     if all(zips.values()):
         if any(len(found) > 1 for found in zips.values()):
@@ -383,6 +432,55 @@ def _parse_batch(data: bytes, source: str, fmt: _CifarFormat, num_classes: int) 
 # Class-per-folder image trees (folder or zips), decoded once and cached
 # --------------------------------------------------------------------------------------------
 
+_PROBE_PER_SPLIT = 64
+_SMALL_SIDE = 128  # pixels: larger images are streamed (cropped and resized), even if all of one size
+_MEMORY_LIMIT = 2 << 30  # bytes of decoded training pixels above which a uniform tree is streamed anyway
+
+
+def _held_out_split(root: Path) -> str | None:
+    """The held-out split folder of a class-folder tree (``val`` if present, else ``test``), or
+    None if ``root`` has no ``train/`` beside one of them."""
+    if not (root / "train").is_dir():
+        return None
+    return next((s for s in ("val", "test") if (root / s).is_dir()), None)
+
+
+def _probe_files(split_dir: Path, limit: int) -> tuple[int, list[Path]]:
+    """The number of images in ``split_dir/<class>/`` and up to ``limit`` of them spread evenly."""
+    files = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        files += sorted(Path(e.path) for e in os.scandir(class_dir) if e.is_file() and _is_image(e.name))
+    step = max(1, len(files) // limit)
+    return len(files), files[::step][:limit]
+
+
+def _stream_reason(root: Path, held_out: str) -> str | None:
+    """None if the images probed in both splits share one size of at most ``_SMALL_SIDE`` pixels a
+    side and the decoded training split fits in ``_MEMORY_LIMIT`` (the tree is then decoded into
+    memory); else why it is streamed."""
+    sizes: dict[tuple[int, int], Path] = {}
+    count = 0
+    for split in ("train", held_out):
+        n, probe = _probe_files(root / split, _PROBE_PER_SPLIT)
+        count = count or n
+        for path in probe:
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    sizes.setdefault(im.size, path)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise DataError(f"{path} is not a readable image ({_one_line(e)})") from None
+    if len(sizes) > 1:
+        (a, pa), (b, pb) = list(sizes.items())[:2]
+        return f"holds images that are not all the same size ({pa} is {a[0]}x{a[1]}, {pb} is {b[0]}x{b[1]})"
+    if not sizes:
+        return None  # no images at all: the in-memory reader names what is missing
+    w, h = next(iter(sizes))
+    if max(w, h) > _SMALL_SIDE:
+        return f"holds images of {w}x{h} pixels, larger than the {_SMALL_SIDE}x{_SMALL_SIDE} held in memory"
+    if count * 3 * w * h > _MEMORY_LIMIT:
+        return f"holds {count} training images of {w}x{h}, {count * 3 * w * h / 2**30:.1f} GiB decoded"
+    return None
+
 
 @dataclass(frozen=True)
 class _ImageFile:
@@ -403,16 +501,17 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _load_image_folder(root: Path, cache_root: Path, progress: bool) -> DataSplits:
-    """``root/train/<class>/*`` and ``root/test/<class>/*``; cached by every file's path, size and mtime."""
+def _load_image_folder(root: Path, cache_root: Path, progress: bool, held_out: str = "test") -> DataSplits:
+    """``root/train/<class>/*`` and ``root/<held_out>/<class>/*`` (the test split); cached by every
+    file's path, size and mtime."""
     files, stats = [], []
-    for split in _SPLITS:
-        for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+    for split, folder in zip(_SPLITS, ("train", held_out)):
+        for class_dir in sorted(p for p in (root / folder).iterdir() if p.is_dir()):
             for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
                 if entry.is_file() and _is_image(entry.name):
                     st = entry.stat()
                     files.append(_ImageFile(split, class_dir.name, entry.name, entry.path))
-                    stats.append((f"{split}/{class_dir.name}/{entry.name}", st.st_size, st.st_mtime_ns))
+                    stats.append((f"{folder}/{class_dir.name}/{entry.name}", st.st_size, st.st_mtime_ns))
     key = _cache_key("folder", str(root), stats)
     return _load_tree(lambda: files, key, f"image folders {root}", cache_root, progress)
 
@@ -512,7 +611,8 @@ def _decode_chunk(blobs: list[bytes], names: list[str], size: tuple[int, int], r
         img = _decode_one(blob, name)
         if img.shape[:2] != size:
             raise DataError(f"{name} is {img.shape[1]}x{img.shape[0]} pixels but {reference} is {size[1]}x{size[0]}: "
-                            "all images in a split must have the same size")
+                            "all images in a split must have the same size to be held in memory (a folder tree "
+                            "of any sizes can be streamed: --data-mode stream)")
         out[i] = img
     return out
 
@@ -770,12 +870,22 @@ def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     weights sum to 1, ``x3 = fs*fc*x + (1-fs)*fc*gray(x) + fs*shift + (1-fs)*gray(shift)``: one pass
     over the pixels instead of eight, with the same result up to float rounding.
     """
-    n, device = x.shape[0], x.device
+    return _apply_jitter(x, *_jitter_factors(x.shape[0], cfg, generator, x.device))
+
+
+def _jitter_factors(n: int, cfg: AugmentConfig, generator: torch.Generator,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-image ``(b, fc, fs)`` of :func:`_color_jitter`, each ``(n, 1, 1, 1)``, drawn in that order."""
     ones = torch.ones(n, 1, 1, 1, device=device)
     b = _uniform(n, 255.0 * cfg.brightness, generator, device) if cfg.brightness else torch.zeros_like(ones)
     fc = 1 + _uniform(n, cfg.contrast, generator, device) if cfg.contrast else ones
     fs = 1 + _uniform(n, cfg.saturation, generator, device) if cfg.saturation else ones
-    weights = torch.tensor(_GRAY, device=device).view(1, 3, 1, 1)
+    return b, fc, fs
+
+
+def _apply_jitter(x: torch.Tensor, b: torch.Tensor, fc: torch.Tensor, fs: torch.Tensor) -> torch.Tensor:
+    """The colour jitter of :func:`_color_jitter` with given factors (on ``x``'s device), then clamp."""
+    weights = torch.tensor(_GRAY, device=x.device).view(1, 3, 1, 1)
     shift = (1 - fc) * x.mean(dim=(2, 3), keepdim=True) + b  # (n, 3, 1, 1)
     offset = fs * shift + (1 - fs) * (shift * weights).sum(dim=1, keepdim=True)
     out = torch.addcmul(offset, fs * fc, x)
@@ -812,10 +922,11 @@ def _flip_pad_crop(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generat
 # --------------------------------------------------------------------------------------------
 
 
-def iterate_batches(data: ImageSet, batch_size: int, *, shuffle: bool = False,
+def iterate_batches(data: ImageSet | FolderSet, batch_size: int, *, shuffle: bool = False,
                     generator: torch.Generator | None = None, augment: AugmentConfig | None = None,
                     normalization: Normalization | None = None, drop_last: bool = False,
-                    device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    device: torch.device | str | None = None,
+                    part: slice | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x float32, y int64)`` batches on ``device`` (default: the data's device).
 
     The epoch's permutation (when ``shuffle``) is drawn from ``generator`` (or torch's global RNG)
@@ -823,31 +934,61 @@ def iterate_batches(data: ImageSet, batch_size: int, *, shuffle: bool = False,
     generator on ``device``; so the same generator state gives identical batches, whatever the
     devices. ``x`` is augmented (if ``augment``) and normalised (if ``normalization``), else it
     is float32 on the 0..255 scale. CPU data bound for a GPU is copied per batch through pinned
-    memory.
+    memory. With ``part`` (a process's :meth:`~ekg.distributed.Dist.part` of ``batch_size``) only
+    those rows of each batch are yielded: the batches and their random draws are those of one
+    process, and a streamed set loads only those rows.
+
+    A streamed set (:class:`ekg.folder.FolderSet`) is read in DataLoader workers: unaugmented
+    images through the evaluation transform (resize, centre crop), augmented ones through
+    RandomResizedCrop and (if ``augment.flip``) a horizontal flip drawn per image from the same
+    seed, the colour jitter (if ``augment.jitter``) on the device; ``augment.pad`` is not used.
     """
     if batch_size < 1:
         raise EkgError(f"batch_size must be at least 1, got {batch_size}")
-    target = torch.device(device) if device is not None else data.images.device
+    target = torch.device(device) if device is not None else data.device
     gen_device = generator.device if generator is not None else torch.device("cpu")
     n = len(data)
     order = torch.randperm(n, generator=generator, device=gen_device) if shuffle else torch.arange(n)
-    aug = (augment, _derived_generator(generator, gen_device, target)) if augment is not None else None
     stop = n - n % batch_size if drop_last else n
-    return _batches(data, order[:stop].to(data.images.device).split(batch_size), target, aug, normalization)
+    if not isinstance(data, ImageSet):  # streamed from disk
+        seed = _draw_seed(generator, gen_device) if augment is not None else None
+        batches = order[:stop].cpu().split(batch_size)
+        return ((views[0], y) for views, y, _ in data.stream(batches, target, augment=augment, seed=seed,
+                                                              normalization=normalization, part=part))
+    aug = (augment, _derived_generator(generator, gen_device, target)) if augment is not None else None
+    return _batches(data, order[:stop].to(data.images.device).split(batch_size), target, aug, normalization, part)
+
+
+def iterate_index_batches(data: ImageSet | FolderSet, batches: Sequence[Any], *,
+                          normalization: Normalization | None = None,
+                          device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield the unaugmented ``(x, y)`` of each batch of positions in ``batches`` (tensors, lists,
+    ranges or arrays), in that order, on ``device`` (default: the data's device): the batches of
+    :func:`iterate_batches` for chosen rows, e.g. a process's share of a pass in dataset order."""
+    target = torch.device(device) if device is not None else data.device
+    index = [_as_index(b, torch.device("cpu")) for b in batches]
+    if not isinstance(data, ImageSet):
+        return ((views[0], y) for views, y, _ in data.stream(index, target, normalization=normalization))
+    return _batches(data, [i.to(data.images.device) for i in index], target, None, normalization)
+
+
+def _draw_seed(generator: torch.Generator | None, gen_device: torch.device) -> int:
+    """One draw from ``generator`` (global RNG if None): the seed of an epoch's augmentation."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
 
 
 def _derived_generator(generator: torch.Generator | None, gen_device: torch.device,
                        target: torch.device) -> torch.Generator:
     """A generator on ``target`` seeded by one draw from ``generator`` (global RNG if None)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
+    seed = _draw_seed(generator, gen_device)
     derived = torch.Generator(device=target)
     derived.manual_seed(seed)
     return derived
 
 
 def _batches(data: ImageSet, batches: Sequence[torch.Tensor], target: torch.device,
-             aug: tuple[AugmentConfig, torch.Generator] | None, normalization: Normalization | None
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             aug: tuple[AugmentConfig, torch.Generator] | None, normalization: Normalization | None,
+             part: slice | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     pin = target.type == "cuda" and data.images.device.type == "cpu"
     for idx in batches:
         x, y = data.images[idx], data.labels[idx]
@@ -855,6 +996,8 @@ def _batches(data: ImageSet, batches: Sequence[torch.Tensor], target: torch.devi
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(target, non_blocking=pin), y.to(target, non_blocking=pin)
         x = augment(x, *aug) if aug is not None else x.to(torch.float32)
+        if part is not None:  # the whole batch is drawn and augmented, as on one process
+            x, y = x[part], y[part]
         if normalization is not None:
             x = normalization.apply(x)
         yield x, y
@@ -865,8 +1008,8 @@ def _batches(data: ImageSet, batches: Sequence[torch.Tensor], target: torch.devi
 # --------------------------------------------------------------------------------------------
 
 
-def carve_search_sets(train: ImageSet, *, val_per_class: int = 32, sub_per_class: int = 256,
-                      seed: int = 1) -> tuple[ImageSet, ImageSet]:
+def carve_search_sets(train: ImageSet | FolderSet, *, val_per_class: int = 32, sub_per_class: int = 256,
+                      seed: int = 1) -> tuple[Any, Any]:
     """``(D_val, D_sub)``: the small sets EKG's sub-network search uses, carved as the release did.
 
     For each class ``c`` in label order, ``idx_c`` = positions of class ``c`` in training-set order.
@@ -875,6 +1018,7 @@ def carve_search_sets(train: ImageSet, *, val_per_class: int = 32, sub_per_class
     concatenated over classes (``np.hstack``) and shuffled once with a fresh
     ``np.random.RandomState(seed).shuffle`` (the release's ``np.random.seed(1); np.random.shuffle``).
     Raises :class:`DataError` if a class has fewer than ``val_per_class + sub_per_class`` images.
+    Works alike on a streamed set (the sets are subsets of its file list).
     """
     labels = train.labels.cpu().numpy()
     val_parts, sub_parts = [], []
@@ -888,7 +1032,7 @@ def carve_search_sets(train: ImageSet, *, val_per_class: int = 32, sub_per_class
     return _shuffled_subset(train, val_parts, seed), _shuffled_subset(train, sub_parts, seed)
 
 
-def _shuffled_subset(train: ImageSet, parts: list[np.ndarray], seed: int) -> ImageSet:
+def _shuffled_subset(train: Any, parts: list[np.ndarray], seed: int) -> Any:
     idx = np.hstack(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
     np.random.RandomState(seed).shuffle(idx)
     return train.subset(idx)

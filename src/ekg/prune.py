@@ -136,8 +136,9 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
         net_model.load_state_dict(torch.load(adapted, map_location=device, weights_only=True)["state_dict"])
     else:
         if cfg.adapt:
-            adapt(net_model, iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True), cfg,
-                  dist=dist)
+            part = dist.part(cfg.batch_size) if dist.enabled else None  # each rank loads its share of a batch
+            adapt(net_model, iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True,
+                                             part=part), cfg, dist=dist)
             # the ranks agree already (same summed gradients); rank 0's copy makes it exact
             dist.broadcast_([*net_model.parameters(), *net_model.buffers()])
         if dist.is_main:
@@ -198,7 +199,7 @@ def checkpoint_of_module(model: nn.Module, splits: DataSplits, *, input_size: tu
                          factory: str | None = None, factory_kwargs: dict[str, Any] | None = None) -> Checkpoint:
     """A user's module as an ekg checkpoint: ``input_size`` defaults to the data's image size, the
     normalisation to the dataset's preset (ImageNet's for other data)."""
-    size = tuple(input_size) if input_size is not None else tuple(int(d) for d in splits.train.images.shape[1:])
+    size = tuple(input_size) if input_size is not None else tuple(splits.train.image_size)
     if len(size) != 3:
         raise EkgError(f"input_size must be (channels, height, width), got {size}")
     if normalization is None:

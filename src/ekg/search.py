@@ -146,6 +146,9 @@ class SearchConfig:
             raise EkgError(f"--step must lie in (0, 1], got {self.step}")
         if self.batch_size < 2:
             raise EkgError("--batch-size must be at least 2 (BN uses batch statistics in the search)")
+        if self.val_per_class < 1 or self.sub_per_class < 0:
+            raise EkgError(f"--val-per-class must be at least 1 and --sub-per-class at least 0, got "
+                           f"{self.val_per_class} and {self.sub_per_class}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -601,10 +604,12 @@ def adapt(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
           dist: Dist | None = None) -> None:
     """Phase 1: one epoch of SGD (Nesterov) on D_sub with BN in training mode.
 
-    On several processes (``dist``) each rank runs its consecutive share of every batch, BN
-    normalises with the whole batch's statistics (:func:`~ekg.distributed.synced_batchnorm`) and
-    the gradients of the batch's summed loss are summed over ranks: the step of one process on the
-    whole batch, up to float rounding."""
+    On several processes (``dist``) each rank runs its consecutive share of every batch of
+    ``cfg.batch_size`` (``batches`` yields either whole batches, of which it takes its
+    :meth:`~ekg.distributed.Dist.part`, or only that part, as ``iterate_batches(..., part=...)``
+    does), BN normalises with the whole batch's statistics
+    (:func:`~ekg.distributed.synced_batchnorm`) and the gradients of the batch's summed loss are
+    summed over ranks: the step of one process on the whole batch, up to float rounding."""
     dist = dist or Dist()
     params = [p for p in model.parameters()]
     for p in params:
@@ -615,8 +620,10 @@ def adapt(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     with synced_batchnorm(model, dist):
         for x, y in batches:
             if dist.enabled:
-                part = dist.part(len(y))
-                loss = F.cross_entropy(model(x[part]), y[part], reduction="sum") / len(y)
+                if len(y) == cfg.batch_size:  # a whole batch: this rank's part of it
+                    part = dist.part(len(y))
+                    x, y = x[part], y[part]
+                loss = F.cross_entropy(model(x), y, reduction="sum") / cfg.batch_size
             else:
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, save_checkpoint
 from .bank import MemoryBank
 from .distributed import Dist
-from .data import AugmentConfig, DataSplits, augment, get_normalization, iterate_batches
+from .data import AugmentConfig, DataSplits, ImageSet, augment, get_normalization, iterate_batches
 from .distill import KD_MODES, kd_loss
 from .errors import EkgError
 from .evaluate import evaluate
@@ -189,8 +189,9 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
         norm_record = dict(init.normalization)
     else:
         norm_name = cfg.normalization
-        if norm_name == "auto":
-            norm_name = data.name if data.name in ("cifar10", "cifar100") else "cifar10"
+        if norm_name == "auto":  # ImageNet's for a streamed (ImageNet-style) tree
+            norm_name = data.name if data.name in ("cifar10", "cifar100") else \
+                "imagenet" if data.streamed else "cifar10"
         norm = get_normalization(norm_name)
         norm_record = {"name": norm_name, "mean": list(norm.mean), "std": list(norm.std)}
     normalization = get_normalization(norm_record)
@@ -250,9 +251,9 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             train_model.train()
             gen = epoch_generator(cfg.seed, epoch, device)
             if cfg.kd == "none":
-                batches = ((x[part], y[part], None) for x, y in iterate_batches(
+                batches = ((x, y, None) for x, y in iterate_batches(
                     train_set, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment,
-                    normalization=normalization, drop_last=True))
+                    normalization=normalization, drop_last=True, part=part))
             else:
                 batches = _two_view_batches(train_set, cfg, gen, normalization, bank, part)
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -376,11 +377,19 @@ def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normali
                       bank: MemoryBank | None, part: slice = slice(None)):
     """Shuffled batches of (two augmented views, labels, teacher logits (B, T, classes)): the
     bank's rows are read by each image's index in the training set. Each batch is drawn and
-    augmented whole (the same images as on one process); ``part`` of it is yielded."""
+    augmented whole (the same images as on one process); ``part`` of it is yielded. A streamed
+    set (:class:`ekg.folder.FolderSet`) loads only ``part`` of each batch, two crops per decode."""
     n = len(data)
     order = torch.randperm(n, generator=gen, device=gen.device)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
+    if not isinstance(data, ImageSet):
+        batches = order[: n - n % cfg.batch_size].cpu().split(cfg.batch_size)
+        for views, y, idx in data.stream(batches, data.device, augment=cfg.augment, seed=seed,
+                                         normalization=normalization, part=part, views=2):
+            yield views, y, bank.batch(idx, device=data.device) if bank is not None else None
+        return
     aug_gen = torch.Generator(device=data.images.device)
-    aug_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item()))
+    aug_gen.manual_seed(seed)
     for idx in order[: n - n % cfg.batch_size].to(data.images.device).split(cfg.batch_size):
         raw, y = data.images[idx], data.labels[idx]
         views = [normalization.apply(augment(raw, cfg.augment, aug_gen))[part] for _ in range(2)]
@@ -398,7 +407,7 @@ def _save_epoch(out: Path, cfg: TrainConfig, data: DataSplits, model: torch.nn.M
         meta["source"] = str(init.meta["source"])
     ckpt = Checkpoint(model=model, normalization=dict(norm_record),
                       dataset={"name": data.name, "num_classes": data.num_classes}, meta=meta,
-                      input_size=tuple(init.input_size) if init is not None else (3, 32, 32),
+                      input_size=tuple(init.input_size) if init is not None else data.train.image_size,
                       record=None if init is None or init.record is None else init.record)
     save_checkpoint(ckpt, out / "model.pt")
     state = {"config": cfg.to_dict(), "epoch": epoch,
