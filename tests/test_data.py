@@ -679,3 +679,18 @@ def test_carve_search_sets_matches_the_release(exact):
 def test_carve_search_sets_needs_enough_images(exact):
     with raises_data_error("fewer than", "32 + 1000"):
         carve_search_sets(exact.train, sub_per_class=1000)
+
+
+def test_batch_positions_never_yield_an_empty_batch():
+    """Fewer images than one batch with drop_last gives no batch at all. Before, `split` of an empty
+    order gave one empty batch; through a training-mode BN that made NaN statistics (an adaptation
+    epoch on a D_sub smaller than a batch ended in NaN under torchrun)."""
+    order = torch.arange(10)
+    assert D.batch_positions(order, 4) and [len(b) for b in D.batch_positions(order, 4)] == [4, 4, 2]
+    assert [len(b) for b in D.batch_positions(order, 4, drop_last=True)] == [4, 4]
+    assert D.batch_positions(order, 16, drop_last=True) == []
+    assert D.batch_positions(torch.arange(0), 4) == []
+    data = ImageSet(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.zeros(10, dtype=torch.long), ["a"])
+    assert list(D.iterate_batches(data, 16, drop_last=True)) == []
+    assert list(D.iterate_batches(data, 16, drop_last=True, part=slice(8, 16))) == []
+    assert [len(y) for _, y in D.iterate_batches(data, 16)] == [10]

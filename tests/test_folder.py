@@ -337,8 +337,7 @@ def test_prune_and_finetune_on_two_processes_match_one_on_a_streamed_tree(tree, 
     widths = {}
     for nproc in (1, 2):
         run = tmp_path / f"np{nproc}"
-        # D_sub of 260 images: one adaptation batch of 256 (with none, `ekg prune` on several processes
-        # ends in NaN on in-memory data as well: a separate bug)
+        # D_sub of 260 images: one adaptation batch of 256, split over the ranks
         torchrun(nproc, "prune", "--model", str(model), *data, "--keep", "0.85", "--val-per-class", "4",
                  "--sub-per-class", "26", "--out", str(run), cwd=tmp_path)
         widths[nproc] = json.loads((run / "widths.json").read_text())["groups"]

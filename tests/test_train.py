@@ -102,3 +102,10 @@ def test_resume_drops_log_lines_past_the_saved_epoch(tmp_path):
     log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epoch": 4, "tra')  # killed mid-line
     _truncate_log(log, 2)
     assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused(tmp_path, exact):
+    cfg = TrainConfig(arch="resnet20", epochs=1, batch_size=64, limit_train=40, limit_test=16, device="cpu")
+    with pytest.raises(EkgError, match="40 images, fewer than one batch of 64"):
+        train(cfg, exact, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing half-written

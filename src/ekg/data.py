@@ -949,14 +949,22 @@ def iterate_batches(data: ImageSet | FolderSet, batch_size: int, *, shuffle: boo
     gen_device = generator.device if generator is not None else torch.device("cpu")
     n = len(data)
     order = torch.randperm(n, generator=generator, device=gen_device) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
     if not isinstance(data, ImageSet):  # streamed from disk
         seed = _draw_seed(generator, gen_device) if augment is not None else None
-        batches = order[:stop].cpu().split(batch_size)
+        batches = batch_positions(order.cpu(), batch_size, drop_last=drop_last)
         return ((views[0], y) for views, y, _ in data.stream(batches, target, augment=augment, seed=seed,
                                                               normalization=normalization, part=part))
     aug = (augment, _derived_generator(generator, gen_device, target)) if augment is not None else None
-    return _batches(data, order[:stop].to(data.images.device).split(batch_size), target, aug, normalization, part)
+    return _batches(data, batch_positions(order.to(data.images.device), batch_size, drop_last=drop_last), target, aug,
+                    normalization, part)
+
+
+def batch_positions(order: torch.Tensor, batch_size: int, *, drop_last: bool = False) -> list[torch.Tensor]:
+    """``order`` cut into consecutive batches of ``batch_size`` (the last one shorter, or dropped
+    with ``drop_last``). No batches at all when nothing is left, never an empty one: an empty
+    batch through a BatchNorm in training mode gives NaN statistics."""
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    return list(order[:stop].split(batch_size)) if stop else []
 
 
 def iterate_index_batches(data: ImageSet | FolderSet, batches: Sequence[Any], *,

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, save_checkpoint
 from .bank import MemoryBank
 from .distributed import Dist
-from .data import AugmentConfig, DataSplits, ImageSet, augment, get_normalization, iterate_batches
+from .data import AugmentConfig, DataSplits, ImageSet, augment, batch_positions, get_normalization, iterate_batches
 from .distill import KD_MODES, kd_loss
 from .errors import EkgError
 from .evaluate import evaluate
@@ -198,6 +198,9 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
 
     train_set = data.train if cfg.limit_train is None else data.train.subset(range(min(cfg.limit_train, len(data.train))))
     test_set = data.test if cfg.limit_test is None else data.test.subset(range(min(cfg.limit_test, len(data.test))))
+    if len(train_set) < cfg.batch_size:
+        raise EkgError(f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
+                       "lower --batch-size (or raise --limit-train)")
     train_set, test_set = train_set.to(device), test_set.to(device)
 
     if init is not None:
@@ -383,14 +386,14 @@ def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normali
     order = torch.randperm(n, generator=gen, device=gen.device)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
     if not isinstance(data, ImageSet):
-        batches = order[: n - n % cfg.batch_size].cpu().split(cfg.batch_size)
+        batches = batch_positions(order.cpu(), cfg.batch_size, drop_last=True)
         for views, y, idx in data.stream(batches, data.device, augment=cfg.augment, seed=seed,
                                          normalization=normalization, part=part, views=2):
             yield views, y, bank.batch(idx, device=data.device) if bank is not None else None
         return
     aug_gen = torch.Generator(device=data.images.device)
     aug_gen.manual_seed(seed)
-    for idx in order[: n - n % cfg.batch_size].to(data.images.device).split(cfg.batch_size):
+    for idx in batch_positions(order.to(data.images.device), cfg.batch_size, drop_last=True):
         raw, y = data.images[idx], data.labels[idx]
         views = [normalization.apply(augment(raw, cfg.augment, aug_gen))[part] for _ in range(2)]
         teachers = bank.batch(idx[part], device=data.images.device) if bank is not None else None
