@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ekg.errors import EkgError
 from ekg.graph import ChannelGroup
 from ekg.masks import Gate, MaskedNetwork, kept_channels, ranks_from_scores
 from ekg.models import create_model
@@ -887,3 +888,19 @@ def test_step_never_revives_a_masked_channel_dead_relu(fresh: MaskedNetwork, bat
     finally:
         bn.bias[3] = saved
         bn2.weight.copy_(saved2)
+
+
+def test_fast_evaluator_falls_back_when_its_cache_would_not_fit(fresh: MaskedNetwork, batches) -> None:
+    """The activation cache is measured (bytes per image × images); over the limit, the evaluator
+    runs each candidate on the whole network instead (ImageNet-sized D_val would not fit)."""
+    fits = CandidateEvaluator(fresh, batches, fast=True)
+    fits.limit_cache(None)  # the free memory of this machine: a few CIFAR batches fit
+    assert fits.fast and fits.cache_bytes > 0 and not fits.note
+    n = sum(len(y) for _, y in batches)
+    _, *kept = fits._base(batches[0][0][:2])
+    assert fits.cache_bytes == sum(v.numel() * v.element_size() for v in kept) // 2 * n
+    small = CandidateEvaluator(fresh, batches, fast=True)
+    small.limit_cache(fits.cache_bytes / 2**30 / 2)  # half of what it needs
+    assert not small.fast and "GiB of activations" in small.note
+    with pytest.raises(EkgError, match="search-cache-gb"):
+        SearchConfig(cache_gb=-1).validate()

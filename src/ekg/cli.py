@@ -63,6 +63,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     _add_device_arg(p)
     p.add_argument("--keep", type=float, default=0.45, help="target FLOPs ratio in (0, 1); default: %(default)s")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
+    p.add_argument("--search-cache-gb", type=float, default=None, metavar="GB",
+                   help="memory the search may use to cache activations (the same decisions, less compute); "
+                        "above it, each candidate runs the whole network; default: half the device's free memory")
 
 
 def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
@@ -286,7 +289,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
                        device=args.device, seed=args.seed, val_per_class=args.val_per_class,
-                       sub_per_class=args.sub_per_class)
+                       sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb)
     cfg.validate()
     ckpt = _open_model(args)
     data = _open_data(args, ckpt)
@@ -302,7 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run, summary_markdown
     from .search import SearchConfig
 
-    cfg = SearchConfig(keep=args.keep, device=args.device)
+    cfg = SearchConfig(keep=args.keep, device=args.device, cache_gb=args.search_cache_gb)
     cfg.validate()
     ckpt = _open_model(args)
     data = _open_data(args, ckpt)

@@ -75,7 +75,7 @@ def _check_resume(out: Path, cfg: SearchConfig, resume: bool) -> None:
         raise EkgError(f"{out} already holds a pruning run; add --resume to continue it or choose another --out")
     if resume and cfg_path.exists():
         saved = SearchConfig.from_dict(json.loads(cfg_path.read_text())["search"])
-        ignore = {"device", "fast"}  # how the search runs, not what it decides (fast is exact)
+        ignore = {"device", "fast", "cache_gb"}  # how the search runs, not what it decides (fast is exact)
         diff = [k for k in saved.to_dict() if k not in ignore and getattr(saved, k) != getattr(cfg, k)]
         if diff:
             raise EkgError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(diff)}")
@@ -154,6 +154,8 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
     with batch_statistics_bn(net_model):
         net = MaskedNetwork(net_model, input_size=tuple(ckpt.input_size))
         searcher = Searcher(net, val_batches, cfg, dist=dist)
+        if searcher.evaluator.note and dist.is_main:
+            tqdm.write(f"note: {searcher.evaluator.note}")
         if have_state:
             state = SearchState.from_dict(torch.load(state_path, map_location="cpu", weights_only=True))
         else:

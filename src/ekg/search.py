@@ -17,6 +17,7 @@ activations of every graph node that a candidate does not change; both make the 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -132,6 +133,7 @@ class SearchConfig:
     adapt_weight_decay: float = 5e-4
     bn_ops: bool = False               # count 2 ops per BN output element in the FLOPs ratio
     fast: bool = True                  # re-use unchanged activations per candidate (same decisions)
+    cache_gb: float | None = None      # fast mode's activation cache limit; None: half the free memory
     sliced: bool = True                # channels-last, kept-channels-only layers (same function, less work)
     device: str = "auto"
 
@@ -146,6 +148,8 @@ class SearchConfig:
             raise EkgError(f"--step must lie in (0, 1], got {self.step}")
         if self.batch_size < 2:
             raise EkgError("--batch-size must be at least 2 (BN uses batch statistics in the search)")
+        if self.cache_gb is not None and self.cache_gb < 0:
+            raise EkgError(f"--search-cache-gb must be at least 0, got {self.cache_gb}")
         if self.val_per_class < 1 or self.sub_per_class < 0:
             raise EkgError(f"--val-per-class must be at least 1 and --sub-per-class at least 0, got "
                            f"{self.val_per_class} and {self.sub_per_class}")
@@ -243,6 +247,27 @@ class CandidateEvaluator:
                 self._tails.append(_tail_module(net.gm, affected, frontier))
             self._kept = sorted({n for f in self._frontier for n in f}, key=order.__getitem__)
             self._base = _base_module(net.gm, self._kept)
+        self.cache_bytes = 0  # fast mode: what the cached activations of this rank's batches take
+        self.note = ""
+
+    def limit_cache(self, limit_gb: float | None) -> None:
+        """Fall back on straightforward evaluation (the same decisions, more compute) when the fast
+        mode's activation cache for this rank's batches would exceed ``limit_gb`` (None: half the
+        free memory of the device, e.g. ImageNet's D_val at 224 px). Measured on one image."""
+        if not self.fast or not self.local:
+            return
+        x = self.batches[self.local[0]][0][:2]  # two images: BN on batch statistics needs more than one
+        with torch.no_grad():
+            _, *kept = self._base(x)
+        per_image = sum(v.numel() * v.element_size() for v in kept) // len(x)
+        self.cache_bytes = per_image * sum(len(self.batches[b][1]) for b in self.local)
+        limit = limit_gb * 2**30 if limit_gb is not None else free_memory(x.device) / 2
+        if self.cache_bytes > limit:
+            self.note = (f"the fast search would cache {self.cache_bytes / 2**30:.1f} GiB of activations "
+                         f"(limit {limit / 2**30:.1f} GiB): evaluating each candidate on the whole network "
+                         "instead (the same decisions; --search-cache-gb or a smaller --val-per-class changes this)")
+            self.fast = False
+            self.cache_bytes = 0
 
     def _downstream(self, gate_index: int) -> set[fx.Node]:
         """Nodes whose value depends on gate ``gate_index``'s mask."""
@@ -439,6 +464,19 @@ class SearchState:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
 def pack_masks(net: MaskedNetwork) -> list[torch.Tensor]:
     """The current masks, one bool tensor per gate (for the history / memory bank)."""
     return [gm.mask.bool().cpu().clone() for gm in net.masks]
@@ -455,6 +493,14 @@ class Searcher:
             val_batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in val_batches]
         self.net, self.batches, self.cfg, self.dist = net, val_batches, cfg, dist or Dist()
         self.evaluator = CandidateEvaluator(net, val_batches, fast=cfg.fast, dist=self.dist)
+        self.evaluator.limit_cache(cfg.cache_gb)
+        # every rank takes the same path (a rank that falls back makes the others fall back too)
+        if cfg.fast and self.dist.enabled:
+            slow = self.dist.all_reduce_sum(torch.tensor([float(not self.evaluator.fast)],
+                                                         device=self.evaluator.labels.device))
+            if float(slow) > 0 and self.evaluator.fast:
+                self.evaluator.fast = False
+                self.evaluator.note = self.evaluator.note or "another process's activation cache would not fit"
         self.full_cost = net.graph.cost(net.graph.full_widths(), bn_ops=cfg.bn_ops)
 
     # -- budget
