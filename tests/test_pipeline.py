@@ -38,3 +38,17 @@ def test_ekg_run_end_to_end_and_rerun_skips_finished_phases(tmp_path, shared_dat
     # other settings in the same directory are refused
     assert main(args[:-1] + ["--kd", "none", "--quiet"]) == 1
     assert "other settings" in capsys.readouterr().err
+
+
+def test_summary_shows_gpu_latency_when_measured():
+    """A run on a GPU adds fp32 GPU latency rows (batch sizes of the CPU rows, and 256)."""
+    from ekg.pipeline import summary_markdown
+
+    side = {"top1": 90.0, "top5": 99.0, "loss": 0.3, "flops": 2e6, "params": 1e5, "n_images": 10,
+            "latency_cpu_ms": {"b1": 2.0}, "checkpoint_bytes": 1e6}
+    s = {"settings": {"keep": 0.5, "preset": "quick", "kd": "ensemble"}, "flops_convention": "MACs",
+         "original": side, "pruned": side, "flops_reduction": 0.5, "params_reduction": 0.5}
+    assert "GPU latency" not in summary_markdown(s)
+    gpu = {**side, "latency_gpu_ms": {"b1": 0.5, "b256": 3.25}, "gpu": "NVIDIA H200"}
+    text = summary_markdown({**s, "original": gpu, "pruned": gpu})
+    assert "| GPU latency batch 256 (ms, median, fp32, NVIDIA H200) | 3.250 | 3.250 |" in text

@@ -127,19 +127,21 @@ def evaluate(model: nn.Module, data: ImageSet, normalization: Normalization, *, 
 @torch.inference_mode()
 def measure_latency(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1, *,
                     device: torch.device | str = "cpu", warmup: int = 5, iters: int = 30) -> dict[str, float]:
-    """Wall-clock latency of one forward pass (median and p90 over ``iters``, in milliseconds)."""
+    """Wall-clock latency of one forward pass (median and p90 over ``iters``, in milliseconds), in
+    inference mode (no autograd bookkeeping, as a deployed model runs)."""
     model.eval()
     x = torch.randn(batch_size, *input_size, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model(x)
-    sync()
     times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        model(x)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
         sync()
-        times.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return {"batch_size": batch_size, "median_ms": statistics.median(times),
             "p90_ms": times[int(0.9 * (len(times) - 1))], "images_per_s": batch_size * 1e3 / statistics.median(times),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from .bank import bank_for_run
@@ -123,8 +124,8 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     # the comparison
     _say(progress, "== final comparison")
     summary = {"settings": settings, "data": splits.source, "flops_convention": FLOPS_CONVENTION,
-               "original": _measure(out / "original.pt", splits, latency_batches),
-               "pruned": _measure(out / "final.pt", splits, latency_batches)}
+               "original": _measure(out / "original.pt", splits, latency_batches, dist.device(cfg.device)),
+               "pruned": _measure(out / "final.pt", splits, latency_batches, dist.device(cfg.device))}
     o, q = summary["original"], summary["pruned"]
     summary["flops_reduction"] = 1 - q["flops"] / o["flops"]
     summary["params_reduction"] = 1 - q["params"] / o["params"]
@@ -135,14 +136,21 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     return summary
 
 
-def _measure(path: Path, splits: DataSplits, latency_batches: tuple[int, ...]) -> dict[str, Any]:
+def _measure(path: Path, splits: DataSplits, latency_batches: tuple[int, ...],
+             device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Test metrics (on ``device``), FLOPs, params, CPU latency and, on a GPU, GPU latency (fp32)."""
     ckpt = load_checkpoint(path)
-    res = evaluate(ckpt.model, splits.test, get_normalization(ckpt.normalization))
+    res = evaluate(ckpt.model, splits.test, get_normalization(ckpt.normalization), device=device)
     c = count(ckpt.model, ckpt.input_size)
+    out = {"checkpoint": str(path), "arch": ckpt.arch, "top1": res["top1"], "top5": res["top5"],
+           "loss": res["loss"], "n_images": res["n_images"], "flops": c.flops, "params": c.params}
+    if device.type == "cuda":
+        model = ckpt.model.to(device)
+        out["latency_gpu_ms"] = {f"b{b}": measure_latency(model, ckpt.input_size, b, device=device)["median_ms"]
+                                 for b in (*latency_batches, 256)}
+        out["gpu"] = torch.cuda.get_device_name(device)
     lat = {f"b{b}": measure_latency(ckpt.model.cpu(), ckpt.input_size, b) for b in latency_batches}
-    return {"checkpoint": str(path), "arch": ckpt.arch, "top1": res["top1"], "top5": res["top5"],
-            "loss": res["loss"], "n_images": res["n_images"], "flops": c.flops, "params": c.params,
-            "latency_cpu_ms": {k: v["median_ms"] for k, v in lat.items()},
+    return {**out, "latency_cpu_ms": {k: v["median_ms"] for k, v in lat.items()},
             "checkpoint_bytes": path.stat().st_size}
 
 
@@ -155,6 +163,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
     for k in o["latency_cpu_ms"]:
         rows.append((f"CPU latency batch {k[1:]} (ms, median)", f"{o['latency_cpu_ms'][k]:.2f}",
                      f"{q['latency_cpu_ms'][k]:.2f}"))
+    for k in o.get("latency_gpu_ms", {}):
+        rows.append((f"GPU latency batch {k[1:]} (ms, median, fp32, {o['gpu']})", f"{o['latency_gpu_ms'][k]:.3f}",
+                     f"{q['latency_gpu_ms'][k]:.3f}"))
     rows.append(("checkpoint size", f"{o['checkpoint_bytes'] / 1e6:.2f} MB", f"{q['checkpoint_bytes'] / 1e6:.2f} MB"))
     head = (f"keep {s['settings']['keep']}, preset {s['settings']['preset']}, kd {s['settings']['kd']}; "
             f"test images: {o['n_images']}; {s['flops_convention']}\n\n")
