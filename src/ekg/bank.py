@@ -22,9 +22,10 @@ Top-k (``topk=K``) keeps, per image and teacher, the K largest logits, their cla
     RUN/bank/bank.json         ..., "topk": K, "fill": "mean"
 
 :meth:`MemoryBank.batch` returns the same dense float32 ``(B, T, classes)`` for both: a top-k row
-is densified by filling the classes outside the top K with the rest value (``fill="mean"``; the
-alternative, ``fill="-inf"``, renormalises over the top K and is measured to be far worse: see
-``bench/bank_topk.py`` and BENCHMARKS.md). With K = classes the two layouts give identical batches.
+is densified by filling the classes outside the top K with the rest value (``fill="mean"``). The
+alternative, ``fill="-inf"``, renormalises over the top K: it distorts the teachers far more and
+collapses EKG's per-batch teacher selection to teacher 0 (measured in ``bench/bank_topk.py``, see
+BENCHMARKS.md and docs/design.md). With K = classes the two layouts give identical batches.
 
 Building is resumable: rows are written into ``*.partial.npy`` teacher by teacher, the finished
 teachers are recorded in ``progress.json``, and the final names appear only when every teacher is

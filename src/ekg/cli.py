@@ -286,8 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = _open_data(args)
     summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
                   progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers,
-                  bank_topk=args.bank_topk,
-                  speed=_speed(args), dist=args.dist)
+                  bank_topk=args.bank_topk, speed=_speed(args), dist=args.dist)
     _say(args, summary_markdown(summary), end="")
     _say(args, f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
     return 0
