@@ -11,12 +11,18 @@ as fine-tuning does, measuring:
 * the read rate in rows per second, first from a cold page cache (when it can be dropped: needs
   root) and then warm.
 
-It also writes the same teachers' **top-k** (values fp16 + class indices int16, ``(N, T, k)``) and
-reports its size, for comparison (its accuracy cost needs real 1000-class teacher logits and is not
-measured here).
+It then builds a **top-k** bank (``--topk``, default 10) of the same size through the code path of
+``ekg.bank.build_bank`` — the same store class, teacher by teacher in batches of 256 rows, each
+batch's float32 logits compressed by ``topk_compress`` (fp16 values, int16 classes, the fp16 mean of
+the other logits) into memory-mapped ``.partial.npy`` arrays, renamed at the end — with synthetic
+logits in place of a network's, and reads it back with ``MemoryBank.batch`` (which densifies each
+batch to float32 ``(B, T, classes)``), measuring the build rate, the files' size, memory and read
+rates the same way. (Its accuracy cost needs real 1000-class teacher logits; ``bench/bank_topk.py``
+measures it on CIFAR-10's real ones.)
 
     python bench/bank_scale.py                       # ~13 GB written to --dir (deleted at the end)
     python bench/bank_scale.py --rows 100000         # a smaller trial
+    python bench/bank_scale.py --no-dense            # the top-k bank only (0.25 GB)
 
 """
 
@@ -37,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _common import machine  # noqa: E402
 
-from ekg.bank import open_bank  # noqa: E402
+from ekg.bank import _Store, index_dtype, open_bank  # noqa: E402
 
 
 def rss() -> dict[str, int]:
@@ -72,6 +78,45 @@ def read_rate(bank, rows: int, batch: int, batches: int, seed: int) -> tuple[flo
     return batch * batches / (time.perf_counter() - t0), peak
 
 
+def reads(label: str, bank, args: argparse.Namespace) -> list[str]:
+    """Table rows: random batches read with MemoryBank.batch, cold (if the cache can be dropped), then warm."""
+    mib = 1024 ** 2
+    cold = drop_caches()
+    rows = []
+    for name in ("cold page cache" if cold else "page cache not dropped (no permission)", "warm page cache"):
+        rate, peak = read_rate(bank, args.rows, args.batch, args.batches, seed=1)
+        rows.append(f"| {label}: random batches of {args.batch}, {name} | {rate:,.0f} rows/s; peak anonymous RSS "
+                    f"{peak['RssAnon'] / mib:.0f} MiB, peak file-backed RSS {peak['RssFile'] / mib:.0f} MiB |")
+    return rows
+
+
+def build_topk(folder: Path, rows: int, classes: int, teachers: int, k: int, batch: int) -> dict:
+    """A top-k bank written the way build_bank writes one, from one random block of float32
+    logits repeated (the compression and the writes are what is timed, not a random generator)."""
+    shape = (rows, classes, teachers)
+    store = _Store(folder, shape, k)
+    block = (np.random.RandomState(0).randn(batch, classes) * 4).astype(np.float32)
+    peak = 0
+    t0 = time.perf_counter()
+    store.create()
+    store.open()
+    for t in range(teachers):
+        for start in range(0, rows, batch):
+            n = min(batch, rows - start)
+            store.write(slice(start, start + n), t, block[:n])
+            if start % (512 * batch) == 0:
+                peak = max(peak, rss()["RssAnon"])
+        store.flush()
+    store.close()
+    info = {"shape": list(shape), "dtype": "float16", "topk": k, "classes_dtype": index_dtype(classes).name,
+            "fill": "mean", "data": {"n_images": rows, "num_classes": classes, "labels_sha1": "synthetic"}}
+    (folder / "bank.json").write_text(json.dumps(info))
+    store.finish()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "rows_per_s": rows * teachers / seconds, "peak_anon": peak,
+            "bytes": sum(f.stat().st_size for f in folder.glob("topk_*.npy"))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_281_167)
@@ -82,6 +127,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=400)
     ap.add_argument("--dir", default=str(ROOT / "bench" / "runs" / "bank_scale"))
     ap.add_argument("--keep-files", action="store_true")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense bank (12 GiB at full size)")
     args = ap.parse_args()
     print(f"# memory-bank scale — {machine('cpu')}")
     print(f"# command: python bench/bank_scale.py {' '.join(sys.argv[1:])}")
@@ -91,61 +137,49 @@ def main() -> None:
     shape = (args.rows, args.classes, args.teachers)
     base = rss()
 
-    # write the full fp16 bank in chunks (one random chunk repeated, so that the write, not the
-    # random generator, is what is timed)
-    t0 = time.perf_counter()
-    arr = np.lib.format.open_memmap(folder / "logits.npy", mode="w+", dtype=np.float16, shape=shape)
-    chunk = 8192
-    block = np.random.RandomState(0).randn(chunk, args.classes, args.teachers).astype(np.float16) * 4
-    for start in range(0, args.rows, chunk):
-        n = min(chunk, args.rows - start)
-        arr[start:start + n] = block[:n]
-    arr.flush()
-    del arr
-    write_s = time.perf_counter() - t0
-    (folder / "bank.json").write_text(json.dumps({"shape": list(shape), "data": {"n_images": args.rows,
-                                                  "num_classes": args.classes, "labels_sha1": "synthetic"}}))
-    size = (folder / "logits.npy").stat().st_size
+    gib, mib = 1024 ** 3, 1024 ** 2
+    out = ["| what | measured |", "|---|---|"]
+    out.append(f"| anonymous RSS before any bank | {base['RssAnon'] / mib:.0f} MiB |")
+    size = 0
+    if not args.no_dense:
+        # write the full fp16 bank in chunks (one random chunk repeated, so that the write, not the
+        # random generator, is what is timed)
+        dense = folder / "dense"
+        dense.mkdir()
+        t0 = time.perf_counter()
+        arr = np.lib.format.open_memmap(dense / "logits.npy", mode="w+", dtype=np.float16, shape=shape)
+        chunk = 8192
+        block = np.random.RandomState(0).randn(chunk, args.classes, args.teachers).astype(np.float16) * 4
+        for start in range(0, args.rows, chunk):
+            n = min(chunk, args.rows - start)
+            arr[start:start + n] = block[:n]
+        arr.flush()
+        del arr, block
+        write_s = time.perf_counter() - t0
+        (dense / "bank.json").write_text(json.dumps({"shape": list(shape), "data": {
+            "n_images": args.rows, "num_classes": args.classes, "labels_sha1": "synthetic"}}))
+        size = (dense / "logits.npy").stat().st_size
+        bank = open_bank(dense)
+        out.append(f"| dense: logits.npy on disk | {size / gib:.2f} GiB ({size:,} bytes) |")
+        out.append(f"| dense: write time | {write_s:.1f} s ({size / mib / write_s:.0f} MiB/s) |")
+        out += reads("dense", bank, args)
+        del bank
 
-    bank = open_bank(folder)
-    cold = drop_caches()
-    rate_cold, peak_cold = read_rate(bank, args.rows, args.batch, args.batches, seed=1)
-    rate_warm, peak_warm = read_rate(bank, args.rows, args.batch, args.batches, seed=1)
-
-    # the top-k alternative: values fp16 + class indices int16, shape (N, T, k); written from the
-    # first chunk's top-k repeated (its size, not the selection, is what is measured)
-    first = np.asarray(block, dtype=np.float32).transpose(0, 2, 1)
-    top = np.argpartition(-first, args.topk - 1, axis=2)[:, :, :args.topk]
-    top_vals = np.take_along_axis(first, top, axis=2).astype(np.float16)
-    top = top.astype(np.int16)
-    t0 = time.perf_counter()
-    vals = np.lib.format.open_memmap(folder / "topk_values.npy", mode="w+", dtype=np.float16,
-                                     shape=(args.rows, args.teachers, args.topk))
-    idxs = np.lib.format.open_memmap(folder / "topk_classes.npy", mode="w+", dtype=np.int16,
-                                     shape=(args.rows, args.teachers, args.topk))
-    for start in range(0, args.rows, chunk):
-        n = min(chunk, args.rows - start)
-        vals[start:start + n] = top_vals[:n]
-        idxs[start:start + n] = top[:n]
-    vals.flush()
-    idxs.flush()
-    topk_s = time.perf_counter() - t0
-    topk_size = (folder / "topk_values.npy").stat().st_size + (folder / "topk_classes.npy").stat().st_size
-    del vals, idxs
-
-    gib = 1024 ** 3
-    mib = 1024 ** 2
-    print(f"\nbank: {args.rows:,} rows × {args.classes} classes × {args.teachers} teachers, float16")
-    print("| what | measured |\n|---|---|")
-    print(f"| logits.npy on disk | {size / gib:.2f} GiB ({size:,} bytes) |")
-    print(f"| write time | {write_s:.1f} s ({size / mib / write_s:.0f} MiB/s) |")
-    print(f"| anonymous RSS before opening | {base['RssAnon'] / mib:.0f} MiB |")
-    for label, rate, peak, ok in (("cold page cache" if cold else "page cache not dropped (no permission)",
-                                   rate_cold, peak_cold, True), ("warm page cache", rate_warm, peak_warm, True)):
-        print(f"| random batches of {args.batch}, {label} | {rate:,.0f} rows/s; peak anonymous RSS "
-              f"{peak['RssAnon'] / mib:.0f} MiB, peak file-backed RSS {peak['RssFile'] / mib:.0f} MiB |")
-    print(f"| top-{args.topk} store (values fp16 + classes int16) | {topk_size / gib:.3f} GiB, written in {topk_s:.1f} s "
-          f"({size / topk_size:.0f}× smaller) |")
+    topk = folder / "topk"
+    topk.mkdir()
+    built = build_topk(topk, args.rows, args.classes, args.teachers, args.topk, batch=256)
+    bank = open_bank(topk)
+    assert bank.batch(torch.arange(3)).shape == (3, args.teachers, args.classes)
+    smaller = f", {size / built['bytes']:.0f}× smaller than dense" if size else ""
+    out.append(f"| top-{args.topk}: topk_values + topk_classes ({index_dtype(args.classes).name}) + topk_rest on "
+               f"disk | {built['bytes'] / gib:.3f} GiB ({built['bytes']:,} bytes{smaller}) |")
+    out.append(f"| top-{args.topk}: build (compress + write, batches of 256 rows, teacher by teacher) | "
+               f"{built['seconds']:.1f} s ({built['rows_per_s']:,.0f} rows×teachers/s); peak anonymous RSS "
+               f"{built['peak_anon'] / mib:.0f} MiB |")
+    out += reads(f"top-{args.topk} (densified to float32)", bank, args)
+    del bank
+    print(f"\nbank: {args.rows:,} rows × {args.classes} classes × {args.teachers} teachers")
+    print("\n".join(out))
     if not args.keep_files:
         shutil.rmtree(folder)
 

@@ -169,3 +169,17 @@ def random_splits(name: str = "imagefolder", size: int = 16, per_class: int = 2)
     labels = torch.arange(n) % 10
     classes = [f"c{i}" for i in range(10)]
     return DataSplits(name, ImageSet(images, labels, classes), ImageSet(images, labels, classes), "random")
+
+
+@pytest.fixture(scope="session")
+def pruned_run(tmp_path_factory, shared_data, exact):
+    """An `ekg prune` run directory: the real ResNet-20 pruned to keep 0.85 on the exact subset (no
+    adaptation epoch). Tests that build a bank or fine-tune in it share it; copy it to write elsewhere."""
+    from ekg.checkpoint import load_checkpoint
+    from ekg.prune import prune
+    from ekg.search import SearchConfig
+
+    run = tmp_path_factory.mktemp("prune") / "RUN"
+    src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
+    prune(load_checkpoint(src), exact, 0.85, out=run, config=SearchConfig(adapt=False), progress=False)
+    return run

@@ -12,19 +12,9 @@ from ekg.bank import bank_for_run
 from ekg.checkpoint import load_checkpoint
 from ekg.cli import main
 from ekg.errors import EkgError
-from ekg.prune import prune
-from ekg.search import SearchConfig
 from ekg.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pruned_run(tmp_path_factory, shared_data, exact):
-    run = tmp_path_factory.mktemp("prune") / "RUN"
-    src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
-    prune(load_checkpoint(src), exact, 0.85, out=run, config=SearchConfig(adapt=False), progress=False)
-    return run
 
 
 def test_finetune_cli_with_the_memory_bank(pruned_run, cifar10_exact, capsys):

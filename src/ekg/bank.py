@@ -2,20 +2,34 @@
 
 * :func:`select_teachers` picks ``T`` entries of the search history spread evenly in val loss;
 * :func:`build_bank` computes each teacher's logits on every training image (unaugmented, in
-  dataset order, BN on batch statistics, batches of 256) and stores them as one fp16 array of shape
-  ``(N, classes, T)`` in ``.npy`` format, so :func:`open_bank` can memory-map it (a bank larger than
-  RAM works; only the rows of a batch are read);
-* ``bank.json`` beside it records which sub-networks the teachers are (history index, search step,
-  val loss and accuracy, per-group kept counts) and what data the rows belong to.
+  dataset order, BN on batch statistics, batches of 256) and stores them in ``.npy`` files that
+  :func:`open_bank` memory-maps (a bank larger than RAM works; only the rows of a batch are read);
+* ``bank.json`` beside them records which sub-networks the teachers are (history index, search
+  step, val loss and accuracy, per-group kept counts), what data the rows belong to and how the
+  logits are stored.
 
-Layout::
+Two layouts. Dense (the default) keeps every logit::
 
-    RUN/bank/logits.npy   float16 (N, classes, T), row i = training image i
-    RUN/bank/bank.json    teachers, data fingerprint, temperature-free facts
+    RUN/bank/logits.npy        float16 (N, classes, T), row i = training image i
+    RUN/bank/bank.json         teachers, data fingerprint, "topk": null
 
-Building is resumable: rows are written into ``logits.partial.npy`` teacher by teacher, the
-finished teachers are recorded in ``progress.json``, and the final name appears only when every
-teacher is done.
+Top-k (``topk=K``) keeps, per image and teacher, the K largest logits, their classes and one
+"rest" value, the mean of the other ``classes − K`` logits::
+
+    RUN/bank/topk_values.npy   float16 (N, T, K), each row's K largest logits, largest first
+    RUN/bank/topk_classes.npy  int16 (int32 above 32768 classes) (N, T, K), their class indices
+    RUN/bank/topk_rest.npy     float16 (N, T), the mean of the logits outside the top K
+    RUN/bank/bank.json         ..., "topk": K, "fill": "mean"
+
+:meth:`MemoryBank.batch` returns the same dense float32 ``(B, T, classes)`` for both: a top-k row
+is densified by filling the classes outside the top K with the rest value (``fill="mean"``). The
+alternative, ``fill="-inf"``, renormalises over the top K: it distorts the teachers far more and
+collapses EKG's per-batch teacher selection to teacher 0 (measured in ``bench/bank_topk.py``, see
+BENCHMARKS.md and docs/design.md). With K = classes the two layouts give identical batches.
+
+Building is resumable: rows are written into ``*.partial.npy`` teacher by teacher, the finished
+teachers are recorded in ``progress.json``, and the final names appear only when every teacher is
+done.
 """
 
 from __future__ import annotations
@@ -70,18 +84,100 @@ def data_fingerprint(data: ImageSet) -> dict[str, Any]:
             "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest()}
 
 
+FILL_RULES = ("mean", "-inf")
+DEFAULT_FILL = "mean"
+# "-inf" fill: this far below a row's smallest stored logit (finite, so that float32 softmax gives
+# those classes exactly zero probability while log-softmax and the KD loss stay finite)
+NEG_FILL_GAP = 1e4
+TOPK_FILES = {"values": "topk_values.npy", "classes": "topk_classes.npy", "rest": "topk_rest.npy"}
+DENSE_FILES = {"logits": "logits.npy"}
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The dtype of stored class indices: int16 while every index (at most ``num_classes − 1``)
+    fits, int32 beyond 32768 classes."""
+    return np.dtype(np.int16) if num_classes - 1 <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+def check_topk(topk: int | None, num_classes: int | None = None) -> None:
+    """Refuse a ``--bank-topk`` that is not a whole number in ``[1, num_classes]`` (None: dense)."""
+    if topk is None:
+        return
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
+        raise EkgError(f"--bank-topk must be a whole number of at least 1 (or absent for a dense bank), got {topk!r}")
+    if num_classes is not None and topk > num_classes:
+        raise EkgError(f"--bank-topk {topk} exceeds the model's {num_classes} classes; "
+                       f"use at most {num_classes} (or leave it out for a dense bank)")
+
+
+def topk_compress(logits: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A top-k record of ``logits`` ``(..., classes)``: the ``k`` largest logits (fp16, largest
+    first), their class indices (:func:`index_dtype`) and the rest value (fp16), the mean of the
+    other ``classes − k`` logits (0 when ``k = classes``: no class is left to fill). Computed in
+    float32 from the logits as given, rounded to fp16 once."""
+    z = torch.as_tensor(logits).float()
+    classes = z.shape[-1]
+    check_topk(k, classes)
+    values, idx = z.topk(k, dim=-1, largest=True, sorted=True)
+    if k < classes:
+        rest = (z.sum(-1) - values.sum(-1)) / (classes - k)
+    else:
+        rest = torch.zeros(z.shape[:-1])
+    return (values.numpy().astype(np.float16), idx.numpy().astype(index_dtype(classes)),
+            rest.numpy().astype(np.float16))
+
+
+def densify(values: torch.Tensor, classes: torch.Tensor, rest: torch.Tensor, num_classes: int,
+            fill: str = DEFAULT_FILL) -> torch.Tensor:
+    """Dense float32 logits ``(..., num_classes)`` from a top-k record (``values``/``classes``
+    ``(..., k)``, ``rest`` ``(...)``): the stored values at their classes, every other class
+    ``rest`` (``fill="mean"``) or far below the row's smallest stored value (``fill="-inf"``: the
+    distribution renormalised over the top k)."""
+    if fill not in FILL_RULES:
+        raise EkgError(f"the top-k fill rule must be one of {', '.join(FILL_RULES)}, got {fill!r}")
+    values = values.float()
+    if fill == "mean":
+        base = rest.float()[..., None]
+    else:
+        base = values.min(-1, keepdim=True).values - NEG_FILL_GAP
+    out = base.expand(*values.shape[:-1], num_classes).contiguous()
+    return out.scatter_(-1, classes.long(), values)
+
+
 @dataclass
 class MemoryBank:
-    """An opened bank: ``logits`` is a (memory-mapped) fp16 array ``(N, classes, T)``."""
+    """An opened bank. Dense: ``logits`` is a (memory-mapped) fp16 array ``(N, classes, T)``.
+    Top-k: ``values`` and ``classes`` ``(N, T, K)`` and ``rest`` ``(N, T)``, memory-mapped, and
+    ``logits`` is None. ``fill`` is how :meth:`batch` densifies top-k rows (bank.json's rule)."""
 
-    logits: np.ndarray
+    logits: np.ndarray | None
     info: dict[str, Any]
+    values: np.ndarray | None = None
+    classes: np.ndarray | None = None
+    rest: np.ndarray | None = None
+    fill: str = DEFAULT_FILL
+
+    @property
+    def topk(self) -> int | None:
+        """K of a top-k bank, None for a dense one."""
+        return self.info.get("topk")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(N, classes, T)``, whatever the layout."""
+        return tuple(int(s) for s in self.info["shape"])  # type: ignore[return-value]
 
     def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Teacher logits of the images at ``index`` as float32 ``(B, T, classes)``."""
         idx = np.asarray(index.cpu().numpy() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
-        rows = torch.from_numpy(np.ascontiguousarray(self.logits[idx]))  # reads only these rows
-        return rows.to(device=device, dtype=torch.float32).transpose(1, 2)
+        if self.logits is not None:
+            rows = torch.from_numpy(np.ascontiguousarray(self.logits[idx]))  # reads only these rows
+            return rows.to(device=device, dtype=torch.float32).transpose(1, 2)
+        assert self.values is not None and self.classes is not None and self.rest is not None
+        values = torch.from_numpy(np.ascontiguousarray(self.values[idx])).to(device)
+        classes = torch.from_numpy(np.ascontiguousarray(self.classes[idx])).to(device)
+        rest = torch.from_numpy(np.ascontiguousarray(self.rest[idx])).to(device)
+        return densify(values, classes, rest, self.shape[1], self.fill)
 
     def check_data(self, data: ImageSet) -> None:
         want, got = self.info["data"], data_fingerprint(data)
@@ -90,73 +186,204 @@ class MemoryBank:
                            f"{want['num_classes']} classes) than the one given ({got['n_images']} images, "
                            f"{got['num_classes']} classes, or different labels); rebuild it or pass the same --data")
 
+    def check_topk(self, topk: int | None, folder: Path | str) -> None:
+        """Refuse a bank stored otherwise than ``topk`` asks (None: dense)."""
+        have = self.topk
+        if have == topk:
+            return
+        what = f"the top-{have} logits of each teacher" if have is not None else "every logit (a dense bank)"
+        if topk is None:
+            hint = f"pass --bank-topk {have} to use it"
+        elif have is None:
+            hint = "leave out --bank-topk to use it"
+        else:
+            hint = f"pass --bank-topk {have} to use it"
+        asked = f"a top-{topk} bank" if topk is not None else "a dense bank (no --bank-topk)"
+        raise EkgError(f"the memory bank in {folder} stores {what}, but {asked} was asked for; "
+                       f"{hint}, or delete {folder} to build it again as asked")
 
-def open_bank(folder: str | os.PathLike) -> MemoryBank:
-    """Memory-map ``folder/logits.npy`` (``folder`` may be a run directory holding ``bank/``)."""
+
+def _bank_files(topk: int | None) -> dict[str, str]:
+    return DENSE_FILES if topk is None else TOPK_FILES
+
+
+def _has_bank(folder: Path) -> bool:
+    return (folder / "bank.json").exists() or any((folder / f).exists()
+                                                  for f in (*DENSE_FILES.values(), *TOPK_FILES.values()))
+
+
+def open_bank(folder: str | os.PathLike, *, fill: str | None = None) -> MemoryBank:
+    """Memory-map the bank in ``folder`` (``folder`` may be a run directory holding ``bank/``).
+    ``fill`` overrides how a top-k bank is densified (default: bank.json's rule, "mean")."""
     folder = Path(folder)
-    if (folder / "bank").is_dir() and not (folder / "logits.npy").exists():
+    if (folder / "bank").is_dir() and not _has_bank(folder):
         folder = folder / "bank"
-    path, meta = folder / "logits.npy", folder / "bank.json"
-    if not path.exists() or not meta.exists():
-        raise EkgError(f"no memory bank in {folder}: expected logits.npy and bank.json there "
-                       "(build it with `ekg run`, or point --bank at a run directory that has one)")
+    meta = folder / "bank.json"
     try:
-        logits = np.load(path, mmap_mode="r")
-        info = json.loads(meta.read_text())
-    except (ValueError, OSError, json.JSONDecodeError) as e:
+        info = json.loads(meta.read_text()) if meta.exists() else None
+    except (ValueError, OSError) as e:
         raise EkgError(f"the memory bank in {folder} is unreadable ({e}); delete it and build it again") from None
-    if logits.dtype != np.float16 or logits.ndim != 3 or list(logits.shape) != info.get("shape"):
-        raise EkgError(f"the memory bank in {folder} has shape {logits.shape} {logits.dtype}, "
-                       f"bank.json says {info.get('shape')} float16; delete it and build it again")
-    return MemoryBank(logits=logits, info=info)
+    topk = info.get("topk") if isinstance(info, dict) else None
+    files = _bank_files(topk)
+    if info is None or not all((folder / f).exists() for f in files.values()):
+        raise EkgError(f"no memory bank in {folder}: expected {' and '.join(files.values())} and bank.json there "
+                       "(build it with `ekg run`, or point --bank at a run directory that has one)")
+    shape = info.get("shape")
+    try:
+        arrays = {name: np.load(folder / f, mmap_mode="r") for name, f in files.items()}
+    except (ValueError, OSError) as e:
+        raise EkgError(f"the memory bank in {folder} is unreadable ({e}); delete it and build it again") from None
+    if topk is None:
+        logits = arrays["logits"]
+        if logits.dtype != np.float16 or logits.ndim != 3 or list(logits.shape) != shape:
+            raise EkgError(f"the memory bank in {folder} has shape {logits.shape} {logits.dtype}, "
+                           f"bank.json says {shape} float16; delete it and build it again")
+        return MemoryBank(logits=logits, info=info)
+    if not (isinstance(shape, list) and len(shape) == 3 and isinstance(topk, int) and 1 <= topk <= shape[1]):
+        raise EkgError(f"the memory bank in {folder} has an invalid bank.json (shape {shape}, topk {topk!r}); "
+                       "delete it and build it again")
+    n, num_classes, t = shape
+    want = {"values": ((n, t, topk), np.dtype(np.float16)), "classes": ((n, t, topk), index_dtype(num_classes)),
+            "rest": ((n, t), np.dtype(np.float16))}
+    for name, (wshape, wdtype) in want.items():
+        a = arrays[name]
+        if a.shape != wshape or a.dtype != wdtype:
+            raise EkgError(f"the memory bank in {folder} has {files[name]} of shape {a.shape} {a.dtype}, but "
+                           f"bank.json (shape {shape}, top-{topk}) says {wshape} {wdtype}; delete it and build it again")
+    rule = fill or info.get("fill", DEFAULT_FILL)
+    if rule not in FILL_RULES:
+        raise EkgError(f"the memory bank in {folder} asks for fill rule {rule!r}; expected one of {', '.join(FILL_RULES)}")
+    return MemoryBank(logits=None, info=info, values=arrays["values"], classes=arrays["classes"],
+                      rest=arrays["rest"], fill=rule)
 
 
-def _open_checked(folder: Path, data: ImageSet) -> MemoryBank | None:
-    """The finished bank in ``folder`` (checked against ``data``), or None if there is none yet."""
-    if not ((folder / "logits.npy").exists() and (folder / "bank.json").exists()):
+def _finished(folder: Path) -> bool:
+    """Whether ``folder`` holds bank.json and every array of the layout it names."""
+    meta = folder / "bank.json"
+    if not meta.exists():
+        return False
+    try:
+        info = json.loads(meta.read_text())
+    except (ValueError, OSError):
+        return True  # let open_bank say what is wrong
+    topk = info.get("topk") if isinstance(info, dict) else None
+    return all((folder / f).exists() for f in _bank_files(topk).values())
+
+
+def _open_checked(folder: Path, data: ImageSet, topk: int | None = None) -> MemoryBank | None:
+    """The finished bank in ``folder`` (checked against ``data`` and the layout ``topk`` asks
+    for), or None if there is none yet."""
+    if not _finished(folder):
         return None
     bank = open_bank(folder)
     bank.check_data(data)
+    bank.check_topk(topk, folder)
     return bank
+
+
+class _Store:
+    """The arrays of one layout being written: ``*.partial.npy`` memory maps, renamed at the end."""
+
+    def __init__(self, folder: Path, shape: tuple[int, int, int], topk: int | None) -> None:
+        self.folder, self.topk = folder, topk
+        n, classes, t = shape
+        self.files = _bank_files(topk)
+        if topk is None:
+            self.layout = {"logits": (shape, np.dtype(np.float16))}
+        else:
+            self.layout = {"values": ((n, t, topk), np.dtype(np.float16)),
+                           "classes": ((n, t, topk), index_dtype(classes)),
+                           "rest": ((n, t), np.dtype(np.float16))}
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def partial(self, name: str) -> Path:
+        return self.folder / self.files[name].replace(".npy", ".partial.npy")
+
+    def partials_exist(self) -> bool:
+        return all(self.partial(name).exists() for name in self.layout)
+
+    def create(self) -> None:
+        """Fresh partial arrays; any other layout's partial arrays are removed."""
+        for other in (*DENSE_FILES.values(), *TOPK_FILES.values()):
+            stale = self.folder / other.replace(".npy", ".partial.npy")
+            if stale.exists() and other not in self.files.values():
+                stale.unlink()
+        for name, (shape, dtype) in self.layout.items():
+            np.lib.format.open_memmap(self.partial(name), mode="w+", dtype=dtype, shape=shape).flush()
+
+    def open(self) -> None:
+        self.arrays = {name: np.load(self.partial(name), mmap_mode="r+") for name in self.layout}
+
+    def write(self, rows: slice, t: int, z: np.ndarray) -> None:
+        """Teacher ``t``'s float32 logits ``(rows, classes)`` of the images ``rows``."""
+        if self.topk is None:
+            self.arrays["logits"][rows, :, t] = z.astype(np.float16)
+            return
+        values, classes, rest = topk_compress(z, self.topk)
+        self.arrays["values"][rows, t] = values
+        self.arrays["classes"][rows, t] = classes
+        self.arrays["rest"][rows, t] = rest
+
+    def flush(self) -> None:
+        for a in self.arrays.values():
+            a.flush()
+
+    def close(self) -> None:
+        self.arrays = {}
+
+    def finish(self) -> None:
+        """The final names (the memory maps must be closed)."""
+        for name in self.layout:
+            os.replace(self.partial(name), self.folder / self.files[name])
 
 
 def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet, normalization: Normalization,
                folder: str | os.PathLike, *, teachers: int = 5, batch_size: int = 256,
-               progress: bool = True, dist: Dist | None = None) -> MemoryBank:
+               progress: bool = True, dist: Dist | None = None, topk: int | None = None) -> MemoryBank:
     """Select teachers from ``history`` (the search's, final sub-network last) and store their
     logits on every image of ``data``. ``net`` is the masked network on the search's frozen
     (adapted) weights; its masks are restored afterwards.
 
+    ``topk=None`` stores every logit (dense); ``topk=K`` only each row's K largest, their classes
+    and the mean of the others (see the module doc). A finished bank already in ``folder`` is
+    returned if it is stored as asked and refused otherwise.
+
     With ``dist`` (several processes sharing the folder) each rank computes every
     world_size-th batch (the same batches, so the same rows, as one process) and writes its rows
-    into the memory-mapped array; rank 0 writes the progress record and the final names."""
+    into the memory-mapped arrays; rank 0 writes the progress record and the final names."""
     dist = dist or Dist()
     folder = Path(folder)
+    n, classes = len(data), _num_classes(net, data)
+    check_topk(topk, classes)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = _open_checked(folder, data)
+    existing = _open_checked(folder, data, topk)
     if existing is not None:
         return existing
-    final, partial, prog = folder / "logits.npy", folder / "logits.partial.npy", folder / "progress.json"
+    prog = folder / "progress.json"
     candidates = history[:-1]
     chosen = select_teachers([float(h["loss"]) for h in candidates], teachers)
-    n, classes = len(data), _num_classes(net, data)
     shape = (n, classes, len(chosen))
-    info = {"shape": list(shape), "dtype": "float16", "data": data_fingerprint(data),
-            "bn": "batch statistics, batches of %d in dataset order" % batch_size,
-            "teachers": [{"history_index": i, "step": int(candidates[i].get("step", i)),
-                          "val_loss": float(candidates[i]["loss"]),
-                          "val_accuracy": float(candidates[i].get("accuracy", float("nan"))),
-                          "kept": [int(m.sum()) for m in candidates[i]["masks"]]} for i in chosen]}
+    info: dict[str, Any] = {"shape": list(shape), "dtype": "float16", "topk": topk}
+    if topk is not None:
+        info.update({"classes_dtype": index_dtype(classes).name, "fill": DEFAULT_FILL,
+                     "rest": f"mean of the {classes - topk} logits outside the top {topk}"})
+    info.update({"data": data_fingerprint(data),
+                 "bn": "batch statistics, batches of %d in dataset order" % batch_size,
+                 "teachers": [{"history_index": i, "step": int(candidates[i].get("step", i)),
+                               "val_loss": float(candidates[i]["loss"]),
+                               "val_accuracy": float(candidates[i].get("accuracy", float("nan"))),
+                               "kept": [int(m.sum()) for m in candidates[i]["masks"]]} for i in chosen]})
+    store = _Store(folder, shape, topk)
     done: list[int] = []
-    if partial.exists() and prog.exists():
+    if store.partials_exist() and prog.exists():
         saved = json.loads(prog.read_text())
         if saved.get("info") == info:
             done = saved["done"]
     dist.barrier()  # every rank has read the progress record
     if not done and dist.is_main:
-        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
-    dist.barrier()  # the array exists for every rank
-    out = np.load(partial, mmap_mode="r+")
+        store.create()
+    dist.barrier()  # the arrays exist for every rank
+    store.open()
     progress = progress and dist.is_main
     saved_masks = [m.mask.detach().clone() for m in net.masks]
     device = net.masks[0].mask.device if len(net.masks) else torch.device("cpu")
@@ -172,9 +399,9 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
                 for rows, (x, _) in zip(mine, iterate_index_batches(data, mine, normalization=normalization,
                                                                     device=device)):
                     z = net(x).float().cpu().numpy()
-                    out[rows.start:rows.stop, :, t] = z.astype(np.float16)
+                    store.write(slice(rows.start, rows.stop), t, z)
                     bar.update(len(z) * dist.world_size)
-                out.flush()
+                store.flush()
                 dist.barrier()  # every rank's rows of this teacher are on disk
                 done.append(t)
                 if dist.is_main:
@@ -183,10 +410,10 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
         bar.close()
         for gm, m in zip(net.masks, saved_masks):
             gm.set(m.bool())
-    del out
+    store.close()
     if dist.is_main:
         write_json(folder / "bank.json", info)
-        os.replace(partial, final)
+        store.finish()
         prog.unlink(missing_ok=True)
     dist.barrier()  # the finished bank is in place for every rank
     return open_bank(folder)
@@ -198,16 +425,19 @@ def _num_classes(net: MaskedNetwork, data: ImageSet) -> int:
 
 
 def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, batch_size: int = 256,
-                 device: torch.device | str = "cpu", progress: bool = True, dist: Dist | None = None) -> MemoryBank:
+                 device: torch.device | str = "cpu", progress: bool = True, dist: Dist | None = None,
+                 topk: int | None = None) -> MemoryBank:
     """The memory bank of an `ekg prune` run directory: a finished bank in ``run`` itself (a bank
-    folder) or in ``RUN/bank``, checked against ``data``; else one built into ``RUN/bank`` from
-    ``RUN/adapted.pt`` and ``RUN/history.pt``."""
+    folder) or in ``RUN/bank``, checked against ``data`` and ``topk`` (None: dense; a bank stored
+    otherwise is refused); else one built into ``RUN/bank`` from ``RUN/adapted.pt`` and
+    ``RUN/history.pt``, dense or top-``topk``."""
     from .checkpoint import load_checkpoint
     from .data import get_normalization
 
+    check_topk(topk)
     run = Path(run)
     for folder in (run, run / "bank"):
-        existing = _open_checked(folder, data)
+        existing = _open_checked(folder, data, topk)
         if existing is not None:
             return existing
     missing = [name for name in ("adapted.pt", "history.pt") if not (run / name).exists()]
@@ -215,6 +445,7 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, b
         raise EkgError(f"{run} is not a finished `ekg prune` run directory (missing {', '.join(missing)}): "
                        "the memory bank is built from its search history")
     ckpt = load_checkpoint(run / "adapted.pt")
+    check_topk(topk, ckpt.num_classes)
     saved = torch.load(run / "history.pt", map_location="cpu", weights_only=True)
     model = ckpt.model.to(device)
     for p in model.parameters():
@@ -228,4 +459,4 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, b
         raise EkgError(f"the search history in {run} does not match the model's channel groups "
                        f"({len(saved['groups'])} saved, {len(names)} now); was it written by another ekg version?")
     return build_bank(net, saved["history"], data.to(device), get_normalization(ckpt.normalization), run / "bank",
-                      teachers=teachers, batch_size=batch_size, progress=progress, dist=dist)
+                      teachers=teachers, batch_size=batch_size, progress=progress, dist=dist, topk=topk)

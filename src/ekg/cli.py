@@ -253,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .bank import bank_for_run
+    from .bank import bank_for_run, check_topk
     from .data import AugmentConfig
     from .train import finetune_config, train
 
@@ -264,6 +264,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           augment=aug, seed=args.seed, device=args.device, limit_train=args.limit_train,
                           limit_test=args.limit_test, temperature=args.temperature, **_speed(args))
     cfg.validate()
+    check_topk(args.bank_topk)
     if args.kd != "none" and args.bank is None:
         raise EkgError(f"--kd {args.kd} needs --bank RUN (an `ekg prune` run directory, or a bank folder); "
                        "use --kd none to fine-tune without the memory bank")
@@ -275,7 +276,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     bank = None
     if args.kd != "none":
         bank = bank_for_run(args.bank, data.train, teachers=args.teachers, device=args.dist.device(args.device),
-                            progress=not args.quiet, dist=args.dist)
+                            progress=not args.quiet, dist=args.dist, topk=args.bank_topk)
     path = train(cfg, data, out, resume=args.resume, progress=not args.quiet, init=ckpt, bank=bank, dist=args.dist)
     _say(args, f"fine-tuned model: {path}")
     return 0
@@ -311,7 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = _open_data(args, ckpt)
     summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
                   progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers,
-                  speed=_speed(args), dist=args.dist)
+                  bank_topk=args.bank_topk, speed=_speed(args), dist=args.dist)
     _say(args, summary_markdown(summary), end="")
     _say(args, f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
     return 0
@@ -337,6 +338,14 @@ def _landscape_config(args: argparse.Namespace, **defaults: Any) -> Any:
             setattr(cfg, name, getattr(args, name))
     cfg.validate()
     return cfg
+
+
+def _add_bank_topk_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bank-topk", type=int, default=None, metavar="K",
+                   help="store only each teacher's K largest logits per image (fp16, with their classes and the "
+                        "mean of the other logits, which fills the other classes when read): a bank about "
+                        "classes/(2K) times smaller, for data with many classes; an existing bank must have been "
+                        "built with the same K. Default: every logit (a dense fp16 bank)")
 
 
 def _add_landscape_args(p: argparse.ArgumentParser, *, surfaces: bool) -> None:
@@ -477,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation: ensemble (EKG's per-batch teacher selection), single (teacher 0), "
                         "none (cross-entropy only); default: %(default)s")
     p.add_argument("--teachers", type=int, default=5, help="teachers in a newly built bank; default: %(default)s")
+    _add_bank_topk_arg(p)
     p.add_argument("--temperature", type=float, default=None,
                    help="KD temperature; default: 4, or 10 for data with 1000 or more classes (the method's values)")
     _add_training_args(p, epochs=100, batch_size=128, lr=0.01, schedule="step")
@@ -520,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the preset's fine-tuning epochs")
     p.add_argument("--limit-train", type=int, default=None, help="fine-tune on the first N training images only")
     p.add_argument("--teachers", type=int, default=None, help="teachers in the memory bank (default 5)")
+    _add_bank_topk_arg(p)
     _add_speed_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)

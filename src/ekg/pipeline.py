@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .bank import bank_for_run
+from .bank import bank_for_run, check_topk
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import DataSplits, get_normalization, load_data
 from .errors import EkgError
@@ -44,6 +44,7 @@ class Preset:
     batch_size: int = 128
     lr: float = 0.01
     teachers: int = 5
+    bank_topk: int | None = None      # None: a dense bank; K: each teacher's K largest logits per image
     limit_train: int | None = None
     description: str = ""
 
@@ -60,10 +61,11 @@ PRESETS = {
 def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *, out: str | Path,
         preset: str = "paper", kd: str = "ensemble", search: SearchConfig | None = None,
         latency_batches: tuple[int, ...] = (1, 64), progress: bool = True, epochs: int | None = None,
-        limit_train: int | None = None, teachers: int | None = None,
+        limit_train: int | None = None, teachers: int | None = None, bank_topk: int | None = None,
         speed: dict[str, Any] | None = None, dist: Dist | None = None) -> dict[str, Any]:
     """Adaptation, search, slimming, memory bank, fine-tuning and the final comparison.
-    ``epochs``, ``limit_train`` and ``teachers`` override the preset's; ``speed`` holds how the
+    ``epochs``, ``limit_train``, ``teachers`` and ``bank_topk`` (K: a top-k memory bank, see
+    :mod:`ekg.bank`) override the preset's; ``speed`` holds how the
     fine-tuning runs (TrainConfig's amp, compile, channels_last, accum), not part of run.json.
     With ``dist`` (torchrun) the search, the bank and the fine-tuning are split over the ranks;
     rank 0 writes every file and measures the final comparison."""
@@ -71,8 +73,9 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     progress = progress and dist.is_main
     if preset not in PRESETS:
         raise EkgError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers))
-                 if v is not None}
+    check_topk(bank_topk)
+    overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers),
+                                   ("bank_topk", bank_topk)) if v is not None}
     p = dataclasses.replace(PRESETS[preset], **overrides)
     device = search.device if search is not None else "auto"
     ft_cfg = finetune_config(kd, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, limit_train=p.limit_train,
@@ -84,10 +87,11 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
         if saved != settings:
-            diff = [k for k in settings if saved.get(k) != settings[k]]
+            diff = [k for k in {**saved, **settings} if saved.get(k) != settings.get(k)]
             raise EkgError(f"{out} holds an `ekg run` with other settings ({', '.join(diff)}); "
                            "use the same flags to continue it, or another --out")
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    check_topk(p.bank_topk, ckpt.num_classes)  # before the search, not after
     splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
     resume_prune, have_pruned = (out / "config.json").exists(), (out / "pruned.pt").exists()
     resume_ft = (out / "finetune" / "last.pt").exists()
@@ -108,7 +112,7 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     if kd != "none":
         _say(progress, "== memory bank")
         bank = bank_for_run(out, splits.train, teachers=p.teachers, device=dist.device(cfg.device),
-                            progress=progress, dist=dist)
+                            progress=progress, dist=dist, topk=p.bank_topk)
     ft = out / "finetune"
     _say(progress, f"== fine-tuning ({p.description})")
     train(ft_cfg, splits, ft, resume=resume_ft, progress=progress, init=pruned, bank=bank, dist=dist)
