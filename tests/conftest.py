@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,3 +184,17 @@ def pruned_run(tmp_path_factory, shared_data, exact):
     src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
     prune(load_checkpoint(src), exact, 0.85, out=run, config=SearchConfig(adapt=False), progress=False)
     return run
+
+
+def fake_history(net, losses):
+    """A search history for bank tests: entry k masks the first k/8 of every group's channels and
+    has val loss ``losses[k]``."""
+    history = []
+    for k, loss in enumerate(losses):
+        masks = []
+        for gate in net.gates:
+            m = torch.ones(gate.channels, dtype=torch.bool)
+            m[: k * gate.channels // 8] = False
+            masks.append(m)
+        history.append({"step": k, "masks": masks, "loss": loss, "accuracy": 50.0})
+    return history

@@ -18,6 +18,8 @@ from ekg.evaluate import batch_statistics_bn
 from ekg.masks import MaskedNetwork
 from ekg.models import create_model
 
+from conftest import fake_history
+
 
 def test_select_teachers_spread_evenly_in_loss() -> None:
     # targets 0.10, 0.26, 0.42, 0.58, 0.74 -> nearest untaken: 0.10, 0.30, 0.45, 0.50, 0.70
@@ -45,15 +47,7 @@ def _setup(n: int = 40):
     data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)])
     net = MaskedNetwork(model)
-    history = []
-    for k, loss in enumerate([0.2, 0.9, 0.5, 0.35, 1.3]):  # the last one is the final sub-network
-        masks = []
-        for gate in net.gates:
-            m = torch.ones(gate.channels, dtype=torch.bool)
-            m[: k * gate.channels // 8] = False
-            masks.append(m)
-        history.append({"step": k, "masks": masks, "loss": loss, "accuracy": 50.0})
-    return net, data, history
+    return net, data, fake_history(net, [0.2, 0.9, 0.5, 0.35, 1.3])  # the last one is the final sub-network
 
 
 def test_bank_round_trip_memory_mapped(tmp_path) -> None:
@@ -87,10 +81,13 @@ def test_bank_round_trip_memory_mapped(tmp_path) -> None:
         again.check_data(other)
 
 
-def test_bank_build_resumes_after_an_interrupt(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("topk", [None, 4])
+def test_bank_build_resumes_after_an_interrupt(tmp_path, monkeypatch, topk) -> None:
+    """Killed during the second teacher: nothing final is written; the resumed build runs only the
+    missing teachers and ends with the arrays of an uninterrupted build (dense and top-k)."""
     net, data, history = _setup(24)
     norm = get_normalization("cifar10")
-    full = build_bank(net, history, data, norm, tmp_path / "a", teachers=3, batch_size=8, progress=False)
+    full = build_bank(net, history, data, norm, tmp_path / "a", teachers=3, batch_size=8, progress=False, topk=topk)
     calls = {"n": 0}
     real = net.forward
 
@@ -102,12 +99,24 @@ def test_bank_build_resumes_after_an_interrupt(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(net, "forward", flaky)
     with pytest.raises(KeyboardInterrupt):
-        build_bank(net, history, data, norm, tmp_path / "b", teachers=3, batch_size=8, progress=False)
-    assert not (tmp_path / "b" / "logits.npy").exists()
+        build_bank(net, history, data, norm, tmp_path / "b", teachers=3, batch_size=8, progress=False, topk=topk)
+    final = ["logits.npy"] if topk is None else ["topk_values.npy", "topk_classes.npy", "topk_rest.npy"]
+    assert not any((tmp_path / "b" / name).exists() for name in [*final, "bank.json"])
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.partial.npy")) == sorted(
+        name.replace(".npy", ".partial.npy") for name in final)
     assert json.loads((tmp_path / "b" / "progress.json").read_text())["done"] == [0]
-    monkeypatch.setattr(net, "forward", real)
-    resumed = build_bank(net, history, data, norm, tmp_path / "b", teachers=3, batch_size=8, progress=False)
-    assert np.array_equal(np.asarray(resumed.logits), np.asarray(full.logits))
+    counted = {"n": 0}
+
+    def counting(x):
+        counted["n"] += 1
+        return real(x)
+
+    monkeypatch.setattr(net, "forward", counting)
+    resumed = build_bank(net, history, data, norm, tmp_path / "b", teachers=3, batch_size=8, progress=False, topk=topk)
+    assert counted["n"] == 2 * 3  # teachers 1 and 2 only, 3 batches each
+    for name in ("logits",) if topk is None else ("values", "classes", "rest"):
+        assert np.array_equal(np.asarray(getattr(resumed, name)), np.asarray(getattr(full, name))), name
+    assert not list((tmp_path / "b").glob("*.partial.npy")) and not (tmp_path / "b" / "progress.json").exists()
 
 
 def test_open_bank_errors(tmp_path) -> None:
@@ -285,42 +294,6 @@ def test_a_dense_bank_json_without_topk_still_opens(tmp_path) -> None:
     (tmp_path / "bank.json").write_text(json.dumps(info))
     bank = bank_for_run(tmp_path, data, progress=False)
     assert bank.topk is None and bank.batch(torch.tensor([1])).shape == (1, 2, 10)
-
-
-def test_topk_bank_build_resumes_after_an_interrupt(tmp_path, monkeypatch) -> None:
-    net, data, history = _setup(24)
-    norm = get_normalization("cifar10")
-    full = build_bank(net, history, data, norm, tmp_path / "a", teachers=3, batch_size=8, progress=False, topk=4)
-    calls = {"n": 0}
-    real = net.forward
-
-    def flaky(x):
-        calls["n"] += 1
-        if calls["n"] == 5:  # during the second teacher
-            raise KeyboardInterrupt
-        return real(x)
-
-    monkeypatch.setattr(net, "forward", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        build_bank(net, history, data, norm, tmp_path / "b", teachers=3, batch_size=8, progress=False, topk=4)
-    assert not (tmp_path / "b" / "topk_values.npy").exists() and not (tmp_path / "b" / "bank.json").exists()
-    assert sorted(p.name for p in (tmp_path / "b").glob("*.partial.npy")) == [
-        "topk_classes.partial.npy", "topk_rest.partial.npy", "topk_values.partial.npy"]
-    assert json.loads((tmp_path / "b" / "progress.json").read_text())["done"] == [0]
-    monkeypatch.setattr(net, "forward", real)
-    calls["n"] = 0
-    counted = {"n": 0}
-
-    def counting(x):
-        counted["n"] += 1
-        return real(x)
-
-    monkeypatch.setattr(net, "forward", counting)
-    resumed = build_bank(net, history, data, norm, tmp_path / "b", teachers=3, batch_size=8, progress=False, topk=4)
-    assert counted["n"] == 2 * 3  # teachers 1 and 2 only, 3 batches each
-    for name in ("values", "classes", "rest"):
-        assert np.array_equal(np.asarray(getattr(resumed, name)), np.asarray(getattr(full, name))), name
-    assert not list((tmp_path / "b").glob("*.partial.npy")) and not (tmp_path / "b" / "progress.json").exists()
 
 
 def test_a_partial_bank_of_the_other_layout_is_started_again(tmp_path, monkeypatch) -> None:

@@ -30,6 +30,8 @@ from ekg.models import create_model
 from ekg.search import SearchConfig
 from ekg.train import TrainConfig, _two_view_batches
 
+from conftest import fake_history
+
 pytest.importorskip("torchvision.transforms.v2", reason="torchvision is not installed (pip install -e '.[vision]')")
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -184,14 +186,7 @@ def test_memory_bank_rows_follow_dataset_order(tree, memory, tmp_path):
     for p in model.parameters():
         p.requires_grad_(False)
     net = MaskedNetwork(model)
-    history = []
-    for k, loss in enumerate([0.4, 0.9, 0.6]):
-        masks = []
-        for gate in net.gates:
-            m = torch.ones(gate.channels, dtype=torch.bool)
-            m[: k * gate.channels // 8] = False
-            masks.append(m)
-        history.append({"step": k, "masks": masks, "loss": loss, "accuracy": 50.0})
+    history = fake_history(net, [0.4, 0.9, 0.6])
     norm = get_normalization("imagenet")
     train = stream(tree, IDENTITY).train.subset(range(100))
     got = build_bank(net, history, train, norm, tmp_path / "s", teachers=2, batch_size=32, progress=False)
