@@ -243,6 +243,23 @@ def test_a_bank_stored_otherwise_than_asked_is_refused(tmp_path) -> None:
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
+def test_a_bank_built_for_another_number_of_teachers_is_refused(tmp_path) -> None:
+    """bank.json records the teachers asked for; asking for another number names both. Not asking
+    (None, the CLI's default) accepts the bank as built; banks written before the record, too."""
+    net, data, history = _setup(24)
+    norm = get_normalization("cifar10")
+    bank = build_bank(net, history, data, norm, tmp_path / "b", teachers=2, batch_size=8, progress=False)
+    assert bank.info["teachers_requested"] == 2
+    with pytest.raises(EkgError, match="built with --teachers 2, but --teachers 3 was asked for.*--teachers 2"):
+        bank_for_run(tmp_path / "b", data, teachers=3, progress=False)
+    assert bank_for_run(tmp_path / "b", data, progress=False).logits.shape[2] == 2
+    assert bank_for_run(tmp_path / "b", data, teachers=2, progress=False).logits.shape[2] == 2
+    info = json.loads((tmp_path / "b" / "bank.json").read_text())
+    del info["teachers_requested"]  # as written before the record existed
+    (tmp_path / "b" / "bank.json").write_text(json.dumps(info))
+    assert bank_for_run(tmp_path / "b", data, teachers=3, progress=False).logits.shape[2] == 2
+
+
 def test_open_bank_validates_the_topk_arrays(tmp_path) -> None:
     net, data, history = _setup(24)
     norm = get_normalization("cifar10")

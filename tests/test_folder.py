@@ -22,7 +22,7 @@ from ekg.checkpoint import load_checkpoint
 from ekg.cli import main
 from ekg.data import AugmentConfig, carve_search_sets, get_normalization, iterate_batches, load_data
 from ekg.distributed import Dist
-from ekg.errors import DataError
+from ekg.errors import DataError, EkgError
 from ekg.evaluate import evaluate, predict_logits
 from ekg.folder import FolderSet, StreamConfig
 from ekg.masks import MaskedNetwork
@@ -75,8 +75,11 @@ def test_labels_classes_and_files(tree, memory):
     assert paths[0] == str(tree / "train" / "airplane" / "0000.jpg") and paths[41].endswith("automobile/0001.jpg")
     assert data.train.image_size == (3, 32, 32) and data.train.device == torch.device("cpu")
     assert data.train.to("cpu").paths == paths  # cheap: same files, no copy
-    # the memory bank's fingerprint of the training set: the same as the in-memory reader's
-    assert data_fingerprint(data.train) == data_fingerprint(memory.train)
+    # the memory bank's fingerprint of the training set: the in-memory reader's, plus the crop and
+    # resize the teachers see
+    streamed = data_fingerprint(data.train)
+    assert streamed.pop("stream") == {"image_size": 32, "resize": data.train.config.eval_resize}
+    assert streamed == data_fingerprint(memory.train)
     assert "streamed" in data.source and "RandomResizedCrop 32" in data.source
     # a same-size small tree stays in memory by default
     assert not load_data(tree, cache_dir=tree.parent / "cache", progress=False).streamed
@@ -179,6 +182,23 @@ def test_two_ranks_load_disjoint_halves_that_make_the_one_process_batch(tree, mo
         assert torch.equal(torch.cat([h[0][b][2] for h in halves]), teachers)
 
 
+def test_a_bank_is_refused_for_images_read_at_another_size(tree, memory, tmp_path):
+    """The teachers' logits depend on the crop and resize they saw: a bank built from the stream at
+    one size is refused for another size, and for the in-memory images, with both named."""
+    model = create_model("resnet20", seed=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    net = MaskedNetwork(model)
+    train = stream(tree, IDENTITY).train.subset(range(40))
+    bank = build_bank(net, fake_history(net, [0.4, 0.9, 0.6]), train, get_normalization("imagenet"), tmp_path / "b",
+                      teachers=2, batch_size=20, progress=False)
+    bank.check_data(train)  # the same size: accepted
+    with pytest.raises(EkgError, match="crop 32, resize 32, but they are now read crop 32, resize 36.*--resize"):
+        bank.check_data(stream(tree, SMALL).train.subset(range(40)))
+    with pytest.raises(EkgError, match="now read in memory, at their own size"):
+        bank.check_data(memory.train.subset(range(40)))
+
+
 def test_memory_bank_rows_follow_dataset_order(tree, memory, tmp_path):
     """The bank of the streamed set (evaluation transform = identity here) is the in-memory set's."""
     torch.manual_seed(0)
@@ -193,7 +213,7 @@ def test_memory_bank_rows_follow_dataset_order(tree, memory, tmp_path):
     want = build_bank(net, history, memory.train.subset(range(100)), norm, tmp_path / "m", teachers=2,
                       batch_size=32, progress=False)
     assert got.logits.shape == (100, 10, 2) and np.array_equal(np.asarray(got.logits), np.asarray(want.logits))
-    assert got.info["data"] == want.info["data"]
+    assert {k: v for k, v in got.info["data"].items() if k != "stream"} == want.info["data"]
 
 
 def test_images_of_any_size_are_streamed_to_the_crop(tmp_path):

@@ -78,12 +78,18 @@ def select_teachers(losses: Sequence[float], count: int = 5) -> list[int]:
 
 
 def data_fingerprint(data: ImageSet) -> dict[str, Any]:
-    """What identifies the training set a bank's rows belong to (count, classes, label hash)."""
+    """What identifies the training set a bank's rows belong to (count, classes, label hash; for a
+    streamed tree also the evaluation crop and resize the teachers saw)."""
     labels = data.labels.cpu().numpy().astype(np.int64)
-    return {"n_images": len(data), "num_classes": len(data.classes),
-            "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest()}
+    out = {"n_images": len(data), "num_classes": len(data.classes),
+           "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest()}
+    config = getattr(data, "config", None)  # a streamed set (ekg.folder.FolderSet)
+    if config is not None:
+        out["stream"] = {"image_size": int(config.image_size), "resize": int(config.eval_resize)}
+    return out
 
 
+DEFAULT_TEACHERS = 5  # the method's T
 FILL_RULES = ("mean", "-inf")
 DEFAULT_FILL = "mean"
 # "-inf" fill: this far below a row's smallest stored logit (finite, so that float32 softmax gives
@@ -181,10 +187,26 @@ class MemoryBank:
 
     def check_data(self, data: ImageSet) -> None:
         want, got = self.info["data"], data_fingerprint(data)
+        if want.get("stream") != got.get("stream") and {k: v for k, v in want.items() if k != "stream"} == {
+                k: v for k, v in got.items() if k != "stream"}:
+            def seen(d: dict[str, Any] | None) -> str:
+                return f"crop {d['image_size']}, resize {d['resize']}" if d else "in memory, at their own size"
+            raise EkgError(f"the memory bank's teachers saw these images {seen(want.get('stream'))}, but they are "
+                           f"now read {seen(got.get('stream'))}; pass the same --image-size/--resize (or "
+                           "--data-mode) as when it was built, or delete the bank to build it again")
         if want != got:
             raise EkgError(f"the memory bank was built for another training set ({want['n_images']} images, "
                            f"{want['num_classes']} classes) than the one given ({got['n_images']} images, "
                            f"{got['num_classes']} classes, or different labels); rebuild it or pass the same --data")
+
+    def check_teachers(self, teachers: int | None, folder: Path | str) -> None:
+        """Refuse a bank built for another number of teachers than ``teachers`` (None: any). Banks
+        written before this was recorded are accepted."""
+        have = self.info.get("teachers_requested")
+        if teachers is None or have is None or have == teachers:
+            return
+        raise EkgError(f"the memory bank in {folder} was built with --teachers {have}, but --teachers {teachers} "
+                       f"was asked for; pass --teachers {have} to use it, or delete {folder} to build it again")
 
     def check_topk(self, topk: int | None, folder: Path | str) -> None:
         """Refuse a bank stored otherwise than ``topk`` asks (None: dense)."""
@@ -270,14 +292,16 @@ def _finished(folder: Path) -> bool:
     return all((folder / f).exists() for f in _bank_files(topk).values())
 
 
-def _open_checked(folder: Path, data: ImageSet, topk: int | None = None) -> MemoryBank | None:
-    """The finished bank in ``folder`` (checked against ``data`` and the layout ``topk`` asks
-    for), or None if there is none yet."""
+def _open_checked(folder: Path, data: ImageSet, topk: int | None = None,
+                  teachers: int | None = None) -> MemoryBank | None:
+    """The finished bank in ``folder`` (checked against ``data``, the layout ``topk`` asks for and
+    the number of ``teachers``), or None if there is none yet."""
     if not _finished(folder):
         return None
     bank = open_bank(folder)
     bank.check_data(data)
     bank.check_topk(topk, folder)
+    bank.check_teachers(teachers, folder)
     return bank
 
 
@@ -356,14 +380,14 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
     n, classes = len(data), _num_classes(net, data)
     check_topk(topk, classes)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = _open_checked(folder, data, topk)
+    existing = _open_checked(folder, data, topk, teachers)
     if existing is not None:
         return existing
     prog = folder / "progress.json"
     candidates = history[:-1]
     chosen = select_teachers([float(h["loss"]) for h in candidates], teachers)
     shape = (n, classes, len(chosen))
-    info: dict[str, Any] = {"shape": list(shape), "dtype": "float16", "topk": topk}
+    info: dict[str, Any] = {"shape": list(shape), "dtype": "float16", "topk": topk, "teachers_requested": teachers}
     if topk is not None:
         info.update({"classes_dtype": index_dtype(classes).name, "fill": DEFAULT_FILL,
                      "rest": f"mean of the {classes - topk} logits outside the top {topk}"})
@@ -424,20 +448,20 @@ def _num_classes(net: MaskedNetwork, data: ImageSet) -> int:
     return int(spec.num_classes) if spec is not None else len(data.classes)
 
 
-def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, batch_size: int = 256,
+def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None = None, batch_size: int = 256,
                  device: torch.device | str = "cpu", progress: bool = True, dist: Dist | None = None,
                  topk: int | None = None) -> MemoryBank:
     """The memory bank of an `ekg prune` run directory: a finished bank in ``run`` itself (a bank
-    folder) or in ``RUN/bank``, checked against ``data`` and ``topk`` (None: dense; a bank stored
-    otherwise is refused); else one built into ``RUN/bank`` from ``RUN/adapted.pt`` and
-    ``RUN/history.pt``, dense or top-``topk``."""
+    folder) or in ``RUN/bank``, checked against ``data``, ``topk`` (None: dense; a bank stored
+    otherwise is refused) and ``teachers`` (None: any); else one built into ``RUN/bank`` from
+    ``RUN/adapted.pt`` and ``RUN/history.pt``, dense or top-``topk``, with ``teachers`` (default 5)."""
     from .checkpoint import load_checkpoint
     from .data import get_normalization
 
     check_topk(topk)
     run = Path(run)
     for folder in (run, run / "bank"):
-        existing = _open_checked(folder, data, topk)
+        existing = _open_checked(folder, data, topk, teachers)
         if existing is not None:
             return existing
     missing = [name for name in ("adapted.pt", "history.pt") if not (run / name).exists()]
@@ -459,4 +483,5 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int = 5, b
         raise EkgError(f"the search history in {run} does not match the model's channel groups "
                        f"({len(saved['groups'])} saved, {len(names)} now); was it written by another ekg version?")
     return build_bank(net, saved["history"], data.to(device), get_normalization(ckpt.normalization), run / "bank",
-                      teachers=teachers, batch_size=batch_size, progress=progress, dist=dist, topk=topk)
+                      teachers=teachers or DEFAULT_TEACHERS, batch_size=batch_size, progress=progress, dist=dist,
+                      topk=topk)

@@ -485,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd", choices=("none", "single", "ensemble"), default="ensemble",
                    help="distillation: ensemble (EKG's per-batch teacher selection), single (teacher 0), "
                         "none (cross-entropy only); default: %(default)s")
-    p.add_argument("--teachers", type=int, default=5, help="teachers in a newly built bank; default: %(default)s")
+    p.add_argument("--teachers", type=int, default=None,
+                   help="teachers in a newly built bank (default 5); an existing bank built with another number "
+                        "is refused when this is given")
     _add_bank_topk_arg(p)
     p.add_argument("--temperature", type=float, default=None,
                    help="KD temperature; default: 4, or 10 for data with 1000 or more classes (the method's values)")
