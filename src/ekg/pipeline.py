@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .bank import bank_for_run, check_topk
+from .bank import DEFAULT_TEACHERS, bank_for_run, check_topk
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import DataSplits, get_normalization, load_data
 from .errors import EkgError
@@ -43,7 +43,7 @@ class Preset:
     epochs: int
     batch_size: int = 128
     lr: float = 0.01
-    teachers: int = 5
+    teachers: int = DEFAULT_TEACHERS
     bank_topk: int | None = None      # None: a dense bank; K: each teacher's K largest logits per image
     limit_train: int | None = None
     description: str = ""
@@ -111,7 +111,8 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     bank = None
     if kd != "none":
         _say(progress, "== memory bank")
-        bank = bank_for_run(out, splits.train, teachers=p.teachers, device=dist.device(cfg.device),
+        # an existing bank is taken as built unless --teachers was given (then it must match)
+        bank = bank_for_run(out, splits.train, teachers=teachers, device=dist.device(cfg.device),
                             progress=progress, dist=dist, topk=p.bank_topk)
     ft = out / "finetune"
     _say(progress, f"== fine-tuning ({p.description})")
