@@ -44,3 +44,26 @@ def paired(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int = 0) -> d
     return {"diff": round(float((b.mean() - a.mean()) * 100), 2),
             "ci95": [round(float(np.percentile(diffs, 2.5)), 2), round(float(np.percentile(diffs, 97.5)), 2)],
             "only_ref_right": int((a & ~b).sum()), "only_this_right": int((b & ~a).sum())}
+
+
+def finetune_and_test(cfg, data, folder: Path, pruned, bank) -> tuple[dict, np.ndarray]:
+    """Fine-tune ``pruned`` with ``cfg`` (and ``bank``, None for ``--kd none``) into ``folder``,
+    continuing an interrupted run there, then test it on ``data.test``. Returns the row (top-1,
+    top-5, loss, training seconds, teachers selected per epoch) and which test images it got right."""
+    import json
+
+    from ekg.checkpoint import load_checkpoint
+    from ekg.data import get_normalization
+    from ekg.evaluate import metrics_from_logits, predict_logits
+    from ekg.train import train
+
+    train(cfg, data, folder, resume=(folder / "last.pt").exists(), progress=False, init=pruned, bank=bank)
+    model = load_checkpoint(folder / "model.pt").model
+    labels = data.test.labels
+    logits = predict_logits(model, data.test, get_normalization(pruned.normalization))
+    m = metrics_from_logits(logits, labels)
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    row = {"top1": round(m["top1"], 2), "top5": round(m["top5"], 2), "loss": round(m["loss"], 4),
+           "train_s": round(sum(r["seconds"] for r in log), 1),
+           "teachers_selected": [round(r.get("teachers_selected", 0), 2) for r in log]}
+    return row, (logits.argmax(1) == labels).numpy()

@@ -56,11 +56,11 @@ from ekg.checkpoint import load_checkpoint
 from ekg.data import get_normalization, load_data
 from ekg.distill import select_batch_teachers
 from ekg.evaluate import metrics_from_logits, predict_logits
-from ekg.train import _two_view_batches, epoch_generator, finetune_config, train
+from ekg.train import _two_view_batches, epoch_generator, finetune_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import machine, paired, shared_data_root  # noqa: E402
+from _common import finetune_and_test, machine, paired, shared_data_root  # noqa: E402
 
 TEMPERATURE = 4.0
 
@@ -160,8 +160,6 @@ def finetune(args: argparse.Namespace) -> dict:
     run, out = Path(args.run), Path(args.out)
     data = load_data(args.data, progress=False)
     pruned = load_checkpoint(run / "pruned.pt")
-    norm = get_normalization(pruned.normalization)
-    labels = data.test.labels
     configs = [("none", None, None), ("dense", None, None)]
     configs += [(f"top{k}", k, "mean") for k in args.ks]
     configs += [(f"top{k} -inf", k, "-inf") for k in args.ks_neg_inf]
@@ -182,15 +180,7 @@ def finetune(args: argparse.Namespace) -> dict:
         kd = "none" if name == "none" else "single" if name.endswith("single") else "ensemble"
         cfg = finetune_config(kd, epochs=args.epochs, limit_train=args.limit_train, seed=args.seed)
         folder = out / f"ft-e{args.epochs}-s{args.seed}" / name.replace(" ", "_")
-        train(cfg, data, folder, resume=(folder / "last.pt").exists(), progress=False, init=pruned, bank=bank)
-        model = load_checkpoint(folder / "model.pt").model
-        logits = predict_logits(model, data.test, norm)
-        m = metrics_from_logits(logits, labels)
-        right[name] = (logits.argmax(1) == labels).numpy()
-        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-        rows[name] = {"top1": round(m["top1"], 2), "top5": round(m["top5"], 2), "loss": round(m["loss"], 4),
-                      "train_s": round(sum(r["seconds"] for r in log), 1),
-                      "teachers_selected": [round(r.get("teachers_selected", 0), 2) for r in log]}
+        rows[name], right[name] = finetune_and_test(cfg, data, folder, pruned, bank)
         if bank is not None:
             rows[name]["bank_bytes"] = _bank_bytes(bank_dir / "bank")
             rows[name]["bank_build_s"] = build_s

@@ -23,13 +23,12 @@ from pathlib import Path
 
 from ekg.bank import bank_for_run
 from ekg.checkpoint import load_checkpoint
-from ekg.data import get_normalization, load_data
-from ekg.evaluate import metrics_from_logits, predict_logits
-from ekg.train import finetune_config, train
+from ekg.data import load_data
+from ekg.train import finetune_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import machine, paired, shared_data_root  # noqa: E402
+from _common import finetune_and_test, machine, paired, shared_data_root  # noqa: E402
 
 
 def main() -> int:
@@ -44,22 +43,11 @@ def main() -> int:
     data = load_data(args.data, progress=False)
     bank = bank_for_run(run, data.train, teachers=5, progress=False)
     pruned = load_checkpoint(run / "pruned.pt")
-    norm = get_normalization(pruned.normalization)
-    labels = data.test.labels
     rows, right = {}, {}
     for kd in ("none", "single", "ensemble"):
         cfg = finetune_config(kd, epochs=args.epochs)
         folder = out / f"{run.name}-e{args.epochs}" / kd
-        train(cfg, data, folder, resume=(folder / "last.pt").exists(), progress=False, init=pruned,
-              bank=None if kd == "none" else bank)
-        model = load_checkpoint(folder / "model.pt").model
-        logits = predict_logits(model, data.test, norm)
-        m = metrics_from_logits(logits, labels)
-        right[kd] = (logits.argmax(1) == labels).numpy()
-        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-        rows[kd] = {"top1": round(m["top1"], 2), "top5": round(m["top5"], 2), "loss": round(m["loss"], 4),
-                    "train_s": round(sum(r["seconds"] for r in log), 1),
-                    "teachers_selected": [round(r.get("teachers_selected", 0), 2) for r in log]}
+        rows[kd], right[kd] = finetune_and_test(cfg, data, folder, pruned, None if kd == "none" else bank)
         print(f"{kd}: {rows[kd]}", file=sys.stderr, flush=True)
     rows["single"]["vs_none"] = paired(right["none"], right["single"])
     rows["ensemble"]["vs_none"] = paired(right["none"], right["ensemble"])

@@ -186,18 +186,20 @@ class MemoryBank:
         return densify(values, classes, rest, self.shape[1], self.fill)
 
     def check_data(self, data: ImageSet) -> None:
-        want, got = self.info["data"], data_fingerprint(data)
-        if want.get("stream") != got.get("stream") and {k: v for k, v in want.items() if k != "stream"} == {
-                k: v for k, v in got.items() if k != "stream"}:
+        want, got = dict(self.info["data"]), data_fingerprint(data)
+        if want == got:
+            return
+        want_stream, got_stream = want.pop("stream", None), got.pop("stream", None)
+        if want == got:  # the same images, read at another size
+
             def seen(d: dict[str, Any] | None) -> str:
                 return f"crop {d['image_size']}, resize {d['resize']}" if d else "in memory, at their own size"
-            raise EkgError(f"the memory bank's teachers saw these images {seen(want.get('stream'))}, but they are "
-                           f"now read {seen(got.get('stream'))}; pass the same --image-size/--resize (or "
+            raise EkgError(f"the memory bank's teachers saw these images {seen(want_stream)}, but they are "
+                           f"now read {seen(got_stream)}; pass the same --image-size/--resize (or "
                            "--data-mode) as when it was built, or delete the bank to build it again")
-        if want != got:
-            raise EkgError(f"the memory bank was built for another training set ({want['n_images']} images, "
-                           f"{want['num_classes']} classes) than the one given ({got['n_images']} images, "
-                           f"{got['num_classes']} classes, or different labels); rebuild it or pass the same --data")
+        raise EkgError(f"the memory bank was built for another training set ({want['n_images']} images, "
+                       f"{want['num_classes']} classes) than the one given ({got['n_images']} images, "
+                       f"{got['num_classes']} classes, or different labels); rebuild it or pass the same --data")
 
     def check_teachers(self, teachers: int | None, folder: Path | str) -> None:
         """Refuse a bank built for another number of teachers than ``teachers`` (None: any). Banks
@@ -214,12 +216,7 @@ class MemoryBank:
         if have == topk:
             return
         what = f"the top-{have} logits of each teacher" if have is not None else "every logit (a dense bank)"
-        if topk is None:
-            hint = f"pass --bank-topk {have} to use it"
-        elif have is None:
-            hint = "leave out --bank-topk to use it"
-        else:
-            hint = f"pass --bank-topk {have} to use it"
+        hint = "leave out --bank-topk to use it" if have is None else f"pass --bank-topk {have} to use it"
         asked = f"a top-{topk} bank" if topk is not None else "a dense bank (no --bank-topk)"
         raise EkgError(f"the memory bank in {folder} stores {what}, but {asked} was asked for; "
                        f"{hint}, or delete {folder} to build it again as asked")
