@@ -29,7 +29,6 @@ import torch
 
 from ekg.checkpoint import load_checkpoint
 from ekg.data import carve_search_sets, get_normalization, iterate_batches, load_data
-from ekg.evaluate import batch_statistics_bn
 from ekg.masks import MaskedNetwork
 from ekg.search import SearchConfig, Searcher, adapt
 
@@ -43,16 +42,16 @@ def run_search(model: torch.nn.Module, val, norm, cfg: SearchConfig, max_steps: 
     device = next(model.parameters()).device
     norm_batches = list(iterate_batches(val.to(device), cfg.batch_size, normalization=norm))
     t0 = time.perf_counter()
-    with batch_statistics_bn(model):
-        net = MaskedNetwork(model)
-        searcher = Searcher(net, norm_batches, cfg)
-        state = searcher.initial_state()
-        searcher.restore(state)
-        while searcher.ratio() > cfg.keep and (max_steps is None or state.step < max_steps):
-            state = searcher.step(state)
-            row = state.log[-1]
-            print(f"  step {row['step']:3d}  {row['group_name']:24s} ratio {row['flops_ratio']:.4f}  "
-                  f"J {row['j']:.5f}  evaluated {row['evaluated']:2d}  {row['seconds']:.2f}s", file=sys.stderr)
+    model.eval()  # as ekg prune: dropout off; the Searcher sets BN to cfg.search_bn for every pass
+    net = MaskedNetwork(model)
+    searcher = Searcher(net, norm_batches, cfg)
+    state = searcher.initial_state()
+    searcher.restore(state)
+    while searcher.ratio() > cfg.keep and (max_steps is None or state.step < max_steps):
+        state = searcher.step(state)
+        row = state.log[-1]
+        print(f"  step {row['step']:3d}  {row['group_name']:24s} ratio {row['flops_ratio']:.4f}  "
+              f"J {row['j']:.5f}  evaluated {row['evaluated']:2d}  {row['seconds']:.2f}s", file=sys.stderr)
     return state.log, time.perf_counter() - t0
 
 

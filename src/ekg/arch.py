@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .bn import inference_modes
 from .errors import CheckpointError, EkgError
 
 TORCHVISION = "torchvision:"
@@ -209,16 +210,12 @@ def classifier_outputs(model: nn.Module, input_size: tuple[int, ...]) -> int:
     p = next(model.parameters(), None)
     x = torch.zeros(2, *input_size, device=p.device if p is not None else "cpu",
                     dtype=p.dtype if p is not None else torch.float32)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with inference_modes(model), torch.no_grad():
             out = model(x)
     except Exception as e:  # a user's model may fail in any way on this input size
         raise EkgError(f"{type(model).__name__} fails on a batch of input_size {tuple(input_size)} "
                        f"({type(e).__name__}: {' '.join(str(e).split())})") from None
-    finally:
-        model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise EkgError(f"{type(model).__name__} must return logits shaped (N, classes) to be pruned, got "
                        f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else ' ' + str(tuple(out.shape))}")

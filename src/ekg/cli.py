@@ -63,6 +63,17 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     _add_device_arg(p)
     p.add_argument("--keep", type=float, default=0.45, help="target FLOPs ratio in (0, 1); default: %(default)s")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
+    from .search import COMPATS, SearchConfig
+    from .bn import BN_STATS
+
+    p.add_argument("--search-bn", choices=BN_STATS, default=SearchConfig.search_bn,
+                   help="BN statistics in every search pass: batch (the method: each D_val batch's statistics, "
+                        "running statistics untouched) or running (inference-mode BN, an ablation); "
+                        "default: %(default)s")
+    p.add_argument("--compat", choices=COMPATS, default=SearchConfig.compat,
+                   help="method (the method's rules) or release (replay the original TensorFlow release's "
+                        "effective search decision for decision: its candidate cost, adaptation loss, BN ops in "
+                        "the FLOPs ratio, landing and tie order; see docs/design.md); default: %(default)s")
     p.add_argument("--search-cache-gb", type=float, default=None, metavar="GB",
                    help="memory the search may use to cache activations (the same decisions, less compute); "
                         "above it, each candidate runs the whole network; default: half the device's free memory")
@@ -290,7 +301,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
                        device=args.device, seed=args.seed, val_per_class=args.val_per_class,
-                       sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb)
+                       sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb,
+                       search_bn=args.search_bn, compat=args.compat)
     cfg.validate()
     ckpt = _open_model(args)
     data = _open_data(args, ckpt)
@@ -306,7 +318,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run, summary_markdown
     from .search import SearchConfig
 
-    cfg = SearchConfig(keep=args.keep, device=args.device, cache_gb=args.search_cache_gb)
+    cfg = SearchConfig(keep=args.keep, device=args.device, cache_gb=args.search_cache_gb, search_bn=args.search_bn,
+                       compat=args.compat)
     cfg.validate()
     ckpt = _open_model(args)
     data = _open_data(args, ckpt)

@@ -16,28 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bn import batch_statistics_bn, inference_modes
 from .data import ImageSet, Normalization, iterate_batches
 from .distributed import Dist
 from .errors import EkgError
 
 BN_MODES = ("eval", "batch")
-
-
-@contextlib.contextmanager
-def batch_statistics_bn(model: nn.Module) -> Iterator[nn.Module]:
-    """Run every BatchNorm on the current batch's statistics without changing its running
-    statistics (they are restored on exit). Other modules keep their mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.training, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
-    try:
-        for m in bns:
-            m.train()
-        yield model
-    finally:
-        for m, (training, buffers) in zip(bns, saved):
-            m.train(training)
-            for k, v in buffers.items():
-                getattr(m, k).copy_(v)
 
 
 @torch.no_grad()
@@ -51,20 +35,18 @@ def recalibrate_bn(model: nn.Module, data: ImageSet, normalization: Normalizatio
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or len(data) == 0:
         return len(bns)
-    was = model.training
     saved = [m.momentum for m in bns]
     try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: the mean over batches
-            m.train()
-        for x, _ in iterate_batches(data, batch_size, normalization=normalization, device=device):
-            model(x)
+        with inference_modes(model):
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average: the mean over batches
+                m.train()
+            for x, _ in iterate_batches(data, batch_size, normalization=normalization, device=device):
+                model(x)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
-        model.train(was)
     return len(bns)
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bn import inference_modes
+
 FLOPS_CONVENTION = "FLOPs = multiply-accumulates of conv+linear layers per image"
 FLOPS_CONVENTION_BN = FLOPS_CONVENTION + " + 2 ops per BN output element"
 
@@ -88,16 +90,13 @@ def count(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32), *, b
             handles.append(m.register_forward_hook(linear_hook))
         elif bn_ops and isinstance(m, nn.modules.batchnorm._BatchNorm):
             handles.append(m.register_forward_hook(bn_hook))
-    was_training = model.training
     try:
         p = next(model.parameters(), None)
         x = torch.zeros(1, *input_size, device=p.device if p is not None else "cpu",
                         dtype=p.dtype if p is not None else torch.float32)
-        model.eval()
-        with torch.no_grad():
+        with inference_modes(model), torch.no_grad():
             model(x)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return Counts(

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .bn import inference_modes
 from .errors import EkgError
 
 _PASS_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Identity,
@@ -198,11 +199,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                        "models with data-dependent control flow cannot be pruned") from None
     gm = fx.GraphModule(model, graph)
     p = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with inference_modes(model), torch.no_grad():
         ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=p.device, dtype=p.dtype))
-    model.train(was_training)
     modules = dict(gm.named_modules())
 
     uf = _UnionFind()

@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .bn import BN_STATS, bn_mode
 from .errors import EkgError
 
-BN_MODES = ("batch", "running")
+BN_MODES = BN_STATS
 
 DEFINITIONS = {
     "loss": "mean cross-entropy over the fixed images (the same batches for every number)",
@@ -117,23 +118,6 @@ def _flat(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) 
 
 def _unflat(v: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.view_as(p) for t, p in zip(v.split([p.numel() for p in like]), like)]
-
-
-@contextlib.contextmanager
-def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Evaluate ``model`` with BN on batch statistics (running statistics untouched) or on its running
-    statistics; dropout is off either way. The model's modes are restored on exit."""
-    from .evaluate import batch_statistics_bn
-
-    if mode not in BN_MODES:
-        raise EkgError(f"--bn must be one of {', '.join(BN_MODES)}, got {mode!r}")
-    was = model.training
-    model.eval()
-    try:
-        with batch_statistics_bn(model) if mode == "batch" else contextlib.nullcontext():
-            yield
-    finally:
-        model.train(was)
 
 
 def _full_precision(t: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,6 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import NORMALIZATIONS, DataSplits, Normalization, carve_search_sets, get_normalization, iterate_batches, load_data
 from .distributed import Dist
 from .errors import EkgError
-from .evaluate import batch_statistics_bn
 from .graph import build_graph
 from .io import atomic_path, write_json
 from .masks import MaskedNetwork
@@ -148,39 +147,38 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
                                              "stage": "after the adaptation epoch" if cfg.adapt else "not adapted"},
                                        record=ckpt.record),
                             adapted)
-    net_model.eval()  # dropout off; the search runs BN on batch statistics (below)
+    net_model.eval()  # dropout off; the Searcher runs every pass with BN on cfg.search_bn statistics
 
     val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))
-    with batch_statistics_bn(net_model):
-        net = MaskedNetwork(net_model, input_size=tuple(ckpt.input_size))
-        searcher = Searcher(net, val_batches, cfg, dist=dist)
-        if searcher.evaluator.note and dist.is_main:
-            tqdm.write(f"note: {searcher.evaluator.note}")
-        if have_state:
-            state = SearchState.from_dict(torch.load(state_path, map_location="cpu", weights_only=True))
-        else:
-            state = searcher.initial_state()
-            if dist.is_main:
-                _save_state(out, state)
-        searcher.restore(state)
-        bar = tqdm(total=round(1 - cfg.keep, 4), desc="search", unit="FLOPs", disable=not progress,
-                   bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} of FLOPs removed [{elapsed}<{remaining}{postfix}]")
-        bar.update(round(1 - state.log[-1]["flops_ratio"], 4))
-
-        def on_step(s: SearchState) -> None:
-            if dist.is_main:
-                _save_state(out, s)
-            row = s.log[-1]
-            bar.update(max(0.0, round(1 - row["flops_ratio"], 4) - bar.n))
-            bar.set_postfix_str(f"step {row['step']}, ratio {row['flops_ratio']:.4f}, val acc {row['val_accuracy']:.1f}%")
-
-        try:
-            state = searcher.run(state, on_step=on_step)
-        finally:
-            bar.close()
+    net = MaskedNetwork(net_model, input_size=tuple(ckpt.input_size))
+    searcher = Searcher(net, val_batches, cfg, dist=dist)
+    if searcher.evaluator.note and dist.is_main:
+        tqdm.write(f"note: {searcher.evaluator.note}")
+    if have_state:
+        state = SearchState.from_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+    else:
+        state = searcher.initial_state()
         if dist.is_main:
             _save_state(out, state)
-    # BN running statistics are restored now (the search ran BN on batch statistics): slim outside.
+    searcher.restore(state)
+    bar = tqdm(total=round(1 - cfg.keep, 4), desc="search", unit="FLOPs", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} of FLOPs removed [{elapsed}<{remaining}{postfix}]")
+    bar.update(round(1 - state.log[-1]["flops_ratio"], 4))
+
+    def on_step(s: SearchState) -> None:
+        if dist.is_main:
+            _save_state(out, s)
+        row = s.log[-1]
+        bar.update(max(0.0, round(1 - row["flops_ratio"], 4) - bar.n))
+        bar.set_postfix_str(f"step {row['step']}, ratio {row['flops_ratio']:.4f}, val acc {row['val_accuracy']:.1f}%")
+
+    try:
+        state = searcher.run(state, on_step=on_step)
+    finally:
+        bar.close()
+    if dist.is_main:
+        _save_state(out, state)
+    # the search left BN running statistics untouched: slim with them
     slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
 
     record = None if ckpt.record is None else dataclasses.replace(ckpt.record, shapes=module_shapes(slim), pruned=True)

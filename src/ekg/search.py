@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .bn import BN_STATS, bn_mode
 from .errors import EkgError
 from .distributed import Dist, synced_batchnorm
 from .masks import MaskedNetwork, ranks_from_scores
@@ -35,6 +36,7 @@ from .masks import MaskedNetwork, ranks_from_scores
 IMPORTANCES = ("ekg", "taylor", "l1", "fpgm", "random")
 REWARDS = ("ensemble", "val-loss")
 METHODS = ("greedy", "uniform")
+COMPATS = ("method", "release")
 
 
 # ----------------------------------------------------------------------------- the rules
@@ -132,6 +134,8 @@ class SearchConfig:
     adapt_momentum: float = 0.9
     adapt_weight_decay: float = 5e-4
     bn_ops: bool = False               # count 2 ops per BN output element in the FLOPs ratio
+    search_bn: str = "batch"           # BN statistics of every search pass: batch (the method) | running (ablation)
+    compat: str = "method"             # method (the method doc's rules) | release (the TF release's effective ones)
     fast: bool = True                  # re-use unchanged activations per candidate (same decisions)
     cache_gb: float | None = None      # fast mode's activation cache limit; None: half the free memory
     sliced: bool = True                # channels-last, kept-channels-only layers (same function, less work)
@@ -141,7 +145,8 @@ class SearchConfig:
         if not 0 < self.keep < 1:
             raise EkgError(f"--keep must lie in (0, 1) (the FLOPs ratio to reach), got {self.keep}")
         for name, value, allowed in (("importance", self.importance, IMPORTANCES),
-                                     ("reward", self.reward, REWARDS), ("method", self.method, METHODS)):
+                                     ("reward", self.reward, REWARDS), ("method", self.method, METHODS),
+                                     ("search-bn", self.search_bn, BN_STATS), ("compat", self.compat, COMPATS)):
             if value not in allowed:
                 raise EkgError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0 < self.step <= 1:
@@ -493,7 +498,8 @@ class Searcher:
             val_batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in val_batches]
         self.net, self.batches, self.cfg, self.dist = net, val_batches, cfg, dist or Dist()
         self.evaluator = CandidateEvaluator(net, val_batches, fast=cfg.fast, dist=self.dist)
-        self.evaluator.limit_cache(cfg.cache_gb)
+        with self.bn():
+            self.evaluator.limit_cache(cfg.cache_gb)
         # every rank takes the same path (a rank that falls back makes the others fall back too)
         if cfg.fast and self.dist.enabled:
             slow = self.dist.all_reduce_sum(torch.tensor([float(not self.evaluator.fast)],
@@ -502,6 +508,13 @@ class Searcher:
                 self.evaluator.fast = False
                 self.evaluator.note = self.evaluator.note or "another process's activation cache would not fit"
         self.full_cost = net.graph.cost(net.graph.full_widths(), bn_ops=cfg.bn_ops)
+
+    def bn(self) -> Any:
+        """The BN mode of every pass the search makes (scores, rewards, the fast evaluator's base and
+        tails), whatever mode the caller left the model in: dropout off, BN on batch statistics with
+        running statistics untouched (the method), or on running statistics (``search_bn="running"``,
+        an ablation). Each public phase below enters it."""
+        return bn_mode(self.net.model, self.cfg.search_bn)
 
     # -- budget
     def ratio(self, rates: Sequence[float] | None = None) -> float:
@@ -513,6 +526,11 @@ class Searcher:
 
     # -- phases
     def initial_state(self) -> SearchState:
+        """Step 0: the unpruned network's D_val logits are K, its masks and CE loss the history."""
+        with self.bn():
+            return self._initial_state()
+
+    def _initial_state(self) -> SearchState:
         self.net.set_rates([1.0] * len(self.net.gates))
         base = self.evaluator.evaluate(None)
         logits = self.evaluator.gather(base.parts)
@@ -542,6 +560,10 @@ class Searcher:
 
     def step(self, state: SearchState) -> SearchState:
         """One greedy step: score, filter, evaluate candidates, apply the best."""
+        with self.bn():
+            return self._step(state)
+
+    def _step(self, state: SearchState) -> SearchState:
         t0 = time.perf_counter()
         cfg, gates = self.cfg, self.net.gates
         scores = self.scores(state)
@@ -600,6 +622,11 @@ class Searcher:
         return state
 
     def uniform(self, state: SearchState) -> SearchState:
+        """The same kept fraction for every group (see :meth:`_uniform`)."""
+        with self.bn():
+            return self._uniform(state)
+
+    def _uniform(self, state: SearchState) -> SearchState:
         """The same kept fraction for every group, the largest that lands at or below the budget;
         channels chosen by the importance scores of the unpruned network."""
         t0 = time.perf_counter()
