@@ -1,0 +1,565 @@
+"""Mutation check of the method's rules: break one rule at a time, see a fast test fail.
+
+Each mutant is one textual replacement in a copy of ``src/`` that violates one rule of
+docs/ekg-method.md at the place the code uses it (the old text must occur exactly once, so a
+mutant never silently does nothing). For each mutant the script copies ``src/``, ``tests/`` and
+``pyproject.toml`` to a temporary folder, applies the replacement, runs the fast tests listed for
+that rule (``pytest -x -q -m "not slow"`` with ``PYTHONPATH`` at the mutated copy) and reports
+whether they failed (the mutant is *killed*) or all passed (it *SURVIVED*: no fast test guards
+that rule). The unmutated copy is run first on the union of the listed tests (the baseline): a
+failing baseline would make every kill meaningless.
+
+    python bench/mutants.py                  # every mutant, its listed tests (about 10 minutes on 2 cores)
+    python bench/mutants.py --list           # the mutants and their rules
+    python bench/mutants.py --only bank-includes-final --only winner-highest-reward
+    python bench/mutants.py --all-tests      # the whole fast suite per mutant (much longer)
+    python bench/mutants.py --jobs 2         # mutants in parallel
+
+Exit status 0 when every mutant is killed, 1 when any survived (or the baseline failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+R = "tests/test_rules_in_use.py::"
+K0 = R + "test_k_starts_as_the_unpruned_networks_batch_statistics_logits"
+WIN = R + "test_the_winner_is_the_candidate_with_the_lowest_reward"
+KMEAN = R + "test_k_is_the_running_mean_of_the_winners_logits"
+HIST = R + "test_the_history_records_the_winners_ce_loss"
+SCORES = R + "test_the_scores_of_a_step_are_taylor_scores_of_j_with_k"
+OTSU = R + "test_a_step_evaluates_exactly_the_otsu_candidates_with_the_step_size"
+NOOTSU = R + "test_without_otsu_every_group_is_a_candidate_one_step_of_max_1_over_c_0_2_over_n_down"
+ONE_CHANNEL = R + "test_a_group_down_to_one_channel_is_no_candidate"
+WEIGHTS = R + "test_weight_criteria_score_masked_channels_zero_in_the_step"
+LAND = R + "test_landing_never_above_keep_and_the_search_stops_there"
+MODES = R + "test_the_search_leaves_module_modes_and_bn_running_statistics_as_it_found_them"
+UNIFORM = R + "test_uniform_evaluates_on_batch_statistics"
+ADAPT = R + "test_prune_adapts_one_epoch_over_d_sub_and_searches_on_d_val_in_256_plus_64"
+SDEF = R + "test_search_defaults_of_the_api_and_of_ekg_prune"
+FTCFG = R + "test_ekg_finetune_and_ekg_run_paper_build_the_papers_finetuning_recipe"
+BANK = R + "test_bank_for_run_excludes_the_final_subnetwork_spreads_teachers_and_runs_bn_on_batches_of_256"
+SCHED = R + "test_the_trainer_applies_the_step_schedule"
+KDSTEP = R + "test_a_kd_step_of_the_trainer_equals_a_hand_written_step"
+PLAIN = R + "test_plain_finetuning_step_is_one_view_and_mean_ce"
+TEMP = R + "test_the_kd_temperature_is_4_for_cifar_and_10_for_1000_classes"
+EVAL = R + "test_ekg_test_and_evaluate_use_running_statistics_by_default"
+SEARCH_BN = "tests/test_search_bn.py"  # main's end-to-end check of the search's BN statistics (if present)
+RULES = "tests/test_search_rules.py::"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    rule: str
+    file: str        # under src/
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+M = Mutant
+MUTANTS: list[Mutant] = [
+    # ---------------------------------------------------------------- phase 2: the greedy step
+    M("winner-highest-reward", "the winner is the candidate with the lowest reward", "ekg/search.py",
+      "if best is None or r < best[0]:", "if best is None or r > best[0]:", (WIN,)),
+    M("winner-first-candidate", "the winner is the candidate with the lowest reward", "ekg/search.py",
+      "if best is None or r < best[0]:", "if best is None:", (WIN,)),
+    M("reward-kinds-swapped", "reward 'ensemble' is J, 'val-loss' is CE", "ekg/search.py",
+      'return self.j if kind == "ensemble" else self.loss', 'return self.loss if kind == "ensemble" else self.j',
+      (WIN,)),
+    M("reward-j-without-k", "J = CE(labels, z) + CE(softmax(K), z) in the reward", "ekg/search.py",
+      "stats[b] = torch.stack([F.cross_entropy(z.float(), y, reduction=\"sum\"), objective(z, y, k),",
+      "stats[b] = torch.stack([F.cross_entropy(z.float(), y, reduction=\"sum\"), objective(z, y, None),",
+      (WIN,)),
+    M("k-init-zeros", "K starts as the unpruned network's D_val logits", "ekg/search.py",
+      "ensemble=logits, ensemble_count=1", "ensemble=torch.zeros_like(logits), ensemble_count=1", (K0,)),
+    M("k-init-count-zero", "K counts the unpruned network (t = 1 after step 0)", "ekg/search.py",
+      "ensemble=logits, ensemble_count=1", "ensemble=logits, ensemble_count=0", (KMEAN,)),
+    M("k-not-updated", "K ← (K·t + z_winner)/(t+1) after each step", "ekg/search.py",
+      "state.ensemble = update_ensemble(state.ensemble, self.evaluator.gather(ev.parts), state.ensemble_count)",
+      "state.ensemble = state.ensemble", (KMEAN,)),
+    M("k-ema-not-mean", "K is the running mean (K·t + z)/(t+1), not an EMA", "ekg/search.py",
+      "return (ensemble * count + logits) / (count + 1)", "return (ensemble + logits) / 2", (KMEAN,)),
+    M("k-count-frozen", "t counts the sub-networks averaged in K", "ekg/search.py",
+      "state.ensemble_count += 1", "state.ensemble_count += 0", (KMEAN,)),
+    M("k-and-history-of-last-candidate", "K and the history take the winner's evaluation", "ekg/search.py",
+      "_, winner, new_rate, ev = best", "_, winner, new_rate, _ = best", (KMEAN, HIST)),
+    M("history-records-j", "the history records the winner's CE loss", "ekg/search.py",
+      'state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,\n'
+      '                              "loss": ev.loss',
+      'state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,\n'
+      '                              "loss": ev.j', (HIST,)),
+    M("history-records-previous-loss", "the history records the winner's CE loss", "ekg/search.py",
+      'state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,\n'
+      '                              "loss": ev.loss',
+      'state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,\n'
+      '                              "loss": state.history[-1]["loss"]', (HIST,)),
+    M("scores-without-k", "the step's scores are Taylor scores of J with K", "ekg/search.py",
+      'k = state.ensemble if imp == "ekg" else None', "k = None", (SCORES,)),
+    M("scores-plain-ce", "Taylor scores back-propagate J, not CE", "ekg/search.py",
+      "(objective(out, y, k) / nominal_batch).backward()",
+      "(F.cross_entropy(out, y, reduction=\"sum\") / nominal_batch).backward()", (SCORES,)),
+    M("scores-abs-after-sum", "|Σ g·y| per batch and mask point", "ekg/masks.py",
+      "ctx.score.add_((g * y).sum(dims).abs().to(ctx.score.dtype))",
+      "ctx.score.add_((g * y).sum(dims).to(ctx.score.dtype))", (SCORES,)),
+    M("otsu-off", "the Otsu candidate filter is applied in the step", "ekg/search.py",
+      "threshold = trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim) if cfg.otsu else math.inf",
+      "threshold = math.inf", (OTSU,)),
+    M("otsu-keeps-costly-groups", "candidates: cost at or below the Otsu threshold", "ekg/search.py",
+      "candidates = [i for i in active if costs[i] <= threshold] or active",
+      "candidates = [i for i in active if costs[i] >= threshold] or active", (OTSU,)),
+    M("otsu-untrimmed", "drop the lowest and highest 20% of the costs before Otsu", "ekg/search.py",
+      "trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim)",
+      "trimmed_otsu_threshold(list(costs.values()), 0.0)", (OTSU,)),
+    M("cost-of-a-base-step", "a group's cost is that of its own next step", "ekg/search.py",
+      "costs = {i: step_cost(scores[i], gates[i].rate, steps[i]) for i in active}",
+      "costs = {i: step_cost(scores[i], gates[i].rate, cfg.step) for i in active}", (OTSU,)),
+    M("step-size-ignores-producers", "step size max(1/C, 0.2/n), n = producing layers", "ekg/search.py",
+      "steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]",
+      "steps = [step_size(g.channels, 1, cfg.step) for g in gates]", (NOOTSU, OTSU)),
+    M("step-size-without-1-over-c", "step size max(1/C, 0.2/n)", "ekg/search.py",
+      "return max(1.0 / channels, base / max(1, n_producers))", "return base / max(1, n_producers)", (NOOTSU, OTSU)),
+    M("one-channel-groups-stepped", "only groups still above one channel are candidates", "ekg/search.py",
+      "active = [i for i, g in enumerate(gates) if g.kept > 1]", "active = [i for i, g in enumerate(gates) if g.kept > 0]",
+      (ONE_CHANNEL,)),
+    M("landing-skipped", "a step that overshoots keep is shrunk to land just at or below it", "ekg/search.py",
+      "new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)",
+      "new_rate = round(gate.rate - steps[i], 5)", (LAND,)),
+    M("landing-above-keep", "landing is never above keep", "ekg/search.py",
+      "        best = up\n    return best",
+      "        best = up\n    return round(best + 1 / channels, 9) if best + 1 / channels < rate - 1e-9 else best",
+      (LAND,)),
+    M("ranks-ignore-live-channels", "masked channels rank last: pruning is monotone", "ekg/search.py",
+      "gate.ranks = ranks_from_scores(s, live=gm.mask.bool())", "gate.ranks = ranks_from_scores(s)",
+      (RULES + "test_step_never_revives_a_masked_channel_dead_relu",)),
+    M("weight-scores-of-masked-channels", "masked channels score 0 (weight criteria too)", "ekg/search.py",
+      "out.append(torch.where(keep, s, torch.zeros_like(s)))", "out.append(s)", (WEIGHTS,)),
+    # ---------------------------------------------------------------- what a mask does
+    M("mask-points-first-only", "a group is masked at every one of its activation outputs", "ekg/graph.py",
+      "g.mask_nodes += acts.get(s, [])", "g.mask_nodes += acts.get(s, [])[:1]", (SCORES, WIN)),
+    M("mask-points-at-bn-too", "mask points are the activation outputs, not the BN outputs", "ekg/graph.py",
+      "pass_through(node, node.args[0], isinstance(m, _ACT_MODULES))",
+      "pass_through(node, node.args[0], isinstance(m, _ACT_MODULES + (nn.BatchNorm2d,)))", (SCORES,)),
+    M("no-rescale-full-width", "norm-preserving rescale (W⊙M)·‖W‖/‖W⊙M‖", "ekg/masks.py",
+      "return mw * (w.norm() / mw.norm().clamp_min(1e-30))", "return mw",
+      (RULES + "test_effective_weight_is_norm_preserving", WIN)),
+    M("no-rescale-sliced", "norm-preserving rescale in the search's sliced layers", "ekg/masks.py",
+      "ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))\n        y = functional_call",
+      "y = functional_call", (NOOTSU, WIN)),
+    M("no-rescale-in-slim", "slimming bakes in the norm-preserving rescale", "ekg/slim.py",
+      "return sliced * (full.norm() / norm)", "return sliced", ("tests/test_slim.py",)),
+    M("slim-bn-statistics-of-other-channels", "slimming keeps the surviving channels' BN running statistics",
+      "ekg/slim.py", "setattr(m, attr, b[index].clone())", "setattr(m, attr, b[: len(index)].clone())",
+      ("tests/test_slim.py",)),
+    # ---------------------------------------------------------------- BN modes
+    M("search-bn-running", "the search runs BN on batch statistics", "ekg/search.py",
+      "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',
+      (K0, WIN, SEARCH_BN)),
+    M("search-step-without-bn-mode", "every step runs BN on batch statistics", "ekg/search.py",
+      "        with self.bn():\n            return self._step(state)", "        return self._step(state)",
+      (WIN, SEARCH_BN)),
+    M("search-initial-without-bn-mode", "step 0 runs BN on batch statistics", "ekg/search.py",
+      "        with self.bn():\n            return self._initial_state()", "        return self._initial_state()",
+      (K0, SEARCH_BN)),
+    M("search-uniform-without-bn-mode", "the uniform baseline runs BN on batch statistics", "ekg/search.py",
+      "        with self.bn():\n            return self._uniform(state)", "        return self._uniform(state)",
+      (UNIFORM,)),
+    M("inference-modes-restore-model-train", "each module restored to its own mode, never model.train(was)",
+      "ekg/bn.py",
+      "        for m, training in saved:\n            m.training = training",
+      "        model.train(saved[0][1])", (MODES,)),
+    M("batch-bn-updates-running-stats", "batch-statistics BN leaves running statistics untouched", "ekg/bn.py",
+      "                getattr(m, k).copy_(v)", "                pass", (MODES,)),
+    M("bank-bn-inference-mode", "the bank runs BN on batch statistics", "ekg/bank.py",
+      "from .evaluate import batch_statistics_bn", "from .bn import inference_modes as batch_statistics_bn", (BANK,)),
+    M("eval-default-batch-bn", "evaluation: BN in inference mode by default", "ekg/evaluate.py",
+      'device: torch.device | str = "cpu", bn_mode: str = "eval", dist: Dist | None = None)',
+      'device: torch.device | str = "cpu", bn_mode: str = "batch", dist: Dist | None = None)', (EVAL, KDSTEP)),
+    M("eval-model-left-in-train-mode", "evaluation: BN in inference mode", "ekg/evaluate.py",
+      "    model.eval()\n    ctx = batch_statistics_bn(model)", "    ctx = batch_statistics_bn(model)", (EVAL,)),
+    M("cli-test-default-batch-bn", "`ekg test`: BN in inference mode by default", "ekg/cli.py",
+      'p.add_argument("--bn-mode", choices=("eval", "batch"), default="eval",',
+      'p.add_argument("--bn-mode", choices=("eval", "batch"), default="batch",', (EVAL,)),
+    # ---------------------------------------------------------------- phase 3: the memory bank
+    M("bank-includes-final", "the final sub-network is not a teacher", "ekg/bank.py",
+      "candidates = history[:-1]", "candidates = history", (BANK,)),
+    M("bank-teachers-paper-endpoints", "teachers spread evenly: targets L_min + k(L_max-L_min)/T", "ekg/bank.py",
+      "target = lo + k * (hi - lo) / count", "target = lo + k * (hi - lo) / (count - 1)", (BANK,)),
+    M("bank-unsorted-losses", "the history is sorted by val loss before the spread", "ekg/bank.py",
+      "order = sorted(range(n), key=lambda i: (losses[i], i))", "order = list(range(n))", (BANK,)),
+    M("bank-first-teachers", "teachers spread evenly in loss", "ekg/bank.py",
+      'chosen = select_teachers([float(h["loss"]) for h in candidates], teachers)',
+      "chosen = list(range(min(teachers, len(candidates))))", (BANK,)),
+    M("bank-batch-128", "the bank's BN statistics come from batches of 256", "ekg/bank.py",
+      "teachers: int | None = None, batch_size: int = 256,", "teachers: int | None = None, batch_size: int = 128,",
+      (BANK,)),
+    M("bank-batches-from-the-end", "the bank's batches follow dataset order", "ekg/bank.py",
+      "mine = [range(n)[b * batch_size:(b + 1) * batch_size] for b in dist.shard(-(-n // batch_size))]",
+      "mine = [range(n)[max(0, n - (b + 1) * batch_size):n - b * batch_size] for b in dist.shard(-(-n // batch_size))]",
+      (BANK,)),
+    M("bank-augmented", "the bank's images are unaugmented", "ekg/bank.py",
+      "iterate_index_batches(data, mine, normalization=normalization,",
+      "iterate_index_batches(ImageSet(data.images.flip(-1), data.labels, data.classes), mine, "
+      "normalization=normalization,", (BANK,)),
+    # ---------------------------------------------------------------- phase 1 and the search sets
+    M("adapt-lr", "adaptation lr 1e-3", "ekg/search.py",
+      "adapt_lr: float = 1e-3", "adapt_lr: float = 1e-2", (ADAPT,)),
+    M("adapt-momentum", "adaptation momentum 0.9", "ekg/search.py",
+      "adapt_momentum: float = 0.9", "adapt_momentum: float = 0.5", (ADAPT,)),
+    M("adapt-weight-decay", "adaptation weight decay 5e-4", "ekg/search.py",
+      "adapt_weight_decay: float = 5e-4", "adapt_weight_decay: float = 1e-4", (ADAPT,)),
+    M("adapt-no-nesterov", "adaptation: SGD with Nesterov momentum", "ekg/search.py",
+      "momentum=cfg.adapt_momentum, nesterov=True", "momentum=cfg.adapt_momentum, nesterov=False", (ADAPT,)),
+    M("adapt-bn-inference-mode", "adaptation: BN in training mode", "ekg/search.py",
+      "    model.train()\n    with synced_batchnorm(model, dist):", "    model.eval()\n    with synced_batchnorm(model, dist):",
+      (ADAPT,)),
+    M("adapt-summed-loss", "adaptation: mean CE (the release's summed CE/128 is not the method)", "ekg/search.py",
+      "                loss = F.cross_entropy(model(x), y)\n",
+      '                loss = F.cross_entropy(model(x), y, reduction="sum") / 128\n', (ADAPT,)),
+    M("adapt-two-epochs", "adaptation: one epoch", "ekg/search.py",
+      "        for x, y in batches:\n            if dist.enabled:", "        for x, y in list(batches) * 2:\n            if dist.enabled:",
+      (ADAPT,)),
+    M("adapt-batch-128", "adaptation: batch 256", "ekg/prune.py",
+      "adapt(net_model, iterate_batches(d_sub.to(device), cfg.batch_size,",
+      "adapt(net_model, iterate_batches(d_sub.to(device), 128,", (ADAPT,)),
+    M("adapt-augmented", "adaptation: no augmentation", "ekg/prune.py",
+      "iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True,",
+      "iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True, "
+      "augment=__import__('ekg.data').data.AugmentConfig(),", (ADAPT,)),
+    M("adapt-on-d-val", "adaptation runs over D_sub", "ekg/prune.py",
+      "adapt(net_model, iterate_batches(d_sub.to(device)", "adapt(net_model, iterate_batches(d_val.to(device)",
+      (ADAPT,)),
+    M("d-val-first-32", "D_val: the last 32 images of each class", "ekg/data.py",
+      "val_parts.append(idx[::-1][:val_per_class])", "val_parts.append(idx[:val_per_class])", (ADAPT,)),
+    M("d-val-unreversed", "D_val: the last 32 per class in the release's order", "ekg/data.py",
+      "val_parts.append(idx[::-1][:val_per_class])", "val_parts.append(idx[-val_per_class:])", (ADAPT,)),
+    M("d-sub-last-256", "D_sub: the first 256 images of each class", "ekg/data.py",
+      "sub_parts.append(idx[:sub_per_class])", "sub_parts.append(idx[-sub_per_class:])", (ADAPT,)),
+    M("d-val-unshuffled", "D_val is shuffled once with a fixed seed", "ekg/data.py",
+      "return _shuffled_subset(train, val_parts, seed), _shuffled_subset(train, sub_parts, seed)",
+      "return train.subset(np.hstack(val_parts).astype(np.int64)), _shuffled_subset(train, sub_parts, seed)",
+      (ADAPT,)),
+    M("split-seed", "the search sets' fixed seed (1)", "ekg/search.py",
+      "split_seed: int = 1", "split_seed: int = 0", (ADAPT,)),
+    M("val-batches-shuffled", "D_val batches in D_val's order (256 + 64)", "ekg/prune.py",
+      "val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))",
+      "val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm, shuffle=True))",
+      (ADAPT,)),
+    M("search-batch-160", "search batches of 256 (256 + 64 for CIFAR-10)", "ekg/search.py",
+      "batch_size: int = 256", "batch_size: int = 160", (ADAPT, SDEF)),
+    M("val-per-class-30", "D_val: 32 images per class", "ekg/search.py",
+      "val_per_class: int = 32", "val_per_class: int = 30", (ADAPT,)),
+    M("cli-val-per-class-30", "`ekg prune`: D_val 32 per class by default", "ekg/cli.py",
+      'p.add_argument("--val-per-class", type=int, default=32,', 'p.add_argument("--val-per-class", type=int, default=30,',
+      (SDEF,)),
+    M("cli-sub-per-class-128", "`ekg prune`: D_sub 256 per class by default", "ekg/cli.py",
+      'p.add_argument("--sub-per-class", type=int, default=256,', 'p.add_argument("--sub-per-class", type=int, default=128,',
+      (SDEF,)),
+    M("search-otsu-trim-default", "Otsu drops 20% at each end", "ekg/search.py",
+      "otsu_trim: float = 0.2", "otsu_trim: float = 0.1", (SDEF,)),
+    M("search-keep-default", "default budget keep = 0.45", "ekg/cli.py",
+      'p.add_argument("--keep", type=float, default=0.45,', 'p.add_argument("--keep", type=float, default=0.5,',
+      (SDEF,)),
+    # ---------------------------------------------------------------- phase 5: fine-tuning
+    M("ft-api-epochs", "fine-tuning: 100 epochs", "ekg/train.py",
+      'recipe: dict[str, Any] = dict(arch="(pruned)", epochs=100,', 'recipe: dict[str, Any] = dict(arch="(pruned)", epochs=200,',
+      (FTCFG,)),
+    M("ft-milestones", "fine-tuning: lr ×0.2 at 30/60/80%", "ekg/train.py",
+      "milestones=(0.3, 0.6, 0.8), gamma=0.2", "milestones=(0.5, 0.75), gamma=0.2", (FTCFG, SCHED)),
+    M("ft-gamma", "fine-tuning: lr ×0.2 at 30/60/80%", "ekg/train.py",
+      "milestones=(0.3, 0.6, 0.8), gamma=0.2", "milestones=(0.3, 0.6, 0.8), gamma=0.1", (FTCFG, SCHED)),
+    M("ft-cli-epochs", "`ekg finetune`: 100 epochs", "ekg/cli.py",
+      '_add_training_args(p, epochs=100, batch_size=128, lr=0.01, schedule="step")',
+      '_add_training_args(p, epochs=200, batch_size=128, lr=0.01, schedule="step")', (FTCFG,)),
+    M("ft-cli-batch", "`ekg finetune`: batch 128", "ekg/cli.py",
+      '_add_training_args(p, epochs=100, batch_size=128, lr=0.01, schedule="step")',
+      '_add_training_args(p, epochs=100, batch_size=256, lr=0.01, schedule="step")', (FTCFG,)),
+    M("ft-cli-lr", "`ekg finetune`: lr 0.01", "ekg/cli.py",
+      '_add_training_args(p, epochs=100, batch_size=128, lr=0.01, schedule="step")',
+      '_add_training_args(p, epochs=100, batch_size=128, lr=0.1, schedule="step")', (FTCFG,)),
+    M("ft-cli-cosine", "`ekg finetune`: step schedule", "ekg/cli.py",
+      '_add_training_args(p, epochs=100, batch_size=128, lr=0.01, schedule="step")',
+      '_add_training_args(p, epochs=100, batch_size=128, lr=0.01, schedule="cosine")', (FTCFG,)),
+    M("ft-cli-wd", "`ekg finetune`: weight decay 5e-4", "ekg/cli.py",
+      'p.add_argument("--wd", type=float, default=5e-4,', 'p.add_argument("--wd", type=float, default=1e-4,', (FTCFG,)),
+    M("ft-cli-kd-single", "`ekg finetune`: the memory bank's ensemble by default", "ekg/cli.py",
+      'p.add_argument("--kd", choices=("none", "single", "ensemble"), default="ensemble",\n'
+      '                   help="distillation: ensemble',
+      'p.add_argument("--kd", choices=("none", "single", "ensemble"), default="single",\n'
+      '                   help="distillation: ensemble', (FTCFG,)),
+    M("ft-cli-no-jitter", "two jittered views with the memory bank", "ekg/cli.py",
+      'jitter = args.kd != "none" if args.jitter is None else args.jitter',
+      "jitter = False if args.jitter is None else args.jitter", (FTCFG,)),
+    M("ft-api-no-jitter", "two jittered views with the memory bank", "ekg/train.py",
+      'augment=AugmentConfig(jitter=kd != "none")', "augment=AugmentConfig(jitter=False)", (FTCFG,)),
+    M("ft-plain-with-jitter", "plain fine-tuning: flip + pad-crop only", "ekg/train.py",
+      'augment=AugmentConfig(jitter=kd != "none")', "augment=AugmentConfig(jitter=True)", (FTCFG,)),
+    M("ft-preset-epochs", "`ekg run --preset paper`: 100 epochs", "ekg/pipeline.py",
+      '"paper": Preset("paper", epochs=100,', '"paper": Preset("paper", epochs=50,', (FTCFG,)),
+    M("ft-preset-batch", "`ekg run --preset paper`: batch 128", "ekg/pipeline.py",
+      "    batch_size: int = 128\n    lr: float = 0.01", "    batch_size: int = 64\n    lr: float = 0.01", (FTCFG,)),
+    M("ft-preset-lr", "`ekg run --preset paper`: lr 0.01", "ekg/pipeline.py",
+      "    batch_size: int = 128\n    lr: float = 0.01", "    batch_size: int = 128\n    lr: float = 0.1", (FTCFG,)),
+    M("ft-no-nesterov", "fine-tuning: SGD Nesterov", "ekg/train.py",
+      "    nesterov: bool = True", "    nesterov: bool = False", (FTCFG, KDSTEP)),
+    M("ft-weight-decay", "fine-tuning: weight decay 5e-4", "ekg/train.py",
+      "    weight_decay: float = 5e-4", "    weight_decay: float = 1e-4", (FTCFG, KDSTEP)),
+    M("trainer-ignores-nesterov", "the trainer's SGD is Nesterov", "ekg/train.py",
+      "momentum=cfg.momentum, nesterov=cfg.nesterov,", "momentum=cfg.momentum, nesterov=False,", (SCHED, KDSTEP)),
+    M("trainer-ignores-weight-decay", "the trainer's SGD has weight decay 5e-4 on all parameters", "ekg/train.py",
+      "                          weight_decay=cfg.weight_decay)", "                          weight_decay=0.0)",
+      (SCHED, KDSTEP)),
+    M("trainer-constant-lr", "the trainer applies the step schedule", "ekg/train.py",
+      '                    group["lr"] = lr', '                    group["lr"] = cfg.lr', (SCHED,)),
+    M("schedule-after-milestone", "lr ×0.2 from the milestone step on", "ekg/train.py",
+      "return cfg.lr * (cfg.gamma ** sum(progress >= m for m in cfg.milestones))",
+      "return cfg.lr * (cfg.gamma ** sum(progress > m for m in cfg.milestones))", (SCHED,)),
+    M("kd-two-identical-views", "two augmented views of each image", "ekg/train.py",
+      "views = [normalization.apply(augment(raw, cfg.augment, aug_gen))[part] for _ in range(2)]",
+      "views = [normalization.apply(augment(raw, cfg.augment, aug_gen))[part]] * 2", (KDSTEP,)),
+    M("kd-one-view", "the KD loss sums over both views", "ekg/train.py",
+      "views = list(both.float().chunk(2))", "views = list(both.float().chunk(2))[:1]", (KDSTEP,)),
+    M("kd-views-in-two-passes", "both views in one forward pass (BN statistics of the 2B images)", "ekg/train.py",
+      "both = model(torch.cat(x))  # both views in one forward pass of 2B images",
+      "both = torch.cat([model(v) for v in x])", (KDSTEP,)),
+    M("kd-teacher-rows-misaligned", "teacher logits are the bank rows of the batch's images", "ekg/train.py",
+      "teachers = bank.batch(idx[part], device=data.images.device)",
+      "teachers = bank.batch(idx[part].sort().values, device=data.images.device)", (KDSTEP,)),
+    M("kd-temperature-ignored", "KD at the configured temperature", "ekg/train.py",
+      "kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=cfg.temperature)",
+      "kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=1.0)", (KDSTEP,)),
+    M("kd-temperature-always-4", "T = 10 for 1000-class data", "ekg/train.py",
+      "temperature=default_temperature(data.num_classes))", "temperature=default_temperature(10))", (TEMP,)),
+    M("kd-temperature-threshold", "T = 10 for 1000-class data", "ekg/train.py",
+      "return 10.0 if num_classes >= 1000 else 4.0", "return 10.0 if num_classes > 1000 else 4.0", (TEMP,)),
+    M("kd-t-squared", "T·KL, not T²·KL", "ekg/distill.py",
+      "return t * (log_p.exp() * (log_p - log_q)).sum(-1)", "return t * t * (log_p.exp() * (log_p - log_q)).sum(-1)",
+      (KDSTEP,)),
+    M("kd-not-halved", "the gradient is halved", "ekg/distill.py",
+      "loss = 0.5 * (ce_sum + kd_sum) / b", "loss = (ce_sum + kd_sum) / b", (KDSTEP,)),
+    M("kd-selects-every-teacher", "teachers closer to teacher 0 than the student are selected", "ekg/distill.py",
+      "return dist < curr", "return dist >= 0", (KDSTEP,)),
+    M("kd-selects-farther-teachers", "teachers closer to teacher 0 than the student are selected", "ekg/distill.py",
+      "return dist < curr", "return dist > curr", (KDSTEP,)),
+    M("kd-teacher-zero-only", "M̄ = mean of the selected teachers", "ekg/distill.py",
+      "target, selected = teachers[:, sel].mean(1), int(sel.sum())", "target, selected = teachers[:, 0], int(sel.sum())",
+      (KDSTEP,)),
+    M("kd-selection-on-view-0", "curr compares teacher 0 with the mean over views", "ekg/distill.py",
+      "student_mean = torch.stack([v.float() for v in views]).mean(0)", "student_mean = views[0].float()", (KDSTEP,)),
+    M("plain-ft-summed-ce", "plain fine-tuning: mean CE", "ekg/train.py",
+      "        return F.cross_entropy(logits.float(), y), logits, None",
+      '        return F.cross_entropy(logits.float(), y, reduction="sum") / 64, logits, None', (PLAIN,)),
+]
+
+
+# ----------------------------------------------------------------------------- running
+
+@dataclass
+class Outcome:
+    name: str
+    rule: str
+    status: str       # killed | SURVIVED | TIMEOUT (killed) | ERROR
+    first_failure: str
+    seconds: float
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{load}; Python {platform.python_version()}"
+
+
+def copy_tree(dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    shutil.copytree(ROOT / "src", dest / "src", ignore=ignore)
+    shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+
+
+def apply(mutant: Mutant, root: Path) -> None:
+    path = root / "src" / mutant.file
+    text = path.read_text()
+    n = text.count(mutant.old)
+    if n != 1:
+        raise SystemExit(f"mutant {mutant.name}: the old text occurs {n} times in src/{mutant.file} (must be once)")
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def existing(targets: list[str], root: Path) -> list[str]:
+    return [t for t in targets if (root / t.split("::")[0]).exists()]
+
+
+def env_for(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("EKG_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def pytest_cmd(targets: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *targets]
+
+
+def first_failure(output: str) -> str:
+    for line in output.splitlines():
+        m = re.match(r"(FAILED|ERROR) (\S+)", line)
+        if m:
+            return m.group(2)
+    return ""
+
+
+def run_tests(root: Path, targets: list[str], timeout: float) -> tuple[int | None, str]:
+    try:
+        p = subprocess.run(pytest_cmd(targets), cwd=root, env=env_for(root), capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return None, out
+    return p.returncode, p.stdout + p.stderr
+
+
+def check_import(root: Path) -> None:
+    """The copy is what the tests import (not an installed ekg)."""
+    out = subprocess.run([sys.executable, "-c", "import ekg; print(ekg.__file__)"], cwd=root, env=env_for(root),
+                         capture_output=True, text=True).stdout.strip()
+    if not out.startswith(str(root)):
+        raise SystemExit(f"the tests would import ekg from {out}, not from the mutated copy in {root}")
+
+
+def run_mutant(mutant: Mutant, targets: list[str], timeout: float) -> Outcome:
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+        root = Path(tmp)
+        copy_tree(root)
+        apply(mutant, root)
+        tests = existing(targets, root)
+        if not tests:
+            return Outcome(mutant.name, mutant.rule, "ERROR", "no test file exists", time.perf_counter() - t0)
+        rc, out = run_tests(root, tests, timeout)
+    dt = time.perf_counter() - t0
+    if rc is None:
+        return Outcome(mutant.name, mutant.rule, "TIMEOUT (killed)", f"> {timeout:.0f} s", dt)
+    if rc == 0:
+        return Outcome(mutant.name, mutant.rule, "SURVIVED", "", dt)
+    if rc == 1:
+        return Outcome(mutant.name, mutant.rule, "killed", first_failure(out) or "(see pytest output)", dt)
+    tail = " | ".join(out.strip().splitlines()[-3:])
+    return Outcome(mutant.name, mutant.rule, "ERROR", f"pytest exit {rc}: {tail[:200]}", dt)
+
+
+def short(test: str) -> str:
+    return test.replace("tests/", "").replace("test_rules_in_use.py::", "in_use::")
+
+
+def table(rows: list[Outcome]) -> str:
+    head = ("mutant", "rule", "result", "first failing test", "s")
+    cells = [head] + [(o.name, o.rule, o.status, short(o.first_failure), f"{o.seconds:.0f}")
+                      for o in rows]
+    limits = (40, 64, 16, 120, 5)
+    widths = [min(max(len(r[i]) for r in cells), limits[i]) for i in range(5)]
+    lines = []
+    for k, r in enumerate(cells):
+        lines.append("  ".join(c[:w].ljust(w) for c, w in zip(r, widths)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this mutant (repeatable)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--all-tests", action="store_true", help="run the whole fast suite per mutant")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants run in parallel; default: %(default)s")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant's tests; default: %(default)s")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the listed tests")
+    args = ap.parse_args()
+
+    names = [m.name for m in MUTANTS]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise SystemExit(f"duplicate mutant names: {', '.join(sorted(dup))}")
+    unknown = [n for n in args.only if n not in names]
+    if unknown:
+        raise SystemExit(f"unknown mutant(s): {', '.join(unknown)}; see --list")
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    # every mutant's old text is present exactly once before anything runs
+    for m in chosen:
+        n = (ROOT / "src" / m.file).read_text().count(m.old)
+        if n != 1:
+            raise SystemExit(f"mutant {m.name}: the old text occurs {n} times in src/{m.file} (must be once)")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36s} {m.rule}  [src/{m.file}; {', '.join(t.replace('tests/', '') for t in m.tests)}]")
+        return 0
+
+    def targets(m: Mutant) -> list[str]:
+        return ["tests"] if args.all_tests else list(m.tests)
+
+    print(f"machine: {machine()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"per mutant: PYTHONPATH=<copy>/src {' '.join(pytest_cmd(['<tests>'])[1:])}  (in a copy of src/, tests/)")
+    missing = sorted({t.split("::")[0] for m in chosen for t in targets(m) if not (ROOT / t.split("::")[0]).exists()})
+    if missing:
+        print(f"note: not in this checkout, left out: {', '.join(missing)}")
+    t_start = time.perf_counter()
+    status = 0
+    if not args.no_baseline:
+        union = list(dict.fromkeys(t for m in chosen for t in targets(m)))
+        with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+            root = Path(tmp)
+            copy_tree(root)
+            check_import(root)
+            t0 = time.perf_counter()
+            rc, out = run_tests(root, existing(union, root), args.timeout * 3)
+        print(f"baseline (unmutated, {len(existing(union, ROOT))} targets): "
+              f"{'pass' if rc == 0 else 'FAIL'} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc != 0:
+            print(out[-3000:])
+            print("the unmutated tests fail: fix them first")
+            return 1
+    rows: list[Outcome] = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_mutant, m, targets(m), args.timeout) for m in chosen]
+        for m, f in zip(chosen, futures):
+            o = f.result()
+            rows.append(o)
+            print(f"  {o.name:36s} {o.status:9s} {o.seconds:5.0f} s  {short(o.first_failure)}",
+                  flush=True)
+    print()
+    print(table(rows))
+    survived = [o.name for o in rows if o.status in ("SURVIVED", "ERROR")]
+    killed = sum(o.status.startswith(("killed", "TIMEOUT")) for o in rows)
+    print(f"\n{killed}/{len(rows)} mutants killed in {time.perf_counter() - t_start:.0f} s"
+          + (f"; not killed: {', '.join(survived)}" if survived else ""))
+    if survived:
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
