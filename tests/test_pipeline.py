@@ -6,12 +6,13 @@ import json
 
 import pytest
 
+from conftest import independent_step0, search_log
 from ekg.cli import main
 
 pytestmark = pytest.mark.slow
 
 
-def test_ekg_run_end_to_end_and_rerun_skips_finished_phases(tmp_path, shared_data, cifar10_exact, capsys):
+def test_ekg_run_end_to_end_and_rerun_skips_finished_phases(tmp_path, shared_data, cifar10_exact, exact, capsys):
     run_dir = tmp_path / "RUN"
     src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
     args = ["run", "--model", str(src), "--data", str(cifar10_exact), "--keep", "0.85", "--out", str(run_dir),
@@ -24,6 +25,10 @@ def test_ekg_run_end_to_end_and_rerun_skips_finished_phases(tmp_path, shared_dat
         assert {"top1", "top5", "flops", "params", "latency_cpu_ms", "checkpoint_bytes"} <= set(summary[side])
     assert summary["pruned"]["flops"] <= 0.85 * summary["original"]["flops"]
     assert summary["original"]["top1"] == pytest.approx(91.64, abs=0.2)
+    # ekg run's search ran BN on batch statistics (an independent step-0 forward of adapted.pt)
+    want = independent_step0(run_dir, exact.train, "batch")
+    assert search_log(run_dir)[0]["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+    assert abs(independent_step0(run_dir, exact.train, "running")["val_loss"] - want["val_loss"]) > 1e-3 * want["val_loss"]
     assert (run_dir / "summary.md").read_text().count("|") > 20
     # the final checkpoint reloads with `ekg test` and gives the numbers the run reported
     assert main(["test", "--model", str(run_dir / "final.pt"), "--data", str(cifar10_exact), "--json"]) == 0
