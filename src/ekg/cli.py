@@ -72,8 +72,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     p.add_argument("--compat", choices=COMPATS, default=SearchConfig.compat,
                    help="method (the method's rules) or release (replay the original TensorFlow release's "
-                        "effective search decision for decision: its candidate cost, adaptation loss, BN ops in "
-                        "the FLOPs ratio, landing and tie order; see docs/design.md); default: %(default)s")
+                        "effective search decision for decision: its candidate cost, candidates until rate 0, "
+                        "adaptation loss, BN ops in the FLOPs ratio, landing and tie order; see docs/design.md); "
+                        "default: %(default)s")
     p.add_argument("--search-cache-gb", type=float, default=None, metavar="GB",
                    help="memory the search may use to cache activations (the same decisions, less compute); "
                         "above it, each candidate runs the whole network; default: half the device's free memory")
