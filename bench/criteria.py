@@ -10,14 +10,24 @@ sets carved from its training batches) once per criterion, all at the same ``--k
     random   greedy search, random scores
     uniform  the same kept fraction in every group (channels by EKG's scores of the unpruned net)
 
-Each slim model is then compared **without fine-tuning**: its BN running statistics are
-re-estimated on the training images (unaugmented; `ekg.evaluate.recalibrate_bn`), and it is
-tested on the exact test subset. Every pair is evaluated on the same test images; the accuracy
+and, with the method's scores and reward, the search variants (``--criteria ekg ekg-release
+ekg-running``: the search-mode comparison):
+
+    ekg-release  `--compat release`: the original TensorFlow release's effective rules
+    ekg-running  `--search-bn running`: the search on BN running statistics (an ablation)
+
+Each slim model is then compared **without fine-tuning**, tested on the exact test subset three
+ways: BN in inference mode with the running statistics it carries, BN on test-batch statistics
+(`--bn-mode batch`, the release's test.py), and after its BN running statistics are re-estimated
+on the training images (unaugmented; `ekg.evaluate.recalibrate_bn`). With ``--finetune-epochs E``
+each is also fine-tuned with the same short recipe (the paper's, scaled to E epochs, memory bank
+of 5 teachers, ensemble KD, same seed and data order) and tested again. Every pair is evaluated on the same test images; the accuracy
 difference to ``ekg`` comes with a paired bootstrap 95% interval and the counts of images only
 one of the two gets right.
 
     python bench/criteria.py                            # all six, keep 0.45 (about 30 min on 2 cores)
     python bench/criteria.py --criteria ekg l1 --keep 0.6
+    python bench/criteria.py --criteria ekg ekg-release ekg-running --finetune-epochs 3
 
 Runs go to ``--out`` (default ``bench/runs/criteria``, git-ignored); a finished run is reused
 (its recorded search time is reported), so the script can be re-run after an interruption.
@@ -35,13 +45,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ekg.bank import bank_for_run
 from ekg.checkpoint import load_checkpoint
 from ekg.data import get_normalization, load_data
+from ekg.train import finetune_config
 from ekg.evaluate import metrics_from_logits, predict_logits, recalibrate_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import machine, paired, shared_data_root  # noqa: E402
+from _common import finetune_and_test, machine, paired, shared_data_root  # noqa: E402
 
 CRITERIA = {
     "ekg": [],
@@ -50,6 +62,8 @@ CRITERIA = {
     "fpgm": ["--importance", "fpgm"],
     "random": ["--importance", "random"],
     "uniform": ["--method", "uniform"],
+    "ekg-release": ["--compat", "release"],
+    "ekg-running": ["--search-bn", "running"],
 }
 
 
@@ -76,6 +90,8 @@ def main() -> int:
     ap.add_argument("--keep", type=float, default=0.45)
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=list(CRITERIA))
     ap.add_argument("--out", default=str(ROOT / "bench" / "runs" / "criteria"))
+    ap.add_argument("--finetune-epochs", type=int, default=0, metavar="E",
+                    help="also fine-tune each slim model E epochs (the same recipe for all) and test it")
     args = ap.parse_args()
 
     root = Path(args.data)
@@ -86,11 +102,11 @@ def main() -> int:
     norm = get_normalization(original.normalization)
     labels = data.test.labels
 
-    def correct(model: torch.nn.Module) -> tuple[dict, np.ndarray]:
-        logits = predict_logits(model, data.test, norm)
+    def correct(model: torch.nn.Module, bn_mode: str = "eval") -> tuple[dict, np.ndarray]:
+        logits = predict_logits(model, data.test, norm, bn_mode=bn_mode)
         return metrics_from_logits(logits, labels), (logits.argmax(1) == labels).numpy()
 
-    rows, right = {}, {}
+    rows, right, tuned = {}, {}, {}
     m, right["original"] = correct(original.model)
     rows["original"] = {"top1": m["top1"], "loss": m["loss"], "flops": None, "params": None}
     for name in args.criteria:
@@ -99,18 +115,29 @@ def main() -> int:
         log = [json.loads(line) for line in (out / "search.jsonl").read_text().splitlines()]
         ckpt = load_checkpoint(out / "pruned.pt")
         before, _ = correct(ckpt.model)
+        batch_bn, _ = correct(ckpt.model, "batch")
         recalibrate_bn(ckpt.model, data.train, norm)
         after, right[name] = correct(ckpt.model)
-        rows[name] = {"top1_no_recal": before["top1"], "top1": after["top1"], "loss": after["loss"],
+        rows[name] = {"top1_no_recal": before["top1"], "top1_batch_bn": batch_bn["top1"], "top1": after["top1"],
+                      "loss": after["loss"], "widths": [g["kept"] for g in
+                                                        json.loads((out / "widths.json").read_text())["groups"].values()],
                       "flops": log[-1]["flops"], "flops_ratio": round(log[-1]["flops_ratio"], 4),
                       "params": log[-1]["params"], "steps": len(log) - 1, "val_loss": round(log[-1]["val_loss"], 4),
                       "slim_max_diff": json.loads((out / "widths.json").read_text())["slim_check"]["max_abs_diff"],
                       "search_s": timing["seconds"], "resumed": timing["resumed"], "command": timing["command"]}
+        if args.finetune_epochs:
+            cfg = finetune_config("ensemble", epochs=args.finetune_epochs)
+            bank = bank_for_run(out, data.train, teachers=5, progress=False)
+            folder = Path(args.out) / f"keep{args.keep}" / "finetuned" / f"{name}-e{args.finetune_epochs}"
+            rows[name]["finetuned"], tuned[name] = finetune_and_test(cfg, data, folder, load_checkpoint(out / "pruned.pt"),
+                                                                     bank)
         print(f"{name}: {json.dumps(rows[name])}", file=sys.stderr, flush=True)
     ref = "ekg" if "ekg" in right else None
     for name in args.criteria:
         if ref and name != ref:
             rows[name]["vs_ekg"] = paired(right[ref], right[name])
+            if name in tuned and ref in tuned:
+                rows[name]["finetuned"]["vs_ekg"] = paired(tuned[ref], tuned[name])
 
     report = {"command": "python " + " ".join(sys.argv),
               "machine": machine("cpu"),
@@ -118,17 +145,27 @@ def main() -> int:
               "data": f"exact CIFAR-10 subset: BN recalibrated on its {len(data.train)} training images, "
                       f"tested on its {len(data.test)} test images", "rows": rows}
     print(json.dumps(report))
-    print("\n| criterion | FLOPs ratio | params | steps | search s | top-1 (no recal) | top-1 (BN recal) | loss | "
-          "vs ekg (points, 95% CI) |", file=sys.stderr)
-    print("|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
+    def vs(r: dict) -> str:
+        v = r.get("vs_ekg")
+        return f"{v['diff']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]" if v else "-"
+
+    print("\n| criterion | FLOPs ratio | params | steps | search s | top-1 (no recal) | top-1 (batch BN) | "
+          "top-1 (BN recal) | loss | vs ekg (points, 95% CI) |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for name, r in rows.items():
         if name == "original":
-            print(f"| original | 1.0 | - | - | - | - | {r['top1']:.2f} | {r['loss']:.3f} | - |", file=sys.stderr)
+            print(f"| original | 1.0 | - | - | - | - | - | {r['top1']:.2f} | {r['loss']:.3f} | - |", file=sys.stderr)
             continue
-        vs = r.get("vs_ekg")
-        vs_s = f"{vs['diff']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else "-"
         print(f"| {name} | {r['flops_ratio']:.4f} | {r['params'] / 1e6:.3f} M | {r['steps']} | {r['search_s']:.0f} | "
-              f"{r['top1_no_recal']:.2f} | {r['top1']:.2f} | {r['loss']:.3f} | {vs_s} |", file=sys.stderr)
+              f"{r['top1_no_recal']:.2f} | {r['top1_batch_bn']:.2f} | {r['top1']:.2f} | {r['loss']:.3f} | {vs(r)} |",
+              file=sys.stderr)
+    if tuned:
+        print(f"\n| criterion | fine-tuned {args.finetune_epochs} epochs: top-1 | top-5 | loss | vs ekg (points, 95% CI) |",
+              file=sys.stderr)
+        print("|---|---|---|---|---|", file=sys.stderr)
+        for name in tuned:
+            f = rows[name]["finetuned"]
+            print(f"| {name} | {f['top1']:.2f} | {f['top5']:.2f} | {f['loss']:.3f} | {vs(f)} |", file=sys.stderr)
     return 0
 
 

@@ -198,3 +198,47 @@ def fake_history(net, losses):
             masks.append(m)
         history.append({"step": k, "masks": masks, "loss": loss, "accuracy": 50.0})
     return history
+
+
+def independent_step0(run_dir, train, stats: str = "batch") -> dict:
+    """The search's step-0 numbers of an `ekg prune` run directory, computed without the search code:
+    its own D_val carve (the last 32 images of each class in training-set order, reversed, concatenated
+    over classes and shuffled with ``np.random.RandomState(1)``), its own normalisation, batches of
+    256 then the rest, and a plain forward of ``RUN/adapted.pt`` with every BN on the batch's
+    statistics (``stats="batch"``, as the method's search) or on running statistics ("running").
+    Returns mean CE, accuracy (%) and mean J = CE + entropy (K is the network itself at step 0)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from ekg.checkpoint import load_checkpoint
+
+    labels = train.labels.cpu().numpy()
+    idx = np.hstack([np.where(labels == c)[0][::-1][:32] for c in range(int(labels.max()) + 1)])
+    np.random.RandomState(1).shuffle(idx)
+    ckpt = load_checkpoint(Path(run_dir) / "adapted.pt")
+    model = copy.deepcopy(ckpt.model).float()
+    model.train(stats == "batch")  # ResNets: BN is the only module with a mode
+    norm = ckpt.normalization
+    mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    images = train.images[torch.as_tensor(idx)]
+    x_all = (images.float() - mean) / std  # the constants are on the 0..255 scale
+    y_all = train.labels[torch.as_tensor(idx)].long()
+    ce = acc = j = 0.0
+    with torch.no_grad():
+        for a in range(0, len(idx), 256):
+            x, y = x_all[a:a + 256], y_all[a:a + 256]
+            z = model(x).double()
+            logp = F.log_softmax(z, 1)
+            ce += float(F.nll_loss(logp, y, reduction="sum"))
+            j += float(F.nll_loss(logp, y, reduction="sum") - (logp.exp() * logp).sum())
+            acc += float((z.argmax(1) == y).sum())
+    n = len(idx)
+    return {"val_loss": ce / n, "val_accuracy": 100.0 * acc / n, "j": j / n, "n": n}
+
+
+def search_log(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "search.jsonl").read_text().splitlines()]

@@ -85,6 +85,52 @@ def test_batch_statistics_mode_and_latency(capsys, res56, cifar10_exact):
     assert all(lat["median_ms"] > 0 for lat in res["latency_cpu"])
 
 
+def test_latency_against_a_baseline_is_timed_interleaved(capsys, tmp_path, shared_data, cifar10_exact,
+                                                         slim_checkpoint):
+    """`ekg test --latency-baseline`: a pruned-shaped ResNet-20 against the real ResNet-20, both
+    timed in the same rounds; structure only, no timing is asserted."""
+    model = save_checkpoint(slim_checkpoint, tmp_path / "slim.pt")
+    base = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
+    code, out, _ = run_cli(capsys, "test", "--model", model, "--data", cifar10_exact, "--latency-baseline", base,
+                           "--latency-rounds", "2", "--latency-batch", "1", "2", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["latency_baseline"] == str(base) and [lat["batch_size"] for lat in res["latency_cpu"]] == [1, 2]
+    for lat, cmp in zip(res["latency_cpu"], res["latency_cpu_comparison"]):
+        assert cmp["rounds"] == 2 and cmp["baseline"] == "baseline" and list(cmp["models"]) == ["model", "baseline"]
+        assert lat["median_ms"] == cmp["models"]["model"]["median_ms"]
+        sp = cmp["speedup"]["model"]
+        rounds = zip(cmp["models"]["baseline"]["round_ms"], cmp["models"]["model"]["round_ms"])
+        assert sp["per_round"] == pytest.approx([b / m for b, m in rounds])
+        assert sp["rounds"] == 2 and sp["min"] <= sp["median"] <= sp["max"]
+    from ekg.cli import _print_test  # the human-readable form of the same result
+
+    _print_test(res)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("latency batch")]
+    assert len(lines) == 2 and all("speed-up" in line and "over 2 rounds)" in line for line in lines)
+    assert "interleaved" in out
+
+
+def test_latency_options_are_checked_before_any_work(capsys, tmp_path, cifar10_exact, slim_checkpoint):
+    model = save_checkpoint(slim_checkpoint, tmp_path / "slim.pt")
+    code, _, err = run_cli(capsys, "test", "--model", model, "--data", tmp_path / "nowhere", "--latency",
+                           "--latency-rounds", "3")
+    assert_one_line_error(code, err, "--latency-rounds", "--latency-baseline")
+    code, _, err = run_cli(capsys, "test", "--model", model, "--data", tmp_path / "nowhere",
+                           "--latency-baseline", model, "--latency-rounds", "0")
+    assert_one_line_error(code, err, "--latency-rounds must be at least 1")
+    code, _, err = run_cli(capsys, "test", "--model", model, "--data", tmp_path / "nowhere",
+                           "--latency-baseline", tmp_path / "missing.pt")
+    assert_one_line_error(code, err, "missing.pt", "does not exist")
+    wide = Checkpoint(model=create_model("resnet20", 10), input_size=(3, 64, 64),
+                      normalization={"name": "cifar10", **get_normalization("cifar10").to_dict()},
+                      dataset={"name": "cifar10", "num_classes": 10})
+    code, _, err = run_cli(capsys, "test", "--model", model, "--data", tmp_path / "nowhere",
+                           "--latency-baseline", save_checkpoint(wide, tmp_path / "wide.pt"))
+    assert_one_line_error(code, err, "--latency-baseline expects (3, 64, 64)")
+
+
 def test_pretrained_name_and_default_data_resolve_through_ekg_data(capsys, monkeypatch, shared_data):
     monkeypatch.setenv("EKG_DATA", str(shared_data))
     code, out, _ = run_cli(capsys, "test", "--json")  # built-in defaults: EKG ResNet-56 on cifar10

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import independent_step0
 from ekg.checkpoint import load_checkpoint
 from ekg.distributed import Dist
 
@@ -47,7 +48,7 @@ def test_row_split_covers_every_row_once():
             assert sorted(sum(shards, [])) == list(range(n))
 
 
-def test_prune_and_finetune_on_two_processes_match_one(tmp_path, shared_data, cifar10_exact):
+def test_prune_and_finetune_on_two_processes_match_one(tmp_path, shared_data, cifar10_exact, exact):
     model = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
     runs = {}
     for nproc in (1, 2):
@@ -63,6 +64,10 @@ def test_prune_and_finetune_on_two_processes_match_one(tmp_path, shared_data, ci
     # the same search: the same group at every step, the same final widths
     steps = [[json.loads(line) for line in (r / "search.jsonl").read_text().splitlines()] for r in (one, two)]
     assert [s["group"] for s in steps[0]] == [s["group"] for s in steps[1]] and len(steps[0]) > 2
+    # under torchrun too the search runs BN on batch statistics (an independent step-0 forward)
+    want = independent_step0(two, exact.train, "batch")
+    assert steps[1][0]["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+    assert abs(independent_step0(two, exact.train, "running")["val_loss"] - want["val_loss"]) > 1e-3 * want["val_loss"]
     for a, b in zip(*steps):
         assert a["j"] == pytest.approx(b["j"], rel=1e-4)
         assert a["val_accuracy"] == b["val_accuracy"]

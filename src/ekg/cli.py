@@ -72,8 +72,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     p.add_argument("--compat", choices=COMPATS, default=SearchConfig.compat,
                    help="method (the method's rules) or release (replay the original TensorFlow release's "
-                        "effective search decision for decision: its candidate cost, adaptation loss, BN ops in "
-                        "the FLOPs ratio, landing and tie order; see docs/design.md); default: %(default)s")
+                        "effective search decision for decision: its candidate cost, candidates until rate 0, "
+                        "adaptation loss, BN ops in the FLOPs ratio, landing and tie order; see docs/design.md); "
+                        "default: %(default)s")
     p.add_argument("--search-cache-gb", type=float, default=None, metavar="GB",
                    help="memory the search may use to cache activations (the same decisions, less compute); "
                         "above it, each candidate runs the whole network; default: half the device's free memory")
@@ -115,11 +116,12 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
     return {"amp": args.amp, "compile": args.compile, "channels_last": args.channels_last, "accum": args.accum}
 
 
-def _open_model(args: argparse.Namespace, arch: str | None = None) -> Any:
+def _open_model(args: argparse.Namespace, arch: str | None = None, model: str | None = None) -> Any:
+    """The checkpoint --model names (or ``model``: another flag's value of the same kind)."""
     from .checkpoint import load_checkpoint
     from .pretrained import resolve_model
 
-    return load_checkpoint(resolve_model(args.model, download=getattr(args, "download", False)), arch=arch)
+    return load_checkpoint(resolve_model(model or args.model, download=getattr(args, "download", False)), arch=arch)
 
 
 def _open_data(args: argparse.Namespace, ckpt: Any = None) -> Any:
@@ -150,11 +152,23 @@ def _print_json(obj: Any) -> None:
 
 def cmd_test(args: argparse.Namespace) -> int:
     from .data import get_normalization
-    from .evaluate import evaluate, measure_latency
+    from .evaluate import COMPARE_ROUNDS, compare_latency, evaluate, measure_latency
     from .flops import count
     from .runtime import resolve_device
 
+    if args.latency_rounds is not None and args.latency_baseline is None:
+        raise EkgError("--latency-rounds sets the rounds of a --latency-baseline comparison; add --latency-baseline")
+    if args.latency_rounds is not None and args.latency_rounds < 1:
+        raise EkgError(f"--latency-rounds must be at least 1, got {args.latency_rounds}")
+    if any(b < 1 for b in args.latency_batch):
+        raise EkgError(f"--latency-batch sizes must be at least 1, got {' '.join(map(str, args.latency_batch))}")
     ckpt = _open_model(args)
+    baseline = None
+    if args.latency_baseline is not None:
+        baseline = _open_model(args, model=args.latency_baseline)
+        if tuple(baseline.input_size) != tuple(ckpt.input_size):
+            raise EkgError(f"--latency-baseline expects {tuple(baseline.input_size)} inputs but --model expects "
+                           f"{tuple(ckpt.input_size)}: compare models of one input size")
     data = _open_data(args, ckpt)
     if ckpt.num_classes != data.num_classes:
         raise EkgError(
@@ -173,7 +187,16 @@ def cmd_test(args: argparse.Namespace) -> int:
     result.update(evaluate(model, split, norm, batch_size=args.batch_size, device=device, bn_mode=args.bn_mode))
     counts = count(ckpt.model, ckpt.input_size)
     result.update({"flops": counts.flops, "params": counts.params, "flops_convention": counts.convention})
-    if args.latency:
+    if baseline is not None:  # both timed interleaved, round by round
+        models = {"model": ckpt.model.to("cpu"), "baseline": baseline.model.to("cpu")}
+        rounds = args.latency_rounds or COMPARE_ROUNDS
+        cmp = [compare_latency(models, ckpt.input_size, b, rounds=rounds, baseline="baseline")
+               for b in args.latency_batch]
+        result["latency_baseline"] = str(args.latency_baseline)
+        result["latency_cpu"] = [{"batch_size": c["batch_size"], **{k: c["models"]["model"][k] for k in
+                                  ("median_ms", "p90_ms", "images_per_s")}, "threads": c["threads"]} for c in cmp]
+        result["latency_cpu_comparison"] = cmp
+    elif args.latency:
         cpu_model = ckpt.model.to("cpu")
         result["latency_cpu"] = [measure_latency(cpu_model, ckpt.input_size, b) for b in args.latency_batch]
     if args.json:
@@ -184,6 +207,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def _print_test(r: dict[str, Any]) -> None:
+    from .evaluate import format_speedup
     from .flops import human
 
     print(f"model   {r['model']}  ({r['arch']})")
@@ -191,6 +215,16 @@ def _print_test(r: dict[str, Any]) -> None:
     print(f"top-1   {r['top1']:.2f}%    top-5 {r['top5']:.2f}%    loss {r['loss']:.4f}")
     print(f"FLOPs   {human(r['flops'])}  ({r['flops_convention']})")
     print(f"params  {human(r['params'])}")
+    comparison = r.get("latency_cpu_comparison")
+    if comparison:  # --latency-baseline
+        c = comparison[0]
+        print(f"latency on CPU ({c['threads']} thread{'s' if c['threads'] != 1 else ''}), against the baseline {r['latency_baseline']}; both timed "
+              f"interleaved, {c['rounds']} rounds of {c['iters_per_round']} passes each")
+        for c in comparison:
+            print(f"latency batch {c['batch_size']:>3}: {c['models']['model']['median_ms']:.2f} ms median vs "
+                  f"{c['models']['baseline']['median_ms']:.2f} ms baseline; "
+                  f"speed-up {format_speedup(c['speedup']['model'])}")
+        return
     for lat in r.get("latency_cpu", []):
         print(f"latency batch {lat['batch_size']:>3}: {lat['median_ms']:.2f} ms median, "
               f"{lat['images_per_s']:.0f} images/s on CPU ({lat['threads']} threads)")
@@ -437,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ekg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .evaluate import COMPARE_ROUNDS
+
     p = sub.add_parser("test", help="accuracy, loss, FLOPs, params (and CPU latency) of a model",
                        description="Evaluate a model. BN runs in inference mode unless --bn-mode batch.")
     _add_model_arg(p)
@@ -448,7 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval: running statistics (default); batch: each test batch's statistics, as the "
                         "original EKG test.py did")
     p.add_argument("--latency", action="store_true", help="also measure CPU latency")
-    p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 64], metavar="B")
+    p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 64], metavar="B",
+                   help="batch sizes of the latency measurement; default: 1 64")
+    p.add_argument("--latency-baseline", default=None, metavar="CKPT",
+                   help="also time this checkpoint (e.g. the unpruned original), interleaved with --model round "
+                        "by round so that load on the machine lands on both, and print the speed-up "
+                        "baseline/--model with its range over the rounds; implies --latency")
+    p.add_argument("--latency-rounds", type=int, default=None, metavar="N",
+                   help=f"rounds of the --latency-baseline comparison; default: {COMPARE_ROUNDS}")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.set_defaults(func=cmd_test)
 

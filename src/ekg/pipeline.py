@@ -26,7 +26,7 @@ from .bank import DEFAULT_TEACHERS, bank_for_run, check_topk
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import DataSplits, get_normalization, load_data
 from .errors import EkgError
-from .evaluate import evaluate, measure_latency
+from .evaluate import compare_latency, evaluate, format_speedup
 from .flops import FLOPS_CONVENTION, count
 from .io import atomic_path, write_json
 from .prune import prune
@@ -129,8 +129,7 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     # the comparison
     _say(progress, "== final comparison")
     summary = {"settings": settings, "data": splits.source, "flops_convention": FLOPS_CONVENTION,
-               "original": _measure(out / "original.pt", splits, latency_batches, dist.device(cfg.device)),
-               "pruned": _measure(out / "final.pt", splits, latency_batches, dist.device(cfg.device))}
+               **_measure(out / "original.pt", out / "final.pt", splits, latency_batches, dist.device(cfg.device))}
     o, q = summary["original"], summary["pruned"]
     summary["flops_reduction"] = 1 - q["flops"] / o["flops"]
     summary["params_reduction"] = 1 - q["params"] / o["params"]
@@ -141,22 +140,38 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     return summary
 
 
-def _measure(path: Path, splits: DataSplits, latency_batches: tuple[int, ...],
+def _measure(original: Path, pruned: Path, splits: DataSplits, latency_batches: tuple[int, ...],
              device: torch.device = torch.device("cpu")) -> dict[str, Any]:
-    """Test metrics (on ``device``), FLOPs, params, CPU latency and, on a GPU, GPU latency (fp32)."""
-    ckpt = load_checkpoint(path)
-    res = evaluate(ckpt.model, splits.test, get_normalization(ckpt.normalization), device=device)
-    c = count(ckpt.model, ckpt.input_size)
-    out = {"checkpoint": str(path), "arch": ckpt.arch, "top1": res["top1"], "top5": res["top5"],
-           "loss": res["loss"], "n_images": res["n_images"], "flops": c.flops, "params": c.params}
-    if device.type == "cuda":
-        model = ckpt.model.to(device)
-        out["latency_gpu_ms"] = {f"b{b}": measure_latency(model, ckpt.input_size, b, device=device)["median_ms"]
-                                 for b in (*latency_batches, 256)}
-        out["gpu"] = torch.cuda.get_device_name(device)
-    lat = {f"b{b}": measure_latency(ckpt.model.cpu(), ckpt.input_size, b) for b in latency_batches}
-    return {**out, "latency_cpu_ms": {k: v["median_ms"] for k, v in lat.items()},
-            "checkpoint_bytes": path.stat().st_size}
+    """``original`` and ``pruned``: each side's test metrics (on ``device``), FLOPs, params,
+    checkpoint size, median CPU latency per batch size (``latency_cpu_ms``) and, on a GPU, fp32 GPU
+    latency (``latency_gpu_ms``, ``gpu``); ``latency_cpu_speedup`` (and ``latency_gpu_speedup``):
+    per batch size the spread of the per-round speed-up original/pruned. The two sides are timed
+    together, interleaved round by round (:func:`ekg.evaluate.compare_latency`), so that a change
+    of load on the machine lands on both."""
+    paths = {"original": original, "pruned": pruned}
+    ckpts = {name: load_checkpoint(p) for name, p in paths.items()}
+    input_size = tuple(ckpts["original"].input_size)
+    if tuple(ckpts["pruned"].input_size) != input_size:
+        raise EkgError(f"{pruned} expects {tuple(ckpts['pruned'].input_size)} inputs, {original} {input_size}")
+    out: dict[str, Any] = {}
+    for name, ckpt in ckpts.items():
+        res = evaluate(ckpt.model.to(device), splits.test, get_normalization(ckpt.normalization), device=device)
+        size = count(ckpt.model.cpu(), ckpt.input_size)
+        out[name] = {"checkpoint": str(paths[name]), "arch": ckpt.arch, "top1": res["top1"], "top5": res["top5"],
+                     "loss": res["loss"], "n_images": res["n_images"], "flops": size.flops, "params": size.params}
+    kinds = [("gpu", device, (*latency_batches, 256))] if device.type == "cuda" else []
+    for kind, dev, batches in [*kinds, ("cpu", torch.device("cpu"), tuple(latency_batches))]:
+        models = {name: ckpt.model.to(dev) for name, ckpt in ckpts.items()}
+        cmp = {f"b{b}": compare_latency(models, input_size, b, device=dev) for b in batches}
+        for name in models:
+            out[name][f"latency_{kind}_ms"] = {k: c["models"][name]["median_ms"] for k, c in cmp.items()}
+            if kind == "gpu":
+                out[name]["gpu"] = torch.cuda.get_device_name(dev)
+        out[f"latency_{kind}_speedup"] = {k: {**c["speedup"]["pruned"], "iters_per_round": c["iters_per_round"]}
+                                          for k, c in cmp.items()}
+    for name, p in paths.items():
+        out[name]["checkpoint_bytes"] = p.stat().st_size
+    return out
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
@@ -165,15 +180,20 @@ def summary_markdown(s: dict[str, Any]) -> str:
             ("test loss", f"{o['loss']:.4f}", f"{q['loss']:.4f}"),
             ("FLOPs (MACs)", f"{o['flops'] / 1e6:.2f} M", f"{q['flops'] / 1e6:.2f} M ({100 * s['flops_reduction']:.1f}% fewer)"),
             ("params", f"{o['params'] / 1e6:.3f} M", f"{q['params'] / 1e6:.3f} M ({100 * s['params_reduction']:.1f}% fewer)")]
-    for k in o["latency_cpu_ms"]:
-        rows.append((f"CPU latency batch {k[1:]} (ms, median)", f"{o['latency_cpu_ms'][k]:.2f}",
-                     f"{q['latency_cpu_ms'][k]:.2f}"))
-    for k in o.get("latency_gpu_ms", {}):
-        rows.append((f"GPU latency batch {k[1:]} (ms, median, fp32, {o['gpu']})", f"{o['latency_gpu_ms'][k]:.3f}",
-                     f"{q['latency_gpu_ms'][k]:.3f}"))
+    for kind, label, digits in (("cpu", "CPU latency batch {} (ms, median)", 2),
+                                ("gpu", "GPU latency batch {} (ms, median, fp32, " + o.get("gpu", "") + ")", 3)):
+        speedup = s.get(f"latency_{kind}_speedup", {})
+        for k in o.get(f"latency_{kind}_ms", {}):
+            pruned = f"{q[f'latency_{kind}_ms'][k]:.{digits}f}"
+            if k in speedup:  # older summaries have no speed-up
+                pruned += f"; speed-up {format_speedup(speedup[k])}"
+            rows.append((label.format(k[1:]), f"{o[f'latency_{kind}_ms'][k]:.{digits}f}", pruned))
     rows.append(("checkpoint size", f"{o['checkpoint_bytes'] / 1e6:.2f} MB", f"{q['checkpoint_bytes'] / 1e6:.2f} MB"))
     head = (f"keep {s['settings']['keep']}, preset {s['settings']['preset']}, kd {s['settings']['kd']}; "
-            f"test images: {o['n_images']}; {s['flops_convention']}\n\n")
+            f"test images: {o['n_images']}; {s['flops_convention']}"
+            + ("; latency: both models timed interleaved, the speed-up is the median of the per-round ratios "
+               "original/pruned, with their quartiles and range over the rounds" if "latency_cpu_speedup" in s else "")
+            + "\n\n")
     return head + "| | original | pruned + fine-tuned |\n|---|---|---|\n" + "".join(
         f"| {a} | {b} | {c} |\n" for a, b, c in rows)
 

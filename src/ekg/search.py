@@ -9,6 +9,13 @@ The rules are small pure functions, each unit-tested:
 * :func:`update_ensemble` — ``K ← (K·t + z)/(t + 1)``;
 * :func:`land_rate` — the fine landing on the budget.
 
+With ``SearchConfig.compat = "release"`` the search replays the original TensorFlow release's
+*effective* rules where they depart from the method doc (docs/design.md, "``--compat release``"):
+:func:`release_step_cost` (its candidate cost), :func:`land_rate_release` (its ``fine_search``),
+:func:`release_gate_order` (its gate numbering, which breaks ties), the summed-CE/128 adaptation
+loss (:func:`adapt`), BN ops in the FLOPs ratio, and gates staying candidates while their rate is
+above 0. The default, ``compat = "method"``, is the method doc.
+
 :class:`Searcher` runs them over a :class:`~ekg.masks.MaskedNetwork`. It evaluates candidates either
 straightforwardly (the whole network for each) or with the optimised evaluator, which re-uses the
 activations of every graph node that a candidate does not change; both make the same decisions.
@@ -109,6 +116,93 @@ def land_rate(rate: float, step: float, channels: int, ratio_at: Callable[[float
             break
         best = up
     return best
+
+
+# ----------------------------------------------------------------------------- the release's rules (compat="release")
+
+#: The release's adaptation loss divides the summed CE of each D_sub batch by this: its
+#: ``--batch_size`` (the fine-tuning batch, 128 by default and in its README command), whatever its
+#: search batch (256): op_utils.Optimizer, ``loss_object(labels, pred)/args.batch_size`` with SUM reduction.
+RELEASE_ADAPT_DIVISOR = 128
+
+
+def release_step_cost(scores: torch.Tensor, rate: float, step: float) -> float:
+    """The release's candidate cost (``prune_utils.EKG.mask_marking``), transcribed literally.
+
+    Its score array has shape ``[1, 1, 1, C]``; it sorts it (along the last axis) and then slices
+    *axis 0* with ``[round((1-r)·C) : round((1-r+step)·C)]``. Axis 0 has length 1, so the slice is
+    the whole array while ``round((1-r)·C)`` is 0 (an untouched gate) and empty once it is 1 or
+    more (a partly pruned gate): the cost is the sum of all the gate's scores, or 0. ``r`` is the
+    gate's float32 rate variable, and the arithmetic is float64 as in the numpy of its time
+    (``np.float32 - float`` was float64 before NEP 50)."""
+    s = np.sort(scores.detach().double().cpu().numpy()).reshape(1, -1)  # [1, C]: the leading axes of [1,1,1,C]
+    r = 1.0 - float(np.float32(rate))
+    return float(np.sum(s[round(r * s.size):round((r + step) * s.size)]))
+
+
+def land_rate_release(rate: float, step: float, channels: int, ratio_at: Callable[[float], float], keep: float,
+                      search_step: float) -> float:
+    """The rate after one step as the release lands it (``prune_utils.EKG.check_next_step`` and
+    ``fine_search``), transcribed literally.
+
+    ``W = round(rate - step, 5)``; only if its ratio is *below* ``keep`` (strictly) does the fine
+    search run: for ``w`` in ``np.arange(W, W + search_step, 1/C)`` (``search_step`` is the global
+    base step, 0.2, not the gate's own), the rate ``round(w, 2)`` is tried, and at the first whose
+    ratio is *above* ``keep`` (strictly) the rate settles on ``round(w - 1/C, 5)``, which is not
+    re-checked (its ratio can be above ``keep``: the search then simply goes on). If no ``w``
+    overshoots, the rate stays at the last one tried, ``round(w, 2)``. ``w`` is a numpy float64, so
+    both roundings are numpy's (``round(np.float64, n)``), as in the release."""
+    new = round(rate - step, 5)
+    if not ratio_at(new) < keep:
+        return new
+    fine = 1 / channels
+    landed = new
+    for w in np.arange(new, new + search_step, fine):
+        landed = float(round(w, 2))
+        if ratio_at(landed) > keep:
+            return float(round(w - fine, 5))
+    return landed
+
+
+def release_gate_order(net: MaskedNetwork) -> list[int] | None:
+    """The gates (indices into ``net.gates``) in the order the release numbers them, or None where
+    that order cannot be derived (then ekg's own order stands).
+
+    The release (``prune_utils.EKG.initialize_Gate``) creates one gate per conv in its layer dict's
+    order, except for a block's last conv, which writes its stage's stream gate: stem ``conv``,
+    then per block ``conv3`` (the projection shortcut, listed first), ``conv0``/``conv1``,
+    ``conv2``. So a stage's stream gate, created at its projection conv, comes *before* the first
+    block's inner gates, where ekg's graph (traced in forward order: the shortcut runs after the
+    block's convs) puts it after them. The same order from the graph, for any ResNet: each conv is
+    keyed by (position of the tensor it reads, 0 if it writes a residual stream — a group of more
+    than one producer — else 1, its own position), a gate by the smallest key of its producers. The
+    projection conv reads the block input, like the block's first conv, and writes the stream, so
+    it sorts first; everything else stays in forward order.
+
+    None (ekg's order) for a model without a prunable residual stream (the release had ResNets only;
+    with no projection to move its order is the forward order anyway) or where a producer is not one
+    module called once (a shared module has no single position)."""
+    gates = net.gates
+    if not any(len(g.group.producers) > 1 for g in gates):
+        return None
+    nodes = list(net.graph.gm.graph.nodes)
+    pos = {n: k for k, n in enumerate(nodes)}
+    calls: dict[str, list[fx.Node]] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n)
+    keys = []
+    for g in gates:
+        stream = len(g.group.producers) > 1
+        ks = []
+        for name in g.group.producers:
+            found = calls.get(name, [])
+            if len(found) != 1 or not found[0].args or not isinstance(found[0].args[0], fx.Node):
+                return None
+            node = found[0]
+            ks.append((pos[node.args[0]], 0 if stream else 1, pos[node]))
+        keys.append(min(ks))
+    return sorted(range(len(gates)), key=lambda i: (keys[i], i))
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -507,7 +601,14 @@ class Searcher:
             if float(slow) > 0 and self.evaluator.fast:
                 self.evaluator.fast = False
                 self.evaluator.note = self.evaluator.note or "another process's activation cache would not fit"
-        self.full_cost = net.graph.cost(net.graph.full_widths(), bn_ops=cfg.bn_ops)
+        self.release = cfg.compat == "release"
+        # the release's FLOPs count 2 ops per BN output element (nets/tcl.py BatchNorm.call)
+        self.bn_ops = cfg.bn_ops or self.release
+        # candidates are tried in this order and the first of equal rewards wins (np.argmin in the release)
+        self.order = (release_gate_order(net) if self.release else None) or list(range(len(net.gates)))
+        self.full_cost = net.graph.cost(net.graph.full_widths(), bn_ops=self.bn_ops)
+        self.last_costs: dict[int, float] = {}  # the last step's cost per active gate, and its candidates
+        self.last_candidates: list[int] = []
 
     def bn(self) -> Any:
         """The BN mode of every pass the search makes (scores, rewards, the fast evaluator's base and
@@ -518,11 +619,11 @@ class Searcher:
 
     # -- budget
     def ratio(self, rates: Sequence[float] | None = None) -> float:
-        flops, _ = self.net.graph.cost(self.net.widths(rates), bn_ops=self.cfg.bn_ops)
+        flops, _ = self.net.graph.cost(self.net.widths(rates), bn_ops=self.bn_ops)
         return flops / self.full_cost[0]
 
     def cost(self) -> tuple[int, int]:
-        return self.net.graph.cost(self.net.widths(), bn_ops=self.cfg.bn_ops)
+        return self.net.graph.cost(self.net.widths(), bn_ops=self.bn_ops)
 
     # -- phases
     def initial_state(self) -> SearchState:
@@ -571,13 +672,20 @@ class Searcher:
             gate.ranks = ranks_from_scores(s, live=gm.mask.bool())
         self.net.apply_gates()
         steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]
-        active = [i for i, g in enumerate(gates) if g.kept > 1]
+        if self.release:  # the release: every gate whose rate is above 0, in its numbering
+            active = [i for i in self.order if gates[i].rate > 0]
+            cost_of = release_step_cost
+        else:
+            active = [i for i, g in enumerate(gates) if g.kept > 1]
+            cost_of = step_cost
         if not active:
-            raise EkgError(f"cannot reach --keep {cfg.keep}: every prunable group is down to one channel "
+            left = "has a rate at or below 0 (--compat release)" if self.release else "is down to one channel"
+            raise EkgError(f"cannot reach --keep {cfg.keep}: every prunable group {left} "
                            f"at a FLOPs ratio of {self.ratio():.4f}")
-        costs = {i: step_cost(scores[i], gates[i].rate, steps[i]) for i in active}
+        costs = {i: cost_of(scores[i], gates[i].rate, steps[i]) for i in active}
         threshold = trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim) if cfg.otsu else math.inf
         candidates = [i for i in active if costs[i] <= threshold] or active
+        self.last_costs, self.last_candidates = costs, candidates
         self.evaluator.set_base()
         best: tuple[float, int, float, Evaluation] | None = None
         rates = self.net.rates()
@@ -589,7 +697,10 @@ class Searcher:
                 trial[i] = r
                 return self.ratio(trial)
 
-            new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)
+            if self.release:
+                new_rate = land_rate_release(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep, cfg.step)
+            else:
+                new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)
             old = gate.rate
             gate.rate = new_rate
             self.net.masks[i].set(gate.mask())
@@ -682,8 +793,14 @@ def adapt(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     :meth:`~ekg.distributed.Dist.part`, or only that part, as ``iterate_batches(..., part=...)``
     does), BN normalises with the whole batch's statistics
     (:func:`~ekg.distributed.synced_batchnorm`) and the gradients of the batch's summed loss are
-    summed over ranks: the step of one process on the whole batch, up to float rounding."""
+    summed over ranks: the step of one process on the whole batch, up to float rounding.
+
+    ``cfg.compat == "release"``: the loss is the batch's summed CE divided by
+    :data:`RELEASE_ADAPT_DIVISOR` (128) instead of its mean, as the release's (twice the mean-CE
+    gradient on 256-image batches), on one process or several."""
     dist = dist or Dist()
+    release = cfg.compat == "release"
+    divisor = RELEASE_ADAPT_DIVISOR if release else cfg.batch_size
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -696,7 +813,9 @@ def adapt(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
                 if len(y) == cfg.batch_size:  # a whole batch: this rank's part of it
                     part = dist.part(len(y))
                     x, y = x[part], y[part]
-                loss = F.cross_entropy(model(x), y, reduction="sum") / cfg.batch_size
+                loss = F.cross_entropy(model(x), y, reduction="sum") / divisor
+            elif release:
+                loss = F.cross_entropy(model(x), y, reduction="sum") / divisor
             else:
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
