@@ -57,7 +57,7 @@ KDSTEP = R + "test_a_kd_step_of_the_trainer_equals_a_hand_written_step"
 PLAIN = R + "test_plain_finetuning_step_is_one_view_and_mean_ce"
 TEMP = R + "test_the_kd_temperature_is_4_for_cifar_and_10_for_1000_classes"
 EVAL = R + "test_ekg_test_and_evaluate_use_running_statistics_by_default"
-SEARCH_BN = "tests/test_search_bn.py"  # main's end-to-end check of the search's BN statistics (if present)
+SEARCH_BN = "tests/test_search_bn.py::test_the_searcher_sets_bn_whatever_mode_the_caller_left[eval]"  # main's, if present
 RULES = "tests/test_search_rules.py::"
 
 
@@ -126,8 +126,8 @@ MUTANTS: list[Mutant] = [
       "trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim)",
       "trimmed_otsu_threshold(list(costs.values()), 0.0)", (OTSU,)),
     M("cost-of-a-base-step", "a group's cost is that of its own next step", "ekg/search.py",
-      "costs = {i: step_cost(scores[i], gates[i].rate, steps[i]) for i in active}",
-      "costs = {i: step_cost(scores[i], gates[i].rate, cfg.step) for i in active}", (OTSU,)),
+      "costs = {i: cost_of(scores[i], gates[i].rate, steps[i]) for i in active}",
+      "costs = {i: cost_of(scores[i], gates[i].rate, cfg.step) for i in active}", (OTSU,)),
     M("step-size-ignores-producers", "step size max(1/C, 0.2/n), n = producing layers", "ekg/search.py",
       "steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]",
       "steps = [step_size(g.channels, 1, cfg.step) for g in gates]", (NOOTSU, OTSU)),
@@ -136,7 +136,7 @@ MUTANTS: list[Mutant] = [
     M("one-channel-groups-stepped", "only groups still above one channel are candidates", "ekg/search.py",
       "active = [i for i, g in enumerate(gates) if g.kept > 1]", "active = [i for i, g in enumerate(gates) if g.kept > 0]",
       (ONE_CHANNEL,)),
-    M("landing-skipped", "a step that overshoots keep is shrunk to land just at or below it", "ekg/search.py",
+    M("landing-skipped", "an overshooting step lands just at or below keep", "ekg/search.py",
       "new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)",
       "new_rate = round(gate.rate - steps[i], 5)", (LAND,)),
     M("landing-above-keep", "landing is never above keep", "ekg/search.py",
@@ -169,6 +169,9 @@ MUTANTS: list[Mutant] = [
     M("search-bn-running", "the search runs BN on batch statistics", "ekg/search.py",
       "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',
       (K0, WIN, SEARCH_BN)),
+    M("search-bn-running-main-test", "the search runs BN on batch statistics (main's end-to-end test)",
+      "ekg/search.py", "return bn_mode(self.net.model, self.cfg.search_bn)",
+      'return bn_mode(self.net.model, "running")', (SEARCH_BN,)),
     M("search-step-without-bn-mode", "every step runs BN on batch statistics", "ekg/search.py",
       "        with self.bn():\n            return self._step(state)", "        return self._step(state)",
       (WIN, SEARCH_BN)),
@@ -227,7 +230,7 @@ MUTANTS: list[Mutant] = [
     M("adapt-bn-inference-mode", "adaptation: BN in training mode", "ekg/search.py",
       "    model.train()\n    with synced_batchnorm(model, dist):", "    model.eval()\n    with synced_batchnorm(model, dist):",
       (ADAPT,)),
-    M("adapt-summed-loss", "adaptation: mean CE (the release's summed CE/128 is not the method)", "ekg/search.py",
+    M("adapt-summed-loss", "adaptation: mean CE (not the release's summed CE/128)", "ekg/search.py",
       "                loss = F.cross_entropy(model(x), y)\n",
       '                loss = F.cross_entropy(model(x), y, reduction="sum") / 128\n', (ADAPT,)),
     M("adapt-two-epochs", "adaptation: one epoch", "ekg/search.py",
@@ -271,6 +274,10 @@ MUTANTS: list[Mutant] = [
       (SDEF,)),
     M("search-otsu-trim-default", "Otsu drops 20% at each end", "ekg/search.py",
       "otsu_trim: float = 0.2", "otsu_trim: float = 0.1", (SDEF,)),
+    M("search-bn-default-running", "the search's BN statistics are the batch's by default", "ekg/search.py",
+      'search_bn: str = "batch"', 'search_bn: str = "running"', (SDEF, K0)),
+    M("compat-default-release", "the method's rules by default, not the release's", "ekg/search.py",
+      'compat: str = "method"', 'compat: str = "release"', (SDEF,)),
     M("search-keep-default", "default budget keep = 0.45", "ekg/cli.py",
       'p.add_argument("--keep", type=float, default=0.45,', 'p.add_argument("--keep", type=float, default=0.5,',
       (SDEF,)),

@@ -645,7 +645,7 @@ def _paper_search_defaults(cfg: SearchConfig) -> None:
     assert (cfg.step, cfg.otsu, cfg.otsu_trim) == (0.2, True, 0.2)
     assert (cfg.batch_size, cfg.val_per_class, cfg.sub_per_class, cfg.split_seed) == (256, 32, 256, 1)
     assert (cfg.adapt, cfg.adapt_lr, cfg.adapt_momentum, cfg.adapt_weight_decay) == (True, 1e-3, 0.9, 5e-4)
-    assert cfg.bn_ops is False
+    assert cfg.bn_ops is False and cfg.compat == "method"  # the method's rules, not the release's quirks
 
 
 def test_search_defaults_of_the_api_and_of_ekg_prune(tmp_path, cifar10_exact, monkeypatch) -> None:
