@@ -376,7 +376,7 @@ def test_topk_bank_built_by_two_processes_equals_one(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_bank_topk_flag_end_to_end(pruned_run, cifar10_exact, tmp_path, capsys) -> None:
+def test_bank_topk_flag_end_to_end(pruned_run, shared_data, cifar10_exact, exact, tmp_path, capsys) -> None:
     """`ekg finetune --bank-topk` builds a top-k bank and fine-tunes from it; `ekg run --bank-topk`
     re-uses it; other settings are refused in one line."""
     run = tmp_path / "RUN"
@@ -397,18 +397,25 @@ def test_bank_topk_flag_end_to_end(pruned_run, cifar10_exact, tmp_path, capsys) 
         assert main(ft + ["--out", str(tmp_path / "ft2"), *extra]) == 1
         err = capsys.readouterr().err
         assert err.count("ekg: error:") == 1 and words in err and "Traceback" not in err, err
-    # `ekg run` in the same directory: the search and the top-2 bank are re-used
+    # `ekg run` in the same directory, with the model and search settings of its `ekg prune` run (no
+    # adaptation: the API's search=): the search and the top-2 bank are re-used
+    from ekg.checkpoint import load_checkpoint
+    from ekg.pipeline import run as run_pipeline
+    from ekg.search import SearchConfig
+
     stamp = (run / "bank" / "topk_values.npy").stat().st_mtime_ns
-    args = ["run", "--model", str(run / "pruned.pt"), "--keep", "0.85", "--out", str(run), "--preset", "quick",
-            *common]
-    assert main(args + ["--bank-topk", "2"]) == 0
-    capsys.readouterr()
+    model = load_checkpoint(shared_data / "pretrained/akamaster/resnet20-12fca82f.th")
+    same = dict(out=run, preset="quick", epochs=1, limit_train=256, teachers=2, search=SearchConfig(adapt=False),
+                progress=False)
+    run_pipeline(model, exact, 0.85, bank_topk=2, **same)
     assert (run / "bank" / "topk_values.npy").stat().st_mtime_ns == stamp
     assert json.loads((run / "run.json").read_text())["bank_topk"] == 2
     assert json.loads((run / "summary.json").read_text())["settings"]["bank_topk"] == 2
-    assert main(args) == 1  # other settings (no --bank-topk) in the same run directory
-    assert "other settings (bank_topk)" in capsys.readouterr().err
+    with pytest.raises(EkgError, match=r"other settings \(bank_topk: 2 saved, none requested\)"):
+        run_pipeline(model, exact, 0.85, **same)  # other settings (no bank_topk) in the same run directory
     # a K above the model's classes fails before anything is written
     fresh = tmp_path / "fresh"
-    assert main([a if a != str(run) else str(fresh) for a in args] + ["--bank-topk", "11"]) == 1
+    args = ["run", "--model", str(run / "pruned.pt"), "--keep", "0.85", "--out", str(fresh), "--preset", "quick",
+            *common]
+    assert main(args + ["--bank-topk", "11"]) == 1
     assert "exceeds the model's 10 classes" in capsys.readouterr().err and not fresh.exists()

@@ -51,6 +51,7 @@ from .errors import EkgError
 from .evaluate import batch_statistics_bn
 from .io import write_json
 from .masks import MaskedNetwork
+from .rundir import BANK_DENSE_FILES, BANK_INFO, BANK_PROGRESS, BANK_TOPK_FILES, RunDir, partial_name
 
 
 def select_teachers(losses: Sequence[float], count: int = 5) -> list[int]:
@@ -95,8 +96,8 @@ DEFAULT_FILL = "mean"
 # "-inf" fill: this far below a row's smallest stored logit (finite, so that float32 softmax gives
 # those classes exactly zero probability while log-softmax and the KD loss stay finite)
 NEG_FILL_GAP = 1e4
-TOPK_FILES = {"values": "topk_values.npy", "classes": "topk_classes.npy", "rest": "topk_rest.npy"}
-DENSE_FILES = {"logits": "logits.npy"}
+TOPK_FILES = BANK_TOPK_FILES    # the file names are ekg.rundir's
+DENSE_FILES = BANK_DENSE_FILES
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -227,7 +228,7 @@ def _bank_files(topk: int | None) -> dict[str, str]:
 
 
 def _has_bank(folder: Path) -> bool:
-    return (folder / "bank.json").exists() or any((folder / f).exists()
+    return (folder / BANK_INFO).exists() or any((folder / f).exists()
                                                   for f in (*DENSE_FILES.values(), *TOPK_FILES.values()))
 
 
@@ -235,9 +236,9 @@ def open_bank(folder: str | os.PathLike, *, fill: str | None = None) -> MemoryBa
     """Memory-map the bank in ``folder`` (``folder`` may be a run directory holding ``bank/``).
     ``fill`` overrides how a top-k bank is densified (default: bank.json's rule, "mean")."""
     folder = Path(folder)
-    if (folder / "bank").is_dir() and not _has_bank(folder):
-        folder = folder / "bank"
-    meta = folder / "bank.json"
+    if RunDir(folder).bank.is_dir() and not _has_bank(folder):
+        folder = RunDir(folder).bank
+    meta = folder / BANK_INFO
     try:
         info = json.loads(meta.read_text()) if meta.exists() else None
     except (ValueError, OSError) as e:
@@ -278,7 +279,7 @@ def open_bank(folder: str | os.PathLike, *, fill: str | None = None) -> MemoryBa
 
 def _finished(folder: Path) -> bool:
     """Whether ``folder`` holds bank.json and every array of the layout it names."""
-    meta = folder / "bank.json"
+    meta = folder / BANK_INFO
     if not meta.exists():
         return False
     try:
@@ -318,7 +319,7 @@ class _Store:
         self.arrays: dict[str, np.ndarray] = {}
 
     def partial(self, name: str) -> Path:
-        return self.folder / self.files[name].replace(".npy", ".partial.npy")
+        return self.folder / partial_name(self.files[name])
 
     def partials_exist(self) -> bool:
         return all(self.partial(name).exists() for name in self.layout)
@@ -326,7 +327,7 @@ class _Store:
     def create(self) -> None:
         """Fresh partial arrays; any other layout's partial arrays are removed."""
         for other in (*DENSE_FILES.values(), *TOPK_FILES.values()):
-            stale = self.folder / other.replace(".npy", ".partial.npy")
+            stale = self.folder / partial_name(other)
             if stale.exists() and other not in self.files.values():
                 stale.unlink()
         for name, (shape, dtype) in self.layout.items():
@@ -380,7 +381,7 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
     existing = _open_checked(folder, data, topk, teachers)
     if existing is not None:
         return existing
-    prog = folder / "progress.json"
+    prog = folder / BANK_PROGRESS
     candidates = history[:-1]
     chosen = select_teachers([float(h["loss"]) for h in candidates], teachers)
     shape = (n, classes, len(chosen))
@@ -433,7 +434,7 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
             gm.set(m.bool())
     store.close()
     if dist.is_main:
-        write_json(folder / "bank.json", info)
+        write_json(folder / BANK_INFO, info)
         store.finish()
         prog.unlink(missing_ok=True)
     dist.barrier()  # the finished bank is in place for every rank
@@ -456,18 +457,19 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None
     from .data import get_normalization
 
     check_topk(topk)
-    run = Path(run)
-    for folder in (run, run / "bank"):
+    rd = RunDir(run)
+    run = rd.path
+    for folder in (run, rd.bank):
         existing = _open_checked(folder, data, topk, teachers)
         if existing is not None:
             return existing
-    missing = [name for name in ("adapted.pt", "history.pt") if not (run / name).exists()]
+    missing = [p.name for p in (rd.adapted, rd.history) if not p.exists()]
     if missing:
         raise EkgError(f"{run} is not a finished `ekg prune` run directory (missing {', '.join(missing)}): "
                        "the memory bank is built from its search history")
-    ckpt = load_checkpoint(run / "adapted.pt")
+    ckpt = load_checkpoint(rd.adapted)
     check_topk(topk, ckpt.num_classes)
-    saved = torch.load(run / "history.pt", map_location="cpu", weights_only=True)
+    saved = torch.load(rd.history, map_location="cpu", weights_only=True)
     model = ckpt.model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -479,6 +481,6 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None
     if names != list(saved["groups"]):
         raise EkgError(f"the search history in {run} does not match the model's channel groups "
                        f"({len(saved['groups'])} saved, {len(names)} now); was it written by another ekg version?")
-    return build_bank(net, saved["history"], data.to(device), get_normalization(ckpt.normalization), run / "bank",
+    return build_bank(net, saved["history"], data.to(device), get_normalization(ckpt.normalization), rd.bank,
                       teachers=teachers or DEFAULT_TEACHERS, batch_size=batch_size, progress=progress, dist=dist,
                       topk=topk)

@@ -300,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .bank import bank_for_run, check_topk
     from .data import AugmentConfig
+    from .rundir import RunDir
     from .train import finetune_config, train
 
     jitter = args.kd != "none" if args.jitter is None else args.jitter
@@ -313,7 +314,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.kd != "none" and args.bank is None:
         raise EkgError(f"--kd {args.kd} needs --bank RUN (an `ekg prune` run directory, or a bank folder); "
                        "use --kd none to fine-tune without the memory bank")
-    out = args.out or (Path(args.bank) / "finetune" if args.bank else None)
+    out = args.out or (RunDir(args.bank).finetune if args.bank else None)
     if out is None:
         raise EkgError("--out is required when there is no --bank")
     ckpt = _open_model(args)
@@ -330,6 +331,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .flops import human
     from .prune import prune
+    from .rundir import RunDir
     from .search import SearchConfig
 
     cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
@@ -338,11 +340,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
                        sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb,
                        search_bn=args.search_bn, compat=args.compat)
     cfg.validate()
+    if args.restart and args.resume:
+        raise EkgError("--resume continues the run in --out and --restart starts it over: give only one")
     ckpt = _open_model(args)
     data = _open_data(args, ckpt)
-    res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, progress=not args.quiet,
-                dist=args.dist)
-    _say(args, f"pruned model: {res.run_dir / 'pruned.pt'}  ({res.checkpoint.arch})")
+    res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, restart=args.restart,
+                progress=not args.quiet, dist=args.dist)
+    _say(args, f"pruned model: {RunDir(res.run_dir).pruned}  ({res.checkpoint.arch})")
     _say(args, f"FLOPs {human(res.flops)} (ratio {res.flops_ratio:.4f}), params {human(res.params)}, "
                f"{res.steps} steps, {res.seconds:.0f} s; slim == masked (max output difference {res.slim_max_diff:.1e})")
     return 0
@@ -350,6 +354,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run, summary_markdown
+    from .rundir import RunDir
     from .search import SearchConfig
 
     cfg = SearchConfig(keep=args.keep, device=args.device, cache_gb=args.search_cache_gb, search_bn=args.search_bn,
@@ -359,9 +364,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = _open_data(args, ckpt)
     summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
                   progress=not args.quiet, epochs=args.epochs, limit_train=args.limit_train, teachers=args.teachers,
-                  bank_topk=args.bank_topk, speed=_speed(args), dist=args.dist)
+                  bank_topk=args.bank_topk, speed=_speed(args), restart=args.restart, dist=args.dist)
     _say(args, summary_markdown(summary), end="")
-    _say(args, f"final model: {Path(args.out) / 'final.pt'}; summary: {Path(args.out) / 'summary.json'}")
+    rd = RunDir(args.out)
+    _say(args, f"final model: {rd.final}; summary: {rd.summary}")
     return 0
 
 
@@ -385,6 +391,13 @@ def _landscape_config(args: argparse.Namespace, **defaults: Any) -> Any:
             setattr(cfg, name, getattr(args, name))
     cfg.validate()
     return cfg
+
+
+def _add_restart_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--restart", action="store_true",
+                   help="start over: remove the ekg artifacts of --out (search, bank, fine-tuning, summary) once "
+                        "every setting is checked; refused, with nothing removed, if --out also holds files ekg "
+                        "did not write there")
 
 
 def _add_bank_topk_arg(p: argparse.ArgumentParser) -> None:
@@ -573,12 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sub-per-class", type=int, default=256, metavar="N",
                    help="images per class in the adaptation set D_sub (the first N of each class); "
                         "default: %(default)s")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished step")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished step (its settings must match)")
+    _add_restart_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("run", help="the whole method: search, slimming, memory bank, fine-tuning, comparison",
                        description="Every phase into one run directory; re-running continues where it stopped. "
+                                   "An existing RUN (a stopped `ekg run`, or an `ekg prune` run to adopt) is "
+                                   "continued only if its recorded settings match; --restart starts over. "
                                    "Leaves RUN/final.pt and RUN/summary.json (original vs pruned).")
     _add_budget_args(p)
     p.add_argument("--preset", choices=("paper", "quick"), default="paper",
@@ -590,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", type=int, default=None, help="teachers in the memory bank (default 5)")
     _add_bank_topk_arg(p)
     _add_speed_args(p)
+    _add_restart_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 

@@ -1,14 +1,15 @@
 """``ekg run``: the whole method into one run directory, resumable phase by phase.
 
-    RUN/                    the `ekg prune` artifacts (config, adapted.pt, search log, history, pruned.pt, plots)
-    RUN/bank/               the memory bank (teacher logits on every training image)
-    RUN/finetune/           the fine-tuning run (config, last.pt, model.pt, log.jsonl, tb/)
-    RUN/original.pt         the original model in ekg's format (for the size comparison)
-    RUN/final.pt            the fine-tuned slim model
-    RUN/summary.json        original vs pruned: top-1, top-5, loss, FLOPs, params, CPU latency, size
-    RUN/summary.md          the same as a Markdown table
+The layout is :mod:`ekg.rundir`'s: the `ekg prune` artifacts (config.json, adapted.pt, search log,
+history, pruned.pt, plots), ``bank/`` (the memory bank), ``finetune/`` (the fine-tuning run),
+``run.json`` (this command's own settings), ``original.pt``, ``final.pt`` (the fine-tuned slim
+model), ``summary.json`` and ``summary.md`` (original vs pruned: top-1, top-5, loss, FLOPs,
+params, CPU latency, size).
 
-Re-running the same command continues where it stopped; a finished phase is not repeated.
+Re-running the same command continues where it stopped; a finished phase is not repeated. A
+folder is continued, or an `ekg prune` folder adopted, only if the settings it records match the
+requested ones (:func:`ekg.rundir.check_settings`: one error line names each that differs);
+``restart=True`` (``--restart``) removes its ekg artifacts and starts over.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from .errors import EkgError
 from .evaluate import compare_latency, evaluate, format_speedup
 from .flops import FLOPS_CONVENTION, count
 from .io import atomic_path, write_json
-from .prune import prune
+from .prune import check_prunable, prune
 from .distributed import Dist
+from .rundir import RunDir, TrainDir, check_settings, prune_record, prune_settings, run_settings
 from .search import SearchConfig
 from .train import finetune_config, train
 
@@ -62,11 +64,15 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
         preset: str = "paper", kd: str = "ensemble", search: SearchConfig | None = None,
         latency_batches: tuple[int, ...] = (1, 64), progress: bool = True, epochs: int | None = None,
         limit_train: int | None = None, teachers: int | None = None, bank_topk: int | None = None,
-        speed: dict[str, Any] | None = None, dist: Dist | None = None) -> dict[str, Any]:
+        speed: dict[str, Any] | None = None, restart: bool = False, dist: Dist | None = None) -> dict[str, Any]:
     """Adaptation, search, slimming, memory bank, fine-tuning and the final comparison.
     ``epochs``, ``limit_train``, ``teachers`` and ``bank_topk`` (K: a top-k memory bank, see
     :mod:`ekg.bank`) override the preset's; ``speed`` holds how the
     fine-tuning runs (TrainConfig's amp, compile, channels_last, accum), not part of run.json.
+    An existing ``out`` (a stopped `ekg run`, or an `ekg prune` run to adopt) is continued only if
+    its recorded settings match these, else one :class:`EkgError` line names each that differs;
+    ``restart`` removes its ekg artifacts first (refused if it holds files ekg did not write).
+    Everything is checked before anything is written.
     With ``dist`` (torchrun) the search, the bank and the fine-tuning are split over the ranks;
     rank 0 writes every file and measures the final comparison."""
     dist = dist or Dist()
@@ -82,30 +88,34 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
                              device=device, **(speed or {}))
     ft_cfg.validate()  # a bad fine-tuning setting fails before the search, not after
     out = Path(out)
+    rd = RunDir(out)
     settings = {"keep": keep, "preset": preset, "kd": kd, **overrides}
-    saved_path = out / "run.json"
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        if saved != settings:
-            diff = [k for k in {**saved, **settings} if saved.get(k) != settings.get(k)]
-            raise EkgError(f"{out} holds an `ekg run` with other settings ({', '.join(diff)}); "
-                           "use the same flags to continue it, or another --out")
+    cfg = dataclasses.replace(search, keep=keep) if search is not None else SearchConfig(keep=keep)
+    cfg.validate()
+    if restart:
+        rd.check_restart()  # before any work: nothing is removed if this refuses
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     check_topk(p.bank_topk, ckpt.num_classes)  # before the search, not after
     splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
-    resume_prune, have_pruned = (out / "config.json").exists(), (out / "pruned.pt").exists()
-    resume_ft = (out / "finetune" / "last.pt").exists()
+    check_prunable(ckpt, splits)
+    if not restart:  # the folder's settings (its `ekg prune` record and run.json) must be these
+        requested = {**prune_settings(prune_record(cfg, ckpt, splits)), **run_settings(settings)}
+        check_settings(out, rd.saved_settings(), requested)
+    if restart and dist.is_main:
+        rd.clear()
+    dist.barrier()  # the old run is gone for every rank
+    resume_prune, have_pruned = rd.config.exists(), rd.pruned.exists()
+    resume_ft = TrainDir(rd.finetune).state.exists()
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(saved_path, settings)
-    cfg = dataclasses.replace(search, keep=keep) if search is not None else SearchConfig(keep=keep)
+        write_json(rd.run_record, settings)
 
     # phase 1, 2, 4: adaptation, search, slimming (prune resumes from its own state)
     if not have_pruned:
         _say(progress, "== search and slimming")
         prune(ckpt, splits, keep, out=out, config=cfg, resume=resume_prune, progress=progress, dist=dist)
-    pruned = load_checkpoint(out / "pruned.pt")
+    pruned = load_checkpoint(rd.pruned)
 
     # phase 3: memory bank; phase 5: fine-tuning
     bank = None
@@ -114,27 +124,27 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
         # an existing bank is taken as built unless --teachers was given (then it must match)
         bank = bank_for_run(out, splits.train, teachers=teachers, device=dist.device(cfg.device),
                             progress=progress, dist=dist, topk=p.bank_topk)
-    ft = out / "finetune"
+    ft = TrainDir(rd.finetune)
     _say(progress, f"== fine-tuning ({p.description})")
-    train(ft_cfg, splits, ft, resume=resume_ft, progress=progress, init=pruned, bank=bank, dist=dist)
+    train(ft_cfg, splits, ft.path, resume=resume_ft, progress=progress, init=pruned, bank=bank, dist=dist)
     if not dist.is_main:  # rank 0 measures and writes the comparison; the others read it
         dist.barrier()
-        return json.loads((out / "summary.json").read_text())
-    final = load_checkpoint(ft / "model.pt")
+        return json.loads(rd.summary.read_text())
+    final = load_checkpoint(ft.model)
     final.meta = {**final.meta, "pipeline": "ekg run", **settings}
-    save_checkpoint(final, out / "final.pt")
-    if not (out / "original.pt").exists():
-        save_checkpoint(ckpt, out / "original.pt")
+    save_checkpoint(final, rd.final)
+    if not rd.original.exists():
+        save_checkpoint(ckpt, rd.original)
 
     # the comparison
     _say(progress, "== final comparison")
     summary = {"settings": settings, "data": splits.source, "flops_convention": FLOPS_CONVENTION,
-               **_measure(out / "original.pt", out / "final.pt", splits, latency_batches, dist.device(cfg.device))}
+               **_measure(rd.original, rd.final, splits, latency_batches, dist.device(cfg.device))}
     o, q = summary["original"], summary["pruned"]
     summary["flops_reduction"] = 1 - q["flops"] / o["flops"]
     summary["params_reduction"] = 1 - q["params"] / o["params"]
-    write_json(out / "summary.json", summary)
-    with atomic_path(out / "summary.md") as tmp:
+    write_json(rd.summary, summary)
+    with atomic_path(rd.summary_md) as tmp:
         tmp.write_text(summary_markdown(summary))
     dist.barrier()
     return summary

@@ -1,19 +1,15 @@
 """``ekg.prune``: adaptation, sub-network search and slimming into a run directory.
 
-Run directory (every phase's artifact, so each can be inspected or resumed alone)::
+The run directory's layout, what ``config.json`` records and the rule a resumed or adopted
+folder must pass are :mod:`ekg.rundir`'s (one owner for every phase): ``config.json`` (the
+SearchConfig, model and data with their fingerprints), ``adapted.pt``, ``search_state.pt`` (the
+resume point), ``search.jsonl``, ``history.pt``, ``widths.json``, ``pruned.pt`` (an ekg checkpoint
+that `ekg test`/`ekg info` read as is), ``trajectory.png`` and ``widths.png``.
 
-    RUN/config.json        the SearchConfig, model and data sources
-    RUN/adapted.pt         the model after the adaptation epoch (the search's frozen weights; an ekg checkpoint)
-    RUN/search_state.pt    the search state after the last finished step (the resume point)
-    RUN/search.jsonl       one line per step: chosen group, widths, FLOPs ratio, val acc/loss/J, seconds
-    RUN/history.pt         (masks, val loss) of every interim sub-network, for the memory bank
-    RUN/widths.json        final width of every channel group
-    RUN/pruned.pt          the slim model, an ekg checkpoint (`ekg test`/`ekg info` read it as is)
-    RUN/trajectory.png     FLOPs ratio vs val loss/J and accuracy
-    RUN/widths.png         per-group widths before/after
-
-Ctrl-C leaves the state of the last finished step; ``resume=True`` continues from it and ends with
-exactly the masks of an uninterrupted run.
+Ctrl-C leaves the state of the last finished step; ``resume=True`` continues from it (if the
+saved settings match, :func:`ekg.rundir.check_settings`) and ends with exactly the masks of an
+uninterrupted run. ``restart=True`` removes the folder's ekg artifacts first
+(:meth:`ekg.rundir.RunDir.clear`; refused if it holds anything else).
 
 The Python API also takes a plain ``nn.Module`` (any CNN the dependency graph can read): with an
 ``input_size`` and a normalisation (defaults: the data's image size and the dataset's preset), and
@@ -43,6 +39,7 @@ from .errors import EkgError
 from .graph import build_graph
 from .io import atomic_path, write_json
 from .masks import MaskedNetwork
+from .rundir import RunDir, check_settings, prune_record, prune_settings
 from .search import SearchConfig, Searcher, SearchState, adapt
 
 
@@ -59,7 +56,7 @@ class PruneResult:
 
     @property
     def model(self) -> nn.Module:
-        """The slim model (also in ``checkpoint`` and ``run_dir/pruned.pt``)."""
+        """The slim model (also in ``checkpoint`` and ``RunDir(run_dir).pruned``)."""
         return self.checkpoint.model
 
 
@@ -68,21 +65,9 @@ def _save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _check_resume(out: Path, cfg: SearchConfig, resume: bool) -> None:
-    cfg_path = out / "config.json"
-    if cfg_path.exists() and not resume:
-        raise EkgError(f"{out} already holds a pruning run; add --resume to continue it or choose another --out")
-    if resume and cfg_path.exists():
-        saved = SearchConfig.from_dict(json.loads(cfg_path.read_text())["search"])
-        ignore = {"device", "fast", "cache_gb"}  # how the search runs, not what it decides (fast is exact)
-        diff = [k for k in saved.to_dict() if k not in ignore and getattr(saved, k) != getattr(cfg, k)]
-        if diff:
-            raise EkgError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(diff)}")
-
-
 def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | Path, keep: float = 0.45, *,
-          out: str | Path, config: SearchConfig | None = None, resume: bool = False, progress: bool = True,
-          input_size: tuple[int, int, int] | None = None,
+          out: str | Path, config: SearchConfig | None = None, resume: bool = False, restart: bool = False,
+          progress: bool = True, input_size: tuple[int, int, int] | None = None,
           normalization: str | dict[str, Any] | Normalization | None = None,
           factory: str | None = None, factory_kwargs: dict[str, Any] | None = None,
           dist: Dist | None = None) -> PruneResult:
@@ -91,19 +76,26 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
     ``model``: an ekg :class:`Checkpoint`, any file ``load_checkpoint`` reads, or an ``nn.Module``
     (then ``input_size``, ``normalization`` and ``factory``/``factory_kwargs`` describe it; see the
     module doc); ``data``: a :class:`DataSplits` or anything ``load_data`` reads (the search sets
-    are carved from its training split). Raises :class:`EkgError` before any work if no channel
-    group of the model can be pruned, naming each layer and why. With ``dist`` (torchrun) every
-    rank runs this with the same arguments: the adaptation, the Taylor scores and the candidate
+    are carved from its training split). Raises :class:`EkgError` before anything is written if no
+    channel group of the model can be pruned, naming each layer and why, or if ``out`` holds a run:
+    without ``resume`` or ``restart`` any run, with ``resume`` one whose settings differ (named
+    with the saved and requested values, :mod:`ekg.rundir`); ``restart`` starts over (refused,
+    before anything is removed, if ``out`` holds files ekg did not write). With ``dist`` (torchrun)
+    every rank runs this with the same arguments: the adaptation, the Taylor scores and the candidate
     evaluations are split over the ranks, every rank takes the same decisions, and rank 0 alone
     writes the run directory."""
     dist = dist or Dist()
     cfg = dataclasses.replace(config, keep=keep) if config is not None else SearchConfig(keep=keep)
     cfg.validate()
+    if resume and restart:
+        raise EkgError("--resume continues the run in --out and --restart starts it over: give only one")
     out = Path(out)
-    _check_resume(out, cfg, resume)
-    adapted, state_path = out / "adapted.pt", out / "search_state.pt"
-    have_adapted, have_state = adapted.exists(), state_path.exists()
-    dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+    rd = RunDir(out)
+    if restart:
+        rd.check_restart()  # before any work: nothing is removed if this refuses
+    elif rd.config.exists() and not resume:
+        raise EkgError(f"{out} already holds a pruning run; add --resume to continue it, --restart to start over, "
+                       "or choose another --out")
     progress = progress and dist.is_main
     t_start = time.perf_counter()
     if isinstance(model, nn.Module):
@@ -115,9 +107,19 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
             raise EkgError("input_size, normalization and factory describe an nn.Module; a checkpoint records them")
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
-    if ckpt.num_classes != splits.num_classes:
-        raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
-    _require_prunable(ckpt)
+    check_prunable(ckpt, splits)
+    source = str(ckpt.meta.get("source", model))
+    record = prune_record(cfg, ckpt, splits, source=source)
+    if resume:
+        saved = rd.prune_record()
+        if saved is not None:
+            check_settings(out, prune_settings(saved), prune_settings(record), what="a pruning run")
+    if restart and dist.is_main:
+        rd.clear()
+    # restart: nothing of the old run is looked at (rank 0 may be removing it)
+    have_adapted = not restart and rd.adapted.exists()
+    have_state = not restart and rd.search_state.exists()
+    dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     device = dist.device(cfg.device)
     net_model = copy.deepcopy(ckpt.model).to(device)
     for p in net_model.parameters():
@@ -125,14 +127,12 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
     norm = get_normalization(ckpt.normalization)
     d_val, d_sub = carve_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class,
                                      seed=cfg.split_seed)
-    source = str(ckpt.meta.get("source", model))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"search": cfg.to_dict(), "model": source,
-                                         "data": splits.source, "normalization": ckpt.normalization})
+        write_json(rd.config, record)
 
     if have_adapted:  # its weights only: the architecture is the model's own
-        net_model.load_state_dict(torch.load(adapted, map_location=device, weights_only=True)["state_dict"])
+        net_model.load_state_dict(torch.load(rd.adapted, map_location=device, weights_only=True)["state_dict"])
     else:
         if cfg.adapt:
             part = dist.part(cfg.batch_size) if dist.enabled else None  # each rank loads its share of a batch
@@ -146,7 +146,7 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
                                        meta={"source": source,
                                              "stage": "after the adaptation epoch" if cfg.adapt else "not adapted"},
                                        record=ckpt.record),
-                            adapted)
+                            rd.adapted)
     net_model.eval()  # dropout off; the Searcher runs every pass with BN on cfg.search_bn statistics
 
     val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))
@@ -155,7 +155,7 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
     if searcher.evaluator.note and dist.is_main:
         tqdm.write(f"note: {searcher.evaluator.note}")
     if have_state:
-        state = SearchState.from_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+        state = SearchState.from_dict(torch.load(rd.search_state, map_location="cpu", weights_only=True))
     else:
         state = searcher.initial_state()
         if dist.is_main:
@@ -212,6 +212,14 @@ def checkpoint_of_module(model: nn.Module, splits: DataSplits, *, input_size: tu
                       meta={"source": f"{record.name} (Python API)"}, input_size=size, record=record)  # type: ignore[arg-type]
 
 
+def check_prunable(ckpt: Checkpoint, splits: DataSplits) -> None:
+    """The errors :func:`prune` raises about its model and data before anything is written: another
+    number of classes than the data's, or no prunable channel group."""
+    if ckpt.num_classes != splits.num_classes:
+        raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
+    _require_prunable(ckpt)
+
+
 def _require_prunable(ckpt: Checkpoint) -> None:
     """One clear error, before any work, when no channel group can be pruned."""
     graph = build_graph(ckpt.model, tuple(ckpt.input_size))
@@ -222,8 +230,9 @@ def _require_prunable(ckpt: Checkpoint) -> None:
 
 def _save_state(out: Path, state: SearchState) -> None:
     """search_state.pt is the commit point; search.jsonl and history.pt are derived views."""
-    _save_torch(state.to_dict(), out / "search_state.pt")
-    with atomic_path(out / "search.jsonl") as tmp:
+    rd = RunDir(out)
+    _save_torch(state.to_dict(), rd.search_state)
+    with atomic_path(rd.search_log) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in state.log))
 
 
@@ -247,11 +256,12 @@ def _slim_and_check(net: MaskedNetwork, model: torch.nn.Module, kept: dict[int, 
 def _write_outputs(out: Path, net: MaskedNetwork, state: SearchState, ckpt: Checkpoint, diff: float) -> None:
     from .plots import plot_trajectory, plot_widths
 
-    _save_torch({"history": state.history, "groups": [g.group.name for g in net.gates]}, out / "history.pt")
+    rd = RunDir(out)
+    _save_torch({"history": state.history, "groups": [g.group.name for g in net.gates]}, rd.history)
     widths = {g.group.name: {"channels": g.channels, "kept": g.kept, "rate": g.rate} for g in net.gates}
-    write_json(out / "widths.json", {"groups": widths, "spec": ckpt.arch_dict(),
-                                     "slim_check": {"max_abs_diff": diff, "images": 64, "bn": "inference mode"}})
-    save_checkpoint(ckpt, out / "pruned.pt")
-    plot_trajectory(state.log, out / "trajectory.png")
+    write_json(rd.widths, {"groups": widths, "spec": ckpt.arch_dict(),
+                           "slim_check": {"max_abs_diff": diff, "images": 64, "bn": "inference mode"}})
+    save_checkpoint(ckpt, rd.pruned)
+    plot_trajectory(state.log, rd.trajectory_plot)
     plot_widths([g.group.name for g in net.gates], [g.channels for g in net.gates], [g.kept for g in net.gates],
-                out / "widths.png", title=f"widths before/after (FLOPs ratio {state.log[-1]['flops_ratio']:.3f})")
+                rd.widths_plot, title=f"widths before/after (FLOPs ratio {state.log[-1]['flops_ratio']:.3f})")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .errors import EkgError
 from .landscape import LandscapeConfig
+from .rundir import FINETUNE, TrainDir, check_settings, decision_settings
 
 METRICS = ("val_loss", "lambda_max", "neg_ratio", "trace")
 TARGET = "test_loss_after"
@@ -148,14 +149,17 @@ def _run_subnetwork(run: Path) -> tuple[Any, Any, dict[int, torch.Tensor], str]:
     """(adapted checkpoint, its dependency graph, kept channels, criterion) of a finished prune run."""
     from .checkpoint import load_checkpoint
     from .masks import MaskedNetwork
+    from .rundir import RunDir
     from .search import SearchConfig, SearchState
 
-    for f in ("adapted.pt", "search_state.pt", "config.json", "pruned.pt"):
-        if not (run / f).exists():
-            raise EkgError(f"{run} is not a finished pruning run ({f} is missing); run `ekg prune --out {run}` first")
-    base = load_checkpoint(run / "adapted.pt")
-    state = SearchState.from_dict(torch.load(run / "search_state.pt", map_location="cpu", weights_only=True))
-    cfg = SearchConfig.from_dict(json.loads((run / "config.json").read_text())["search"])
+    rd = RunDir(run)
+    for f in (rd.adapted, rd.search_state, rd.config, rd.pruned):
+        if not f.exists():
+            raise EkgError(f"{run} is not a finished pruning run ({f.name} is missing); "
+                           f"run `ekg prune --out {run}` first")
+    base = load_checkpoint(rd.adapted)
+    state = SearchState.from_dict(torch.load(rd.search_state, map_location="cpu", weights_only=True))
+    cfg = SearchConfig.from_dict(rd.prune_record()["search"])  # type: ignore[index]
     net = MaskedNetwork(base.model, input_size=tuple(base.input_size))
     if len(net.gates) != len(state.rates):
         raise EkgError(f"{run}: its search state does not fit its adapted model")
@@ -221,16 +225,15 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
         raise EkgError("give at least one pruning run (--runs DIR ...)")
     out = Path(out)
     saved_cfg = out / "study_config.json"
+    record = {"runs": [str(r) for r in runs], **cfg.to_dict()}
     if saved_cfg.exists():
-        saved = json.loads(saved_cfg.read_text())
-        now = json.loads(json.dumps({"runs": [str(r) for r in runs], **cfg.to_dict()}))
-        if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise EkgError(f"{out} holds a study with other settings ({', '.join(diff)}); use another --out")
+        check_settings(out, decision_settings("study", json.loads(saved_cfg.read_text())),
+                       decision_settings("study", record), what="a study",
+                       fix="use the same settings to continue it, or choose another --out")
     splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
     device = resolve_device(cfg.landscape.device)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(saved_cfg, {"runs": [str(r) for r in runs], **cfg.to_dict()})
+    write_json(saved_cfg, record)
 
     subnets: list[tuple[SubNetwork, Any, Any]] = []
     for ri, r in enumerate(runs):
@@ -273,9 +276,9 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
                           input_size=tuple(base.input_size), meta={"source": f"{sub.run} ({sub.name})"})
         ft_cfg = finetune_config("none", epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
                                  limit_train=cfg.limit_train, device=str(device), seed=cfg.seed)
-        ft_dir = folder / "finetune"
-        train(ft_cfg, splits, ft_dir, init=copy.deepcopy(ckpt), resume=(ft_dir / "last.pt").exists(), progress=False)
-        last = json.loads((ft_dir / "log.jsonl").read_text().strip().splitlines()[-1])
+        ft = TrainDir(folder / FINETUNE)
+        train(ft_cfg, splits, ft.path, init=copy.deepcopy(ckpt), resume=ft.state.exists(), progress=False)
+        last = json.loads(ft.log.read_text().strip().splitlines()[-1])
         row = {"name": sub.name, "source": sub.source, "run": sub.run, "swap": sub.swap, "flops": flops,
                "params": params, "val_loss": scape["loss"], "val_accuracy": scape["accuracy"],
                "lambda_max": scape["lambda_max"], "lambda_min": scape["lambda_min"],

@@ -6,13 +6,16 @@ augmented in batches there; the learning rate is a pure function of the step, an
 randomness comes from a generator seeded by (seed, epoch), so a run resumed from its last
 checkpoint ends with exactly the weights of an uninterrupted run.
 
-Run directory::
+Run directory (its names are :class:`ekg.rundir.TrainDir`'s)::
 
     RUN/config.json     the TrainConfig
     RUN/last.pt         training state after the last finished epoch (model, optimizer, epoch)
     RUN/model.pt        the trained model as an ekg checkpoint (updated every epoch)
     RUN/log.jsonl       one JSON line per epoch
     RUN/tb/             TensorBoard curves
+
+``--resume`` continues only with the saved deciding settings (:func:`ekg.rundir.check_settings`;
+the fields that only say how it runs are :data:`ekg.rundir.HOW_IT_RUNS` ``["train"]``).
 
 With ``kd`` other than ``none`` every batch is seen in two augmented views and the loss is
 :func:`ekg.distill.kd_loss` against the memory bank's teacher logits of the batch's images.
@@ -43,6 +46,7 @@ from .errors import EkgError
 from .evaluate import evaluate
 from .io import atomic_path, write_json
 from .models import create_model
+from .rundir import FIX_RESUME, TrainDir, check_settings, decision_settings
 from .runtime import autocast, resolve_amp
 
 SCHEDULES = ("cosine", "step")
@@ -73,7 +77,7 @@ class TrainConfig:
     limit_test: int | None = None
     kd: str = "none"                  # none | single | ensemble: distillation from the memory bank
     temperature: float | None = None  # of the KD loss; None: 4, or 10 with 1000+ classes (the method's values)
-    # how the run executes, not what it computes (not resume keys; see _RESUME_KEYS):
+    # how the run executes, not what it computes (ignored on --resume; see ekg.rundir.HOW_IT_RUNS):
     accum: int = 1                    # split each batch of batch_size into this many micro-batches
     compile: bool = False             # torch.compile the model for training
     channels_last: bool = False       # NHWC memory format for the model and its inputs
@@ -143,13 +147,6 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return g
 
 
-# Keys of the training-state file that must match for --resume to be meaningful. The others say how
-# the run executes (device, amp, eval batch, accum, compile, channels_last, limit_test, epochs):
-# changing them on resume changes speed or rounding, not the recipe.
-_RESUME_KEYS = ("arch", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
-                "gamma", "warmup_epochs", "normalization", "augment", "seed", "limit_train", "kd", "temperature")
-
-
 def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool = False,
           progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
           init: Checkpoint | None = None, bank: MemoryBank | None = None, dist: Dist | None = None) -> Path:
@@ -173,7 +170,8 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             raise EkgError(f"--kd {cfg.kd} needs a memory bank (--bank RUN)")
         bank.check_data(data.train)
     out = Path(out)
-    state_path = out / "last.pt"
+    rd = TrainDir(out)
+    state_path = rd.state
     if state_path.exists() and not resume:
         raise EkgError(f"{out} already holds a training run; add --resume to continue it or choose another --out")
     if resume and not state_path.exists():
@@ -217,24 +215,22 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     start_epoch = 0
     if resume:
         state = torch.load(state_path, map_location=device, weights_only=True)
-        saved = state["config"]
-        diff = [k for k in _RESUME_KEYS if saved.get(k) != cfg.to_dict().get(k)]
-        if diff:
-            raise EkgError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(diff)}")
+        check_settings(out, decision_settings("train", state["config"]), decision_settings("train", cfg.to_dict()),
+                       what="a training run", fix=FIX_RESUME)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16
             scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"])
-        _truncate_log(out / "log.jsonl", start_epoch)
+        _truncate_log(rd.log, start_epoch)
         if start_epoch >= cfg.epochs:
-            return out / "model.pt"
+            return rd.model
     dist.barrier()  # every rank has read the run directory before rank 0 writes to it
     writer = None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg.to_dict())
-        writer = _tensorboard(out / "tb")
+        write_json(rd.config, cfg.to_dict())
+        writer = _tensorboard(rd.tb)
 
     # the model that trains: compiled (or not); checkpoints always hold `model` itself, whose
     # state_dict keys carry no compile wrapper prefix
@@ -309,7 +305,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             # the log line first, then the commit point (last.pt): a kill between the two leaves a
             # line that --resume drops, never a finished epoch without its line
             if dist.is_main:
-                with open(out / "log.jsonl", "a") as f:
+                with open(rd.log, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record, init=init)
             if writer is not None:
@@ -326,7 +322,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
         if writer is not None:
             writer.close()
     dist.barrier()  # model.pt is written for every rank
-    return out / "model.pt"
+    return rd.model
 
 
 def _compile(model: torch.nn.Module) -> torch.nn.Module:
@@ -412,11 +408,12 @@ def _save_epoch(out: Path, cfg: TrainConfig, data: DataSplits, model: torch.nn.M
                       dataset={"name": data.name, "num_classes": data.num_classes}, meta=meta,
                       input_size=tuple(init.input_size) if init is not None else data.train.image_size,
                       record=None if init is None or init.record is None else init.record)
-    save_checkpoint(ckpt, out / "model.pt")
+    rd = TrainDir(out)
+    save_checkpoint(ckpt, rd.model)
     state = {"config": cfg.to_dict(), "epoch": epoch,
              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
-    with atomic_path(out / "last.pt") as tmp:
+    with atomic_path(rd.state) as tmp:
         torch.save(state, tmp)
 
 
