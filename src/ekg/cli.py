@@ -57,23 +57,43 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
-    """--model, --data, --device, --keep and --out: what `ekg prune` and `ekg run` start from."""
+    """--model, --data, --device, --keep, --out and the search's settings: what `ekg prune` and
+    `ekg run` start from (defaults from SearchConfig)."""
+    from .bn import BN_STATS
+    from .search import COMPATS, IMPORTANCES, METHODS, REWARDS, SearchConfig
+
+    d = SearchConfig()
     _add_model_arg(p)
     _add_data_args(p)
     _add_device_arg(p)
-    p.add_argument("--keep", type=float, default=0.45, help="target FLOPs ratio in (0, 1); default: %(default)s")
+    p.add_argument("--keep", type=float, default=d.keep, help="target FLOPs ratio in (0, 1); default: %(default)s")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
-    from .search import COMPATS, SearchConfig
-    from .bn import BN_STATS
-
-    p.add_argument("--search-bn", choices=BN_STATS, default=SearchConfig.search_bn,
+    p.add_argument("--search-bn", choices=BN_STATS, default=d.search_bn,
                    help="BN statistics in every search pass: batch (the method: each D_val batch's statistics, "
                         "running statistics untouched) or running (inference-mode BN, an ablation); "
                         "default: %(default)s")
-    p.add_argument("--compat", choices=COMPATS, default=SearchConfig.compat,
+    p.add_argument("--compat", choices=COMPATS, default=d.compat,
                    help="method (the method's rules) or release (replay the original TensorFlow release's "
                         "effective search decision for decision: its candidate cost, candidates until rate 0, "
                         "adaptation loss, BN ops in the FLOPs ratio, landing and tie order; see docs/design.md); "
+                        "default: %(default)s")
+    p.add_argument("--importance", choices=IMPORTANCES, default=d.importance,
+                   help="channel scores: ekg (Taylor of the ensemble objective), taylor (of cross-entropy), "
+                        "l1, fpgm, random; default: %(default)s")
+    p.add_argument("--reward", choices=REWARDS, default=d.reward,
+                   help="candidate reward: ensemble (J) or val-loss; default: %(default)s")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="greedy search, or the same fraction removed from every group; default: %(default)s")
+    p.add_argument("--no-adapt", action="store_true", help="skip the adaptation epoch")
+    p.add_argument("--bn-ops", action="store_true", help="count BN ops in the FLOPs ratio, as the original code")
+    p.add_argument("--straightforward", action="store_true",
+                   help="evaluate every candidate on the whole network (slower, same decisions)")
+    p.add_argument("--search-seed", "--seed", dest="search_seed", type=int, default=d.seed,
+                   help="seed of --importance random; default: %(default)s")
+    p.add_argument("--val-per-class", type=int, default=d.val_per_class, metavar="N",
+                   help="images per class in the search set D_val (the last N of each class); default: %(default)s")
+    p.add_argument("--sub-per-class", type=int, default=d.sub_per_class, metavar="N",
+                   help="images per class in the adaptation set D_sub (the first N of each class); "
                         "default: %(default)s")
     p.add_argument("--search-cache-gb", type=float, default=None, metavar="GB",
                    help="memory the search may use to cache activations (the same decisions, less compute); "
@@ -328,18 +348,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    from .flops import human
-    from .prune import prune
-    from .rundir import RunDir
+def _search_config(args: argparse.Namespace) -> Any:
+    """The SearchConfig of `ekg prune` / `ekg run` (the flags of _add_budget_args), validated."""
     from .search import SearchConfig
 
     cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
-                       device=args.device, seed=args.seed, val_per_class=args.val_per_class,
+                       device=args.device, seed=args.search_seed, val_per_class=args.val_per_class,
                        sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb,
                        search_bn=args.search_bn, compat=args.compat)
     cfg.validate()
+    return cfg
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .flops import human
+    from .prune import prune
+    from .rundir import RunDir
+
+    cfg = _search_config(args)
     if args.restart and args.resume:
         raise EkgError("--resume continues the run in --out and --restart starts it over: give only one")
     ckpt = _open_model(args)
@@ -355,11 +382,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run, summary_markdown
     from .rundir import RunDir
-    from .search import SearchConfig
 
-    cfg = SearchConfig(keep=args.keep, device=args.device, cache_gb=args.search_cache_gb, search_bn=args.search_bn,
-                       compat=args.compat)
-    cfg.validate()
+    cfg = _search_config(args)
     ckpt = _open_model(args)
     data = _open_data(args, ckpt)
     summary = run(ckpt, data, args.keep, out=args.out, preset=args.preset, kd=args.kd, search=cfg,
@@ -569,23 +593,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Adaptation epoch, greedy EKG search on D_val, slimming. Writes RUN/pruned.pt, "
                                    "RUN/search.jsonl and the other artifacts of the run directory.")
     _add_budget_args(p)
-    p.add_argument("--importance", choices=("ekg", "taylor", "l1", "fpgm", "random"), default="ekg",
-                   help="channel scores: ekg (Taylor of the ensemble objective), taylor (of cross-entropy), "
-                        "l1, fpgm, random; default: %(default)s")
-    p.add_argument("--reward", choices=("ensemble", "val-loss"), default="ensemble",
-                   help="candidate reward: ensemble (J) or val-loss; default: %(default)s")
-    p.add_argument("--method", choices=("greedy", "uniform"), default="greedy",
-                   help="greedy search, or the same fraction removed from every group")
-    p.add_argument("--no-adapt", action="store_true", help="skip the adaptation epoch")
-    p.add_argument("--bn-ops", action="store_true", help="count BN ops in the FLOPs ratio, as the original code")
-    p.add_argument("--straightforward", action="store_true",
-                   help="evaluate every candidate on the whole network (slower, same decisions)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --importance random")
-    p.add_argument("--val-per-class", type=int, default=32, metavar="N",
-                   help="images per class in the search set D_val (the last N of each class); default: %(default)s")
-    p.add_argument("--sub-per-class", type=int, default=256, metavar="N",
-                   help="images per class in the adaptation set D_sub (the first N of each class); "
-                        "default: %(default)s")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished step (its settings must match)")
     _add_restart_arg(p)
