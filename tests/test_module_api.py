@@ -70,12 +70,14 @@ def test_prune_a_user_module_and_reload_it_with_its_factory(tmp_path):
     torch.manual_seed(0)
     model = TinyMobile()
     data = random_data()
-    res = prune(model, data, 0.6, out=tmp_path / "run", config=CFG, progress=False)
+    # keep 0.5: with batch-statistics BN in the search (the method) this budget prunes the
+    # depthwise-coupled group too, so its slimming is checked below
+    res = prune(model, data, 0.5, out=tmp_path / "run", config=CFG, progress=False)
     slim = res.model
     assert isinstance(slim, TinyMobile) and slim is not model
     size = (3, 16, 16)
     full = flops.count(model, size).flops
-    assert flops.count(slim, size).flops == res.flops <= 0.6 * full
+    assert flops.count(slim, size).flops == res.flops <= 0.5 * full
     assert slim.dw.groups == slim.dw.in_channels == slim.dw.out_channels == slim.expand.out_channels < 32
     assert res.checkpoint.normalization["name"] == "imagenet" and res.checkpoint.input_size == size
     assert res.checkpoint.arch.endswith("TinyMobile (pruned)")
