@@ -118,12 +118,12 @@ def main() -> int:
         batch_bn, _ = correct(ckpt.model, "batch")
         recalibrate_bn(ckpt.model, data.train, norm)
         after, right[name] = correct(ckpt.model)
+        widths = json.loads((out / "widths.json").read_text())
         rows[name] = {"top1_no_recal": before["top1"], "top1_batch_bn": batch_bn["top1"], "top1": after["top1"],
-                      "loss": after["loss"], "widths": [g["kept"] for g in
-                                                        json.loads((out / "widths.json").read_text())["groups"].values()],
+                      "loss": after["loss"], "widths": [g["kept"] for g in widths["groups"].values()],
                       "flops": log[-1]["flops"], "flops_ratio": round(log[-1]["flops_ratio"], 4),
                       "params": log[-1]["params"], "steps": len(log) - 1, "val_loss": round(log[-1]["val_loss"], 4),
-                      "slim_max_diff": json.loads((out / "widths.json").read_text())["slim_check"]["max_abs_diff"],
+                      "slim_max_diff": widths["slim_check"]["max_abs_diff"],
                       "search_s": timing["seconds"], "resumed": timing["resumed"], "command": timing["command"]}
         if args.finetune_epochs:
             cfg = finetune_config("ensemble", epochs=args.finetune_epochs)

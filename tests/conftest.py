@@ -186,18 +186,55 @@ def pruned_run(tmp_path_factory, shared_data, exact):
     return run
 
 
-def fake_history(net, losses):
-    """A search history for bank tests: entry k masks the first k/8 of every group's channels and
-    has val loss ``losses[k]``."""
+def fake_history(net, losses, per: int = 8, **extra):
+    """A search history for bank tests: entry k masks the first k/``per`` of every group's channels
+    and has val loss ``losses[k]`` (``extra``: further keys of every entry)."""
     history = []
     for k, loss in enumerate(losses):
         masks = []
         for gate in net.gates:
             m = torch.ones(gate.channels, dtype=torch.bool)
-            m[: k * gate.channels // 8] = False
+            m[: k * gate.channels // per] = False
             masks.append(m)
-        history.append({"step": k, "masks": masks, "loss": loss, "accuracy": 50.0})
+        history.append({"step": k, "masks": masks, **extra, "loss": loss, "accuracy": 50.0})
     return history
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one intra-op thread is faster, and it avoids OpenMP spin-waiting when other
+    processes share the 2 cores (which made the rule tests 20x slower). Use it per module with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_bn(model, seed: int, running: tuple[float, float, float] | None = None):
+    """``model`` with random BN affine parameters (positive biases, so a missing mask would show)
+    and, with ``running = (mean_std, var_low, var_high)``, random running statistics; parameters
+    frozen (the search never trains them). Draws from one generator seeded ``seed + 100``."""
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(0.05, 0.5, generator=g)
+                if running is not None:
+                    mean_std, var_lo, var_hi = running
+                    m.running_mean.normal_(0.0, mean_std, generator=g)
+                    m.running_var.uniform_(var_lo, var_hi, generator=g)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def tiny_batches(classes: int = 10) -> list:
+    """Two fixed random batches of 8 and 6 CIFAR-sized images (seed 5)."""
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, classes, (8,), generator=g)),
+            (torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, classes, (6,), generator=g))]
 
 
 def independent_step0(run_dir, train, stats: str = "batch") -> dict:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import random_bn, tiny_batches
 from ekg.data import ImageSet
 from ekg.distributed import Dist
 from ekg.flops import count
@@ -34,30 +35,17 @@ from ekg.search import (
     trimmed_otsu_threshold,
 )
 
+from test_search_rules import _gi  # noqa: E402
+
 N_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread is faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0) -> nn.Module:
     """ResNet-20 (projection shortcuts: stream groups prunable) with random BN parameters."""
-    model = create_model("resnet20", N_CLASSES, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(0.05, 0.5, generator=g)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return random_bn(create_model("resnet20", N_CLASSES, seed=seed), seed)
 
 
 @pytest.fixture
@@ -67,13 +55,7 @@ def net() -> MaskedNetwork:
 
 @pytest.fixture(scope="module")
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(5)
-    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, N_CLASSES, (8,), generator=g)),
-            (torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, N_CLASSES, (6,), generator=g))]
-
-
-def _gi(net: MaskedNetwork, producer: str) -> int:
-    return next(i for i, g in enumerate(net.gates) if producer in g.group.producers)
+    return tiny_batches(N_CLASSES)
 
 
 def _searcher(net: MaskedNetwork, batches, compat: str, **kw) -> tuple[Searcher, object]:

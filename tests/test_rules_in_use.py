@@ -28,34 +28,19 @@ from ekg.masks import MaskedNetwork, kept_channels
 from ekg.models import create_model
 from ekg.search import CandidateEvaluator, SearchConfig, Searcher
 
+from conftest import fake_history, random_bn
 from test_search_rules import _gi, _reference_forward, _stream_gates
 
 N_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread is faster and avoids spin-waiting on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_bn(model: nn.Module, seed: int) -> nn.Module:
     """Random BN affine parameters and running statistics (far from any batch's statistics, so
     that BN on running statistics would give other numbers than BN on batch statistics)."""
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(0.05, 0.5, generator=g)
-                m.running_mean.normal_(0.0, 0.5, generator=g)
-                m.running_var.uniform_(0.3, 3.0, generator=g)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return random_bn(model, seed, running=(0.5, 0.3, 3.0))
 
 
 def _batches(sizes=(8, 6), seed: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -720,15 +705,7 @@ def test_ekg_finetune_and_ekg_run_paper_build_the_papers_finetuning_recipe(tmp_p
 
 def _bank_history(net: MaskedNetwork, losses: list[float]) -> list[dict]:
     """Entry k masks the first k·C/16 channels of every group (entry 0: the unpruned network)."""
-    history = []
-    for k, loss in enumerate(losses):
-        masks = []
-        for gate in net.gates:
-            m = torch.ones(gate.channels, dtype=torch.bool)
-            m[: k * gate.channels // 16] = False
-            masks.append(m)
-        history.append({"step": k, "masks": masks, "rates": [], "loss": loss, "accuracy": 50.0})
-    return history
+    return fake_history(net, losses, per=16, rates=[])
 
 
 def test_bank_for_run_excludes_the_final_subnetwork_spreads_teachers_and_runs_bn_on_batches_of_256(tmp_path) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import random_bn, tiny_batches
 from ekg.errors import EkgError
 from ekg.graph import ChannelGroup
 from ekg.masks import Gate, MaskedNetwork, kept_channels, ranks_from_scores
@@ -456,31 +457,13 @@ def test_land_rate_can_land_on_every_channel_count_c64() -> None:
 N_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The networks here are tiny: one intra-op thread is faster, and it avoids OpenMP spin-waiting
-    when other processes share the 2 cores (which made this file 20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0) -> nn.Module:
     """ResNet-20 with random BN affine parameters and statistics (positive BN biases, so masked
     channels would be non-zero if a mask were missing)."""
-    model = create_model("resnet20", seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(0.05, 0.5, generator=g)
-                m.running_mean.normal_(0.0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return random_bn(create_model("resnet20", seed=seed), seed, running=(0.2, 0.5, 2.0))
 
 
 @pytest.fixture(scope="module")
@@ -506,9 +489,7 @@ def fresh(net: MaskedNetwork):
 
 @pytest.fixture(scope="module")
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(5)
-    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, N_CLASSES, (8,), generator=g)),
-            (torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, N_CLASSES, (6,), generator=g))]
+    return tiny_batches(N_CLASSES)
 
 
 def _gi(net: MaskedNetwork, producer: str) -> int:

@@ -92,14 +92,18 @@ def partial_name(name: str) -> str:
     return name.replace(".npy", ".partial.npy")
 
 
-class TrainDir:
-    """The files of a training run directory."""
+class _Folder:
+    """A folder whose files are named by properties of the subclass."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def __repr__(self) -> str:
-        return f"TrainDir({str(self.path)!r})"
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+class TrainDir(_Folder):
+    """The files of a training run directory."""
 
     config = property(lambda self: self.path / TRAIN_CONFIG)
     state = property(lambda self: self.path / TRAIN_STATE)   # the resume point
@@ -108,14 +112,8 @@ class TrainDir:
     tb = property(lambda self: self.path / TRAIN_TB)
 
 
-class RunDir:
+class RunDir(_Folder):
     """The artifacts of a run directory (``ekg prune``, ``ekg run``) by name; see the module doc."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
 
     config = property(lambda self: self.path / CONFIG)
     adapted = property(lambda self: self.path / ADAPTED)
