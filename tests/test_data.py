@@ -20,10 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ekg.data as D
+import ekg.data.cifar
+import ekg.data.trees
+import ekg.download
 from ekg import safe_pickle
-from ekg.data import (NORMALIZATIONS, AugmentConfig, ImageSet, Normalization, augment, carve_search_sets, download,
+from ekg.data import (NORMALIZATIONS, AugmentConfig, ImageSet, Normalization, augment, carve_search_sets,
                       get_normalization, iterate_batches, load_data)
 from ekg.errors import DataError, EkgError
+from ekg.download import download
 from ekg.io import md5sum
 
 EXACT_TEST_COUNTS = [105, 93, 100, 104, 92, 87, 114, 102, 110, 110]
@@ -148,7 +152,7 @@ def test_download_verifies_and_caches(exact_tarball, tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("downloaded again")
 
-    monkeypatch.setattr(D.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(ekg.download.urllib.request, "urlopen", no_network)
     assert download(exact_tarball.as_uri(), dest, md5, progress=False) == dest
 
 
@@ -168,11 +172,11 @@ def test_download_unreachable(url, tmp_path):
 
 def test_load_named_downloads_into_cache(exact_tarball, exact, monkeypatch, cache):
     monkeypatch.delenv("EKG_DATA", raising=False)
-    fake = dataclasses.replace(D._CIFAR["cifar10"], url=exact_tarball.as_uri(), md5=md5sum(exact_tarball))
-    monkeypatch.setitem(D._CIFAR, "cifar10", fake)
+    fake = dataclasses.replace(ekg.data.cifar.CIFAR_FORMATS["cifar10"], url=exact_tarball.as_uri(), md5=md5sum(exact_tarball))
+    monkeypatch.setitem(ekg.data.cifar.CIFAR_FORMATS, "cifar10", fake)
     assert_same_splits(load_data("cifar10", cache_dir=cache, download=True, progress=False), exact)
     assert (cache / "cifar-10-python.tar.gz").is_file()
-    monkeypatch.setattr(D.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
+    monkeypatch.setattr(ekg.download.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
     assert len(load_data("cifar10", cache_dir=cache, progress=False).train) == 5085
 
 
@@ -254,9 +258,9 @@ def test_folder_tree_and_zip_pair_equal_the_zip(small_jpeg, cache, tmp_path):
 
 
 def test_parallel_decode_equals_serial(small_jpeg):
-    files = [f for f in D._list_zips([small_jpeg[0]]) if f.split == "train"]
-    serial = D._decode_images(files, progress=False, desc="", workers=1)
-    assert np.array_equal(D._decode_images(files, progress=False, desc="", workers=2), serial)
+    files = [f for f in ekg.data.trees._list_zips([small_jpeg[0]]) if f.split == "train"]
+    serial = ekg.data.trees._decode_images(files, progress=False, desc="", workers=1)
+    assert np.array_equal(ekg.data.trees._decode_images(files, progress=False, desc="", workers=2), serial)
 
 
 def _png(path: Path, array: np.ndarray, mode: str = "RGB") -> None:

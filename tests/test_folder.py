@@ -1,4 +1,4 @@
-"""Streamed class-folder trees (ImageNet layout, `ekg.folder`): a small tree of real CIFAR-10 JPEGs
+"""Streamed class-folder trees (ImageNet layout, `ekg.data.stream`): a small tree of real CIFAR-10 JPEGs
 (40 train and 10 val images per class) streamed through torchvision's transforms scaled down to
 32-pixel crops, checked against the in-memory reader of the same tree and run through every phase.
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import ekg.folder as folder
+import ekg.data.stream as folder
 from ekg.bank import MemoryBank, build_bank, data_fingerprint
 from ekg.checkpoint import load_checkpoint
 from ekg.cli import main
@@ -24,7 +24,7 @@ from ekg.data import AugmentConfig, carve_search_sets, get_normalization, iterat
 from ekg.distributed import Dist
 from ekg.errors import DataError, EkgError
 from ekg.evaluate import evaluate, predict_logits
-from ekg.folder import FolderSet, StreamConfig
+from ekg.data import FolderSet, StreamConfig
 from ekg.masks import MaskedNetwork
 from ekg.models import create_model
 from ekg.search import SearchConfig

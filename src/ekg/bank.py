@@ -84,7 +84,7 @@ def data_fingerprint(data: ImageSet) -> dict[str, Any]:
     labels = data.labels.cpu().numpy().astype(np.int64)
     out = {"n_images": len(data), "num_classes": len(data.classes),
            "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest()}
-    config = getattr(data, "config", None)  # a streamed set (ekg.folder.FolderSet)
+    config = getattr(data, "config", None)  # a streamed set (ekg.data.FolderSet)
     if config is not None:
         out["stream"] = {"image_size": int(config.image_size), "resize": int(config.eval_resize)}
     return out

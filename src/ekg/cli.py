@@ -150,7 +150,7 @@ def _open_data(args: argparse.Namespace, ckpt: Any = None) -> Any:
 
     stream = None
     if args.data_mode != "memory":
-        from .folder import StreamConfig
+        from .data import StreamConfig
 
         size = args.image_size or (int(ckpt.input_size[-1]) if ckpt is not None else 224)
         stream = StreamConfig(image_size=size, resize=args.resize, workers=args.workers)

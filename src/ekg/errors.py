@@ -18,3 +18,8 @@ class DataError(EkgError):
 
 class CheckpointError(EkgError):
     """A file that is not a checkpoint, or one that does not fit the requested model."""
+
+
+def one_line(e: BaseException | str) -> str:
+    """An exception's message on one line (some, like tarfile's, span several)."""
+    return " ".join(str(e).split())

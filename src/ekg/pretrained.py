@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import download as _download
+from .download import data_root, default_cache_dir
 from .errors import CheckpointError
 from .io import md5sum
 
@@ -50,15 +52,6 @@ PRETRAINED: dict[str, Pretrained] = {
 DEFAULT_MODEL = "ekg_resnet56_cifar10"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EKG_CACHE") or Path.home() / ".cache" / "ekg")
-
-
-def data_root() -> Path | None:
-    root = os.environ.get("EKG_DATA")
-    return Path(root) if root else None
-
-
 def resolve_model(spec: str | os.PathLike, *, cache_dir: Path | None = None, download: bool = False) -> Path:
     """A model argument (path or pretrained name) → an existing local file."""
     path = Path(spec)
@@ -87,6 +80,4 @@ def resolve_model(spec: str | os.PathLike, *, cache_dir: Path | None = None, dow
             f"pretrained model {entry.name} not found at {where}; set EKG_DATA to a folder holding "
             f"{entry.relpath}, pass the file's path, or add --download to fetch {entry.url}"
         )
-    from .data import download as _download  # data owns the downloader
-
-    return _download(entry.url, cache_dir / entry.filename, entry.md5)
+    return _download.download(entry.url, cache_dir / entry.filename, entry.md5)

@@ -377,7 +377,7 @@ def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normali
     """Shuffled batches of (two augmented views, labels, teacher logits (B, T, classes)): the
     bank's rows are read by each image's index in the training set. Each batch is drawn and
     augmented whole (the same images as on one process); ``part`` of it is yielded. A streamed
-    set (:class:`ekg.folder.FolderSet`) loads only ``part`` of each batch, two crops per decode."""
+    set (:class:`ekg.data.FolderSet`) loads only ``part`` of each batch, two crops per decode."""
     n = len(data)
     order = torch.randperm(n, generator=gen, device=gen.device)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())

@@ -3,8 +3,8 @@
 ``ROOT/train/<class>/*.JPEG`` and ``ROOT/val/<class>/*`` (or ``test/``) are listed once; a
 :class:`FolderSet` holds the file names, the labels and the class names, and every phase of ekg
 (evaluation, the adaptation epoch, the search's Taylor scores and candidate evaluations, the
-memory bank, fine-tuning) reads it through :func:`ekg.data.iterate_batches` like an in-memory
-:class:`~ekg.data.ImageSet`. Images are decoded batch by batch in ``torch.utils.data.DataLoader``
+memory bank, fine-tuning) reads it through :func:`ekg.data.batches.iterate_batches` like an in-memory
+:class:`~ekg.data.sets.ImageSet`. Images are decoded batch by batch in ``torch.utils.data.DataLoader``
 workers with torchvision's standard transforms:
 
 * evaluation (and the memory bank): ``Resize(resize)`` (shorter side) + ``CenterCrop(image_size)``;
@@ -12,7 +12,7 @@ workers with torchvision's standard transforms:
   augmentation flips); the EKG colour jitter, when asked for, runs on the device afterwards;
 
 then ``PILToTensor``: the batch reaches the device as uint8 and is normalised there
-(:meth:`ekg.data.Normalization.apply`), as for in-memory data.
+(:meth:`ekg.data.normalize.Normalization.apply`), as for in-memory data.
 
 Determinism: the batches and every random draw come from the caller's generator, never from a
 worker's RNG. Each image of an augmented batch gets a seed drawn in the main process for the
@@ -39,9 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import (AugmentConfig, DataSplits, Normalization, _apply_jitter, _as_index, _is_image, _jitter_factors,
-                   _one_line)
-from .errors import DataError
+from ..errors import DataError, one_line
+from .augment import AugmentConfig, apply_jitter, jitter_factors
+from .normalize import Normalization
+from .sets import DataSplits, as_index
+from .trees import is_image
 
 __all__ = ["FolderSet", "StreamConfig", "load_folder_tree", "require_torchvision", "VISION_HINT"]
 
@@ -106,7 +108,7 @@ def require_torchvision(why: str = "streaming a class-folder tree") -> None:
     try:
         importlib.import_module("torchvision.transforms.v2")
     except ImportError as e:
-        raise DataError(f"{why} uses torchvision's transforms, which are not installed ({_one_line(e)}): "
+        raise DataError(f"{why} uses torchvision's transforms, which are not installed ({one_line(e)}): "
                         f"{VISION_HINT}") from None
 
 
@@ -122,15 +124,15 @@ def _list_split(split_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         class_dirs = sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")),
                             key=lambda e: e.name)
     except OSError as e:
-        raise DataError(f"cannot list {split_dir} ({_one_line(e.strerror or e)})") from None
+        raise DataError(f"cannot list {split_dir} ({one_line(e.strerror or e)})") from None
     if not class_dirs:
         raise DataError(f"{split_dir} has no class folders: expected {split_dir.name}/<class>/*.JPEG|jpg|png")
     classes, files, labels = [], [], []
     for label, d in enumerate(class_dirs):
         try:
-            names = sorted(e.name for e in os.scandir(d.path) if _is_image(e.name) and e.is_file())
+            names = sorted(e.name for e in os.scandir(d.path) if is_image(e.name) and e.is_file())
         except OSError as e:
-            raise DataError(f"cannot list {d.path} ({_one_line(e.strerror or e)})") from None
+            raise DataError(f"cannot list {d.path} ({one_line(e.strerror or e)})") from None
         if not names:
             raise DataError(f"the class folder {d.path} holds no images (.jpg, .jpeg or .png): add its images "
                             "or remove the folder (every class folder is a class)")
@@ -180,9 +182,9 @@ def load_folder_tree(root: str | os.PathLike, held_out: str = "val", config: Str
 class FolderSet:
     """One streamed split, or a subset of one: positions into the split's file list.
 
-    Offers what the phases use of an :class:`~ekg.data.ImageSet` (``len``, ``labels``,
+    Offers what the phases use of an :class:`~ekg.data.sets.ImageSet` (``len``, ``labels``,
     ``classes``, ``subset``, ``to``, ``device``, ``image_size``) without ``images``: batches come
-    from :func:`ekg.data.iterate_batches` (or :meth:`stream`)."""
+    from :func:`ekg.data.batches.iterate_batches` (or :meth:`stream`)."""
 
     def __init__(self, source: _Source, index: np.ndarray | None = None,
                  device: torch.device | str = "cpu") -> None:
@@ -223,7 +225,7 @@ class FolderSet:
 
     def subset(self, index: Any) -> FolderSet:
         """The images at ``index`` (integer positions), in that order; shares the file list and workers."""
-        idx = _as_index(index, torch.device("cpu")).numpy()
+        idx = as_index(index, torch.device("cpu")).numpy()
         return FolderSet(self._source, self.index[idx], self._device)
 
     def to(self, device: torch.device | str) -> FolderSet:
@@ -289,13 +291,13 @@ class FolderSet:
                 factors = None
                 if augment is not None and augment.jitter:  # drawn for the whole batch, as on one process
                     cpu = torch.device("cpu")
-                    factors = [[f[part].to(target) for f in _jitter_factors(len(b), augment, jitter_gen, cpu)]
+                    factors = [[f[part].to(target) for f in jitter_factors(len(b), augment, jitter_gen, cpu)]
                                for _ in range(views)]
                 out = []
                 for v in range(views):
                     xv = x[:, v].to(torch.float32)
                     if factors is not None:
-                        xv = _apply_jitter(xv, *factors[v])
+                        xv = apply_jitter(xv, *factors[v])
                     if normalization is not None:
                         xv = normalization.apply(xv)
                     out.append(xv)
@@ -375,7 +377,7 @@ def open_rgb(path: str) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path} is not a readable image ({_one_line(e)})") from None
+        raise DataError(f"{path} is not a readable image ({one_line(e)})") from None
 
 
 class _Source:
