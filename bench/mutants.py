@@ -11,6 +11,7 @@ failing baseline would make every kill meaningless.
 
     python bench/mutants.py                  # every mutant, its listed tests (about 10 minutes on 2 cores)
     python bench/mutants.py --list           # the mutants and their rules
+    python bench/mutants.py --check          # only check that each old text occurs once in its file
     python bench/mutants.py --only bank-includes-final --only winner-highest-reward
     python bench/mutants.py --all-tests      # the whole fast suite per mutant (much longer)
     python bench/mutants.py --jobs 2         # mutants in parallel
@@ -74,79 +75,79 @@ class Mutant:
 M = Mutant
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- phase 2: the greedy step
-    M("winner-highest-reward", "the winner is the candidate with the lowest reward", "ekg/search.py",
+    M("winner-highest-reward", "the winner is the candidate with the lowest reward", "ekg/search/searcher.py",
       "if best is None or r < best[0]:", "if best is None or r > best[0]:", (WIN,)),
-    M("winner-first-candidate", "the winner is the candidate with the lowest reward", "ekg/search.py",
+    M("winner-first-candidate", "the winner is the candidate with the lowest reward", "ekg/search/searcher.py",
       "if best is None or r < best[0]:", "if best is None:", (WIN,)),
-    M("reward-kinds-swapped", "reward 'ensemble' is J, 'val-loss' is CE", "ekg/search.py",
+    M("reward-kinds-swapped", "reward 'ensemble' is J, 'val-loss' is CE", "ekg/search/evaluator.py",
       'return self.j if kind == "ensemble" else self.loss', 'return self.loss if kind == "ensemble" else self.j',
       (WIN,)),
-    M("reward-j-without-k", "J = CE(labels, z) + CE(softmax(K), z) in the reward", "ekg/search.py",
+    M("reward-j-without-k", "J = CE(labels, z) + CE(softmax(K), z) in the reward", "ekg/search/evaluator.py",
       "stats[b] = torch.stack([F.cross_entropy(z.float(), y, reduction=\"sum\"), objective(z, y, k),",
       "stats[b] = torch.stack([F.cross_entropy(z.float(), y, reduction=\"sum\"), objective(z, y, None),",
       (WIN,)),
-    M("k-init-zeros", "K starts as the unpruned network's D_val logits", "ekg/search.py",
+    M("k-init-zeros", "K starts as the unpruned network's D_val logits", "ekg/search/searcher.py",
       "ensemble=logits, ensemble_count=1", "ensemble=torch.zeros_like(logits), ensemble_count=1", (K0,)),
-    M("k-init-count-zero", "K counts the unpruned network (t = 1 after step 0)", "ekg/search.py",
+    M("k-init-count-zero", "K counts the unpruned network (t = 1 after step 0)", "ekg/search/searcher.py",
       "ensemble=logits, ensemble_count=1", "ensemble=logits, ensemble_count=0", (KMEAN,)),
-    M("k-not-updated", "K ← (K·t + z_winner)/(t+1) after each step", "ekg/search.py",
+    M("k-not-updated", "K ← (K·t + z_winner)/(t+1) after each step", "ekg/search/searcher.py",
       "state.ensemble = update_ensemble(state.ensemble, self.evaluator.gather(ev.parts), state.ensemble_count)",
       "state.ensemble = state.ensemble", (KMEAN,)),
-    M("k-ema-not-mean", "K is the running mean (K·t + z)/(t+1), not an EMA", "ekg/search.py",
+    M("k-ema-not-mean", "K is the running mean (K·t + z)/(t+1), not an EMA", "ekg/search/ensemble.py",
       "return (ensemble * count + logits) / (count + 1)", "return (ensemble + logits) / 2", (KMEAN,)),
-    M("k-count-frozen", "t counts the sub-networks averaged in K", "ekg/search.py",
+    M("k-count-frozen", "t counts the sub-networks averaged in K", "ekg/search/searcher.py",
       "state.ensemble_count += 1", "state.ensemble_count += 0", (KMEAN,)),
-    M("k-and-history-of-last-candidate", "K and the history take the winner's evaluation", "ekg/search.py",
+    M("k-and-history-of-last-candidate", "K and the history take the winner's evaluation", "ekg/search/searcher.py",
       "_, winner, new_rate, ev = best", "_, winner, new_rate, _ = best", (KMEAN, HIST)),
-    M("history-records-j", "the history records the winner's CE loss", "ekg/search.py",
+    M("history-records-j", "the history records the winner's CE loss", "ekg/search/searcher.py",
       'state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,\n'
       '                              "loss": ev.loss',
       'state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,\n'
       '                              "loss": ev.j', (HIST,)),
-    M("history-records-previous-loss", "the history records the winner's CE loss", "ekg/search.py",
+    M("history-records-previous-loss", "the history records the winner's CE loss", "ekg/search/searcher.py",
       'state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,\n'
       '                              "loss": ev.loss',
       'state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,\n'
       '                              "loss": state.history[-1]["loss"]', (HIST,)),
-    M("scores-without-k", "the step's scores are Taylor scores of J with K", "ekg/search.py",
+    M("scores-without-k", "the step's scores are Taylor scores of J with K", "ekg/search/searcher.py",
       'k = state.ensemble if imp == "ekg" else None', "k = None", (SCORES,)),
-    M("scores-plain-ce", "Taylor scores back-propagate J, not CE", "ekg/search.py",
+    M("scores-plain-ce", "Taylor scores back-propagate J, not CE", "ekg/search/scores.py",
       "(objective(out, y, k) / nominal_batch).backward()",
       "(F.cross_entropy(out, y, reduction=\"sum\") / nominal_batch).backward()", (SCORES,)),
     M("scores-abs-after-sum", "|Σ g·y| per batch and mask point", "ekg/masks.py",
       "ctx.score.add_((g * y).sum(dims).abs().to(ctx.score.dtype))",
       "ctx.score.add_((g * y).sum(dims).to(ctx.score.dtype))", (SCORES,)),
-    M("otsu-off", "the Otsu candidate filter is applied in the step", "ekg/search.py",
+    M("otsu-off", "the Otsu candidate filter is applied in the step", "ekg/search/searcher.py",
       "threshold = trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim) if cfg.otsu else math.inf",
       "threshold = math.inf", (OTSU,)),
-    M("otsu-keeps-costly-groups", "candidates: cost at or below the Otsu threshold", "ekg/search.py",
+    M("otsu-keeps-costly-groups", "candidates: cost at or below the Otsu threshold", "ekg/search/searcher.py",
       "candidates = [i for i in active if costs[i] <= threshold] or active",
       "candidates = [i for i in active if costs[i] >= threshold] or active", (OTSU,)),
-    M("otsu-untrimmed", "drop the lowest and highest 20% of the costs before Otsu", "ekg/search.py",
+    M("otsu-untrimmed", "drop the lowest and highest 20% of the costs before Otsu", "ekg/search/searcher.py",
       "trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim)",
       "trimmed_otsu_threshold(list(costs.values()), 0.0)", (OTSU,)),
-    M("cost-of-a-base-step", "a group's cost is that of its own next step", "ekg/search.py",
+    M("cost-of-a-base-step", "a group's cost is that of its own next step", "ekg/search/searcher.py",
       "costs = {i: cost_of(scores[i], gates[i].rate, steps[i]) for i in active}",
       "costs = {i: cost_of(scores[i], gates[i].rate, cfg.step) for i in active}", (OTSU,)),
-    M("step-size-ignores-producers", "step size max(1/C, 0.2/n), n = producing layers", "ekg/search.py",
+    M("step-size-ignores-producers", "step size max(1/C, 0.2/n), n = producing layers", "ekg/search/searcher.py",
       "steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]",
       "steps = [step_size(g.channels, 1, cfg.step) for g in gates]", (NOOTSU, OTSU)),
-    M("step-size-without-1-over-c", "step size max(1/C, 0.2/n)", "ekg/search.py",
+    M("step-size-without-1-over-c", "step size max(1/C, 0.2/n)", "ekg/search/steps.py",
       "return max(1.0 / channels, base / max(1, n_producers))", "return base / max(1, n_producers)", (NOOTSU, OTSU)),
-    M("one-channel-groups-stepped", "only groups still above one channel are candidates", "ekg/search.py",
+    M("one-channel-groups-stepped", "only groups still above one channel are candidates", "ekg/search/searcher.py",
       "active = [i for i, g in enumerate(gates) if g.kept > 1]", "active = [i for i, g in enumerate(gates) if g.kept > 0]",
       (ONE_CHANNEL,)),
-    M("landing-skipped", "an overshooting step lands just at or below keep", "ekg/search.py",
+    M("landing-skipped", "an overshooting step lands just at or below keep", "ekg/search/searcher.py",
       "new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)",
       "new_rate = round(gate.rate - steps[i], 5)", (LAND,)),
-    M("landing-above-keep", "landing is never above keep", "ekg/search.py",
+    M("landing-above-keep", "landing is never above keep", "ekg/search/steps.py",
       "        best = up\n    return best",
       "        best = up\n    return round(best + 1 / channels, 9) if best + 1 / channels < rate - 1e-9 else best",
       (LAND,)),
-    M("ranks-ignore-live-channels", "masked channels rank last: pruning is monotone", "ekg/search.py",
+    M("ranks-ignore-live-channels", "masked channels rank last: pruning is monotone", "ekg/search/searcher.py",
       "gate.ranks = ranks_from_scores(s, live=gm.mask.bool())", "gate.ranks = ranks_from_scores(s)",
       (RULES + "test_step_never_revives_a_masked_channel_dead_relu",)),
-    M("weight-scores-of-masked-channels", "masked channels score 0 (weight criteria too)", "ekg/search.py",
+    M("weight-scores-of-masked-channels", "masked channels score 0 (weight criteria too)", "ekg/search/scores.py",
       "out.append(torch.where(keep, s, torch.zeros_like(s)))", "out.append(s)", (WEIGHTS,)),
     # ---------------------------------------------------------------- what a mask does
     M("mask-points-first-only", "a group is masked at every one of its activation outputs", "ekg/graph.py",
@@ -166,19 +167,19 @@ MUTANTS: list[Mutant] = [
       "ekg/slim.py", "setattr(m, attr, b[index].clone())", "setattr(m, attr, b[: len(index)].clone())",
       ("tests/test_slim.py",)),
     # ---------------------------------------------------------------- BN modes
-    M("search-bn-running", "the search runs BN on batch statistics", "ekg/search.py",
+    M("search-bn-running", "the search runs BN on batch statistics", "ekg/search/searcher.py",
       "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',
       (K0, WIN, SEARCH_BN)),
     M("search-bn-running-main-test", "the search runs BN on batch statistics (main's end-to-end test)",
-      "ekg/search.py", "return bn_mode(self.net.model, self.cfg.search_bn)",
+      "ekg/search/searcher.py", "return bn_mode(self.net.model, self.cfg.search_bn)",
       'return bn_mode(self.net.model, "running")', (SEARCH_BN,)),
-    M("search-step-without-bn-mode", "every step runs BN on batch statistics", "ekg/search.py",
+    M("search-step-without-bn-mode", "every step runs BN on batch statistics", "ekg/search/searcher.py",
       "        with self.bn():\n            return self._step(state)", "        return self._step(state)",
       (WIN, SEARCH_BN)),
-    M("search-initial-without-bn-mode", "step 0 runs BN on batch statistics", "ekg/search.py",
+    M("search-initial-without-bn-mode", "step 0 runs BN on batch statistics", "ekg/search/searcher.py",
       "        with self.bn():\n            return self._initial_state()", "        return self._initial_state()",
       (K0, SEARCH_BN)),
-    M("search-uniform-without-bn-mode", "the uniform baseline runs BN on batch statistics", "ekg/search.py",
+    M("search-uniform-without-bn-mode", "the uniform baseline runs BN on batch statistics", "ekg/search/searcher.py",
       "        with self.bn():\n            return self._uniform(state)", "        return self._uniform(state)",
       (UNIFORM,)),
     M("inference-modes-restore-model-train", "each module restored to its own mode, never model.train(was)",
@@ -219,21 +220,21 @@ MUTANTS: list[Mutant] = [
       "iterate_index_batches(ImageSet(data.images.flip(-1), data.labels, data.classes), mine, "
       "normalization=normalization,", (BANK,)),
     # ---------------------------------------------------------------- phase 1 and the search sets
-    M("adapt-lr", "adaptation lr 1e-3", "ekg/search.py",
+    M("adapt-lr", "adaptation lr 1e-3", "ekg/search/config.py",
       "adapt_lr: float = 1e-3", "adapt_lr: float = 1e-2", (ADAPT,)),
-    M("adapt-momentum", "adaptation momentum 0.9", "ekg/search.py",
+    M("adapt-momentum", "adaptation momentum 0.9", "ekg/search/config.py",
       "adapt_momentum: float = 0.9", "adapt_momentum: float = 0.5", (ADAPT,)),
-    M("adapt-weight-decay", "adaptation weight decay 5e-4", "ekg/search.py",
+    M("adapt-weight-decay", "adaptation weight decay 5e-4", "ekg/search/config.py",
       "adapt_weight_decay: float = 5e-4", "adapt_weight_decay: float = 1e-4", (ADAPT,)),
-    M("adapt-no-nesterov", "adaptation: SGD with Nesterov momentum", "ekg/search.py",
+    M("adapt-no-nesterov", "adaptation: SGD with Nesterov momentum", "ekg/search/adaptation.py",
       "momentum=cfg.adapt_momentum, nesterov=True", "momentum=cfg.adapt_momentum, nesterov=False", (ADAPT,)),
-    M("adapt-bn-inference-mode", "adaptation: BN in training mode", "ekg/search.py",
+    M("adapt-bn-inference-mode", "adaptation: BN in training mode", "ekg/search/adaptation.py",
       "    model.train()\n    with synced_batchnorm(model, dist):", "    model.eval()\n    with synced_batchnorm(model, dist):",
       (ADAPT,)),
-    M("adapt-summed-loss", "adaptation: mean CE (not the release's summed CE/128)", "ekg/search.py",
+    M("adapt-summed-loss", "adaptation: mean CE (not the release's summed CE/128)", "ekg/search/adaptation.py",
       "                loss = F.cross_entropy(model(x), y)\n",
       '                loss = F.cross_entropy(model(x), y, reduction="sum") / 128\n', (ADAPT,)),
-    M("adapt-two-epochs", "adaptation: one epoch", "ekg/search.py",
+    M("adapt-two-epochs", "adaptation: one epoch", "ekg/search/adaptation.py",
       "        for x, y in batches:\n            if dist.enabled:", "        for x, y in list(batches) * 2:\n            if dist.enabled:",
       (ADAPT,)),
     M("adapt-batch-128", "adaptation: batch 256", "ekg/prune.py",
@@ -256,15 +257,15 @@ MUTANTS: list[Mutant] = [
       "return _shuffled_subset(train, val_parts, seed), _shuffled_subset(train, sub_parts, seed)",
       "return train.subset(np.hstack(val_parts).astype(np.int64)), _shuffled_subset(train, sub_parts, seed)",
       (ADAPT,)),
-    M("split-seed", "the search sets' fixed seed (1)", "ekg/search.py",
+    M("split-seed", "the search sets' fixed seed (1)", "ekg/search/config.py",
       "split_seed: int = 1", "split_seed: int = 0", (ADAPT,)),
     M("val-batches-shuffled", "D_val batches in D_val's order (256 + 64)", "ekg/prune.py",
       "val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))",
       "val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm, shuffle=True))",
       (ADAPT,)),
-    M("search-batch-160", "search batches of 256 (256 + 64 for CIFAR-10)", "ekg/search.py",
+    M("search-batch-160", "search batches of 256 (256 + 64 for CIFAR-10)", "ekg/search/config.py",
       "batch_size: int = 256", "batch_size: int = 160", (ADAPT, SDEF)),
-    M("val-per-class-30", "D_val: 32 images per class", "ekg/search.py",
+    M("val-per-class-30", "D_val: 32 images per class", "ekg/search/config.py",
       "val_per_class: int = 32", "val_per_class: int = 30", (ADAPT,)),
     M("cli-val-per-class-30", "`ekg prune`: D_val 32 per class by default", "ekg/cli.py",
       'p.add_argument("--val-per-class", type=int, default=d.val_per_class,', 'p.add_argument("--val-per-class", type=int, default=30,',
@@ -272,11 +273,11 @@ MUTANTS: list[Mutant] = [
     M("cli-sub-per-class-128", "`ekg prune`: D_sub 256 per class by default", "ekg/cli.py",
       'p.add_argument("--sub-per-class", type=int, default=d.sub_per_class,', 'p.add_argument("--sub-per-class", type=int, default=128,',
       (SDEF,)),
-    M("search-otsu-trim-default", "Otsu drops 20% at each end", "ekg/search.py",
+    M("search-otsu-trim-default", "Otsu drops 20% at each end", "ekg/search/config.py",
       "otsu_trim: float = 0.2", "otsu_trim: float = 0.1", (SDEF,)),
-    M("search-bn-default-running", "the search's BN statistics are the batch's by default", "ekg/search.py",
+    M("search-bn-default-running", "the search's BN statistics are the batch's by default", "ekg/search/config.py",
       'search_bn: str = "batch"', 'search_bn: str = "running"', (SDEF, K0)),
-    M("compat-default-release", "the method's rules by default, not the release's", "ekg/search.py",
+    M("compat-default-release", "the method's rules by default, not the release's", "ekg/search/config.py",
       'compat: str = "method"', 'compat: str = "release"', (SDEF,)),
     M("search-keep-default", "default budget keep = 0.45", "ekg/cli.py",
       'p.add_argument("--keep", type=float, default=d.keep,', 'p.add_argument("--keep", type=float, default=0.5,',
@@ -415,6 +416,23 @@ def apply(mutant: Mutant, root: Path) -> None:
     path.write_text(text.replace(mutant.old, mutant.new))
 
 
+def text_problems(chosen: list[Mutant], root: Path = ROOT) -> list[str]:
+    """What is wrong with the mutants' replacements in ``root``'s ``src/``: a file that does not exist, an old
+    text that does not occur exactly once in its file, or a replacement that changes nothing."""
+    problems = []
+    for m in chosen:
+        path = root / "src" / m.file
+        if not path.is_file():
+            problems.append(f"mutant {m.name}: src/{m.file} does not exist")
+            continue
+        n = path.read_text().count(m.old)
+        if n != 1:
+            problems.append(f"mutant {m.name}: the old text occurs {n} times in src/{m.file} (must be once)")
+        if m.old == m.new:
+            problems.append(f"mutant {m.name}: the new text is the old one")
+    return problems
+
+
 def existing(targets: list[str], root: Path) -> list[str]:
     return [t for t in targets if (root / t.split("::")[0]).exists()]
 
@@ -500,6 +518,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this mutant (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--check", action="store_true",
+                    help="check that every (chosen) mutant's old text occurs exactly once in its file, run nothing")
     ap.add_argument("--all-tests", action="store_true", help="run the whole fast suite per mutant")
     ap.add_argument("--jobs", type=int, default=1, help="mutants run in parallel; default: %(default)s")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant's tests; default: %(default)s")
@@ -515,10 +535,13 @@ def main() -> int:
         raise SystemExit(f"unknown mutant(s): {', '.join(unknown)}; see --list")
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     # every mutant's old text is present exactly once before anything runs
-    for m in chosen:
-        n = (ROOT / "src" / m.file).read_text().count(m.old)
-        if n != 1:
-            raise SystemExit(f"mutant {m.name}: the old text occurs {n} times in src/{m.file} (must be once)")
+    problems = text_problems(chosen)
+    if args.check:
+        print("\n".join(problems) if problems else
+              f"{len(chosen)} mutants: each old text occurs exactly once in its file")
+        return 1 if problems else 0
+    if problems:
+        raise SystemExit("\n".join(problems))
     if args.list:
         for m in chosen:
             print(f"{m.name:36s} {m.rule}  [src/{m.file}; {', '.join(t.replace('tests/', '') for t in m.tests)}]")

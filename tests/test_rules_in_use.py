@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ekg import search as search_mod
 from ekg.masks import MaskedNetwork, kept_channels
 from ekg.models import create_model
 from ekg.search import CandidateEvaluator, SearchConfig, Searcher
+from ekg.search import searcher as searcher_mod  # where Searcher looks up the rules it calls
 
 from conftest import fake_history, random_bn
 from test_search_rules import _gi, _reference_forward, _stream_gates
@@ -153,7 +153,7 @@ def _trace(reward: str, steps: int = 2, seed: int = 7) -> dict:
     cfg = SearchConfig(keep=0.2, batch_size=8, reward=reward)
     searcher = Searcher(net, batches, cfg)
     out: dict = {"net": net, "batches": batches, "cfg": cfg, "searcher": searcher, "steps": []}
-    real_evaluate, real_taylor = CandidateEvaluator.evaluate, search_mod.taylor_scores
+    real_evaluate, real_taylor = CandidateEvaluator.evaluate, searcher_mod.taylor_scores
     current: dict = {}
 
     def evaluate(self, ensemble, changed_gate=None):
@@ -170,7 +170,7 @@ def _trace(reward: str, steps: int = 2, seed: int = 7) -> dict:
                                                  "nominal": nominal, "scores": [s.clone() for s in scores]})
         return scores
 
-    real_otsu = search_mod.trimmed_otsu_threshold
+    real_otsu = searcher_mod.trimmed_otsu_threshold
 
     def otsu(costs, trim=0.2):
         current.setdefault("costs", []).append(list(costs))
@@ -178,8 +178,8 @@ def _trace(reward: str, steps: int = 2, seed: int = 7) -> dict:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(CandidateEvaluator, "evaluate", evaluate)
-        mp.setattr(search_mod, "taylor_scores", taylor)
-        mp.setattr(search_mod, "trimmed_otsu_threshold", otsu)
+        mp.setattr(searcher_mod, "taylor_scores", taylor)
+        mp.setattr(searcher_mod, "trimmed_otsu_threshold", otsu)
         state = searcher.initial_state()
         out["initial"] = {"ensemble": state.ensemble.clone(), "count": state.ensemble_count,
                           "history": copy.deepcopy(state.history), "evals": current.pop("evals", [])}

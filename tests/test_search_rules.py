@@ -883,5 +883,5 @@ def test_fast_evaluator_falls_back_when_its_cache_would_not_fit(fresh: MaskedNet
     small = CandidateEvaluator(fresh, batches, fast=True)
     small.limit_cache(fits.cache_bytes / 2**30 / 2)  # half of what it needs
     assert not small.fast and "GiB of activations" in small.note
-    with pytest.raises(EkgError, match="search-cache-gb"):
+    with pytest.raises(EkgError, match="`cache_gb`"):
         SearchConfig(cache_gb=-1).validate()

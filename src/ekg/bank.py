@@ -1,5 +1,9 @@
 """The memory bank (method doc, phase 3): interim sub-networks of the search as teachers.
 
+One module because the bank is one file format (the dense and top-k layouts, ``bank.json``, the
+``*.partial.npy`` files of a resumable build), written by :func:`build_bank` and read by
+:func:`open_bank`/:class:`MemoryBank`: split, the writer and the reader of that format would drift apart.
+
 * :func:`select_teachers` picks ``T`` entries of the search history spread evenly in val loss;
 * :func:`build_bank` computes each teacher's logits on every training image (unaugmented, in
   dataset order, BN on batch statistics, batches of 256) and stores them in ``.npy`` files that

@@ -1,5 +1,9 @@
 """Channel groups from the model's dependency graph.
 
+One module because the rules below are applied in one pass over the traced graph
+(:func:`build_graph`), which also collects the FLOPs/params coefficients, and
+:class:`DependencyGraph`/:class:`ChannelGroup` are its result: split, one trace would be scattered.
+
 The model is traced with ``torch.fx``; every tensor in the graph is given a *channel space*, and
 the rules below say how layers create, pass on or couple spaces:
 

@@ -1,5 +1,9 @@
 """Loss-landscape analysis: the Hessian spectrum of a model's loss and filter-normalised surfaces.
 
+One module because it is one measurement, a loss's smoothness: the :class:`Objective`, the
+instruments that read its Hessian-vector products and :func:`analyse`, which runs them and defines
+the numbers reported (:data:`DEFINITIONS`); split, those definitions would sit apart from their code.
+
 The paper's first claim is that a sub-network's *smoothness* predicts how well it fine-tunes (its
 "potential"). This module gives the instruments to measure it on any model, by Hessian-vector
 products (never forming the Hessian):

@@ -1,6 +1,9 @@
 """Training: a CIFAR baseline from scratch (``ekg train``) and fine-tuning a pruned model, with
 or without the memory bank (``ekg finetune``), in one loop.
 
+One module because it is that one loop (:func:`train`) with its configuration, learning-rate
+schedule, per-epoch seeding and resumable epochs; every helper here serves only that loop.
+
 Short on purpose (airbench/nanoGPT style): data lives on the training device as uint8 and is
 augmented in batches there; the learning rate is a pure function of the step, and every epoch's
 randomness comes from a generator seeded by (seed, epoch), so a run resumed from its last

@@ -1,0 +1,69 @@
+"""The search's settings: :class:`SearchConfig` (defaults: the paper's CIFAR run), its checks,
+and the allowed choices of its string fields (importance criteria, rewards, methods, compat modes)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..bn import BN_STATS
+from ..errors import EkgError
+
+IMPORTANCES = ("ekg", "taylor", "l1", "fpgm", "random")
+REWARDS = ("ensemble", "val-loss")
+METHODS = ("greedy", "uniform")
+COMPATS = ("method", "release")
+
+
+@dataclass
+class SearchConfig:
+    """Settings of the search. Defaults: the paper's CIFAR run."""
+
+    keep: float = 0.45                 # target FLOPs ratio
+    importance: str = "ekg"            # ekg | taylor | l1 | fpgm | random
+    reward: str = "ensemble"           # ensemble (J) | val-loss (CE)
+    method: str = "greedy"             # greedy | uniform
+    step: float = 0.2                  # the 0.2 of max(1/C, 0.2/n)
+    otsu_trim: float = 0.2
+    otsu: bool = True                  # the candidate filter
+    batch_size: int = 256
+    val_per_class: int = 32
+    sub_per_class: int = 256
+    split_seed: int = 1
+    seed: int = 0                      # only the random importance uses it
+    adapt: bool = True
+    adapt_lr: float = 1e-3
+    adapt_momentum: float = 0.9
+    adapt_weight_decay: float = 5e-4
+    bn_ops: bool = False               # count 2 ops per BN output element in the FLOPs ratio
+    search_bn: str = "batch"           # BN statistics of every search pass: batch (the method) | running (ablation)
+    compat: str = "method"             # method (the method doc's rules) | release (the TF release's effective ones)
+    fast: bool = True                  # re-use unchanged activations per candidate (same decisions)
+    cache_gb: float | None = None      # fast mode's activation cache limit; None: half the free memory
+    sliced: bool = True                # channels-last, kept-channels-only layers (same function, less work)
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not 0 < self.keep < 1:
+            raise EkgError(f"`keep` must lie in (0, 1) (the FLOPs ratio to reach), got {self.keep}")
+        for name, value, allowed in (("importance", self.importance, IMPORTANCES),
+                                     ("reward", self.reward, REWARDS), ("method", self.method, METHODS),
+                                     ("search_bn", self.search_bn, BN_STATS), ("compat", self.compat, COMPATS)):
+            if value not in allowed:
+                raise EkgError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0 < self.step <= 1:
+            raise EkgError(f"`step` must lie in (0, 1], got {self.step}")
+        if self.batch_size < 2:
+            raise EkgError("`batch_size` must be at least 2 (BN uses batch statistics in the search)")
+        if self.cache_gb is not None and self.cache_gb < 0:
+            raise EkgError(f"`cache_gb` must be at least 0, got {self.cache_gb}")
+        if self.val_per_class < 1 or self.sub_per_class < 0:
+            raise EkgError(f"`val_per_class` must be at least 1 and `sub_per_class` at least 0, got "
+                           f"{self.val_per_class} and {self.sub_per_class}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

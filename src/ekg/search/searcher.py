@@ -1,0 +1,254 @@
+"""Phase 2, the search itself: :class:`Searcher` (step 0, the greedy steps, the uniform baseline,
+the budget) over a :class:`~ekg.masks.MaskedNetwork`, and :class:`SearchState`, everything needed
+to continue a search exactly."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..bn import bn_mode
+from ..distributed import Dist
+from ..errors import EkgError
+from ..masks import MaskedNetwork, ranks_from_scores
+from .config import SearchConfig
+from .ensemble import update_ensemble
+from .evaluator import CandidateEvaluator, Evaluation
+from .release import land_rate_release, release_gate_order, release_step_cost
+from .scores import taylor_scores, weight_scores
+from .steps import land_rate, step_cost, step_size, trimmed_otsu_threshold
+
+
+@dataclass
+class SearchState:
+    """Everything needed to continue a search exactly (saved after every step)."""
+
+    step: int
+    rates: list[float]
+    ranks: list[torch.Tensor]
+    ensemble: torch.Tensor
+    ensemble_count: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "rates": list(self.rates), "ranks": [r.cpu() for r in self.ranks],
+                "ensemble": self.ensemble.cpu(), "ensemble_count": self.ensemble_count,
+                "history": self.history, "log": self.log, "done": self.done}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchState":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def pack_masks(net: MaskedNetwork) -> list[torch.Tensor]:
+    """The current masks, one bool tensor per gate (for the history / memory bank)."""
+    return [gm.mask.bool().cpu().clone() for gm in net.masks]
+
+
+class Searcher:
+    """Greedy EKG search over ``net`` on ``D_val`` batches."""
+
+    def __init__(self, net: MaskedNetwork, val_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                 cfg: SearchConfig, dist: Dist | None = None) -> None:
+        if cfg.sliced:  # channels-last convs and kept-channels-only layers: same function, less work
+            net.model.to(memory_format=torch.channels_last)
+            net.set_sliced(True)
+            val_batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in val_batches]
+        self.net, self.batches, self.cfg, self.dist = net, val_batches, cfg, dist or Dist()
+        self.evaluator = CandidateEvaluator(net, val_batches, fast=cfg.fast, dist=self.dist)
+        with self.bn():
+            self.evaluator.limit_cache(cfg.cache_gb)
+        # every rank takes the same path (a rank that falls back makes the others fall back too)
+        if cfg.fast and self.dist.enabled:
+            slow = self.dist.all_reduce_sum(torch.tensor([float(not self.evaluator.fast)],
+                                                         device=self.evaluator.labels.device))
+            if float(slow) > 0 and self.evaluator.fast:
+                self.evaluator.fast = False
+                self.evaluator.note = self.evaluator.note or "another process's activation cache would not fit"
+        self.release = cfg.compat == "release"
+        # the release's FLOPs count 2 ops per BN output element (nets/tcl.py BatchNorm.call)
+        self.bn_ops = cfg.bn_ops or self.release
+        # candidates are tried in this order and the first of equal rewards wins (np.argmin in the release)
+        self.order = (release_gate_order(net) if self.release else None) or list(range(len(net.gates)))
+        self.full_cost = net.graph.cost(net.graph.full_widths(), bn_ops=self.bn_ops)
+        self.last_costs: dict[int, float] = {}  # the last step's cost per active gate, and its candidates
+        self.last_candidates: list[int] = []
+
+    def bn(self) -> Any:
+        """The BN mode of every pass the search makes (scores, rewards, the fast evaluator's base and
+        tails), whatever mode the caller left the model in: dropout off, BN on batch statistics with
+        running statistics untouched (the method), or on running statistics (``search_bn="running"``,
+        an ablation). Each public phase below enters it."""
+        return bn_mode(self.net.model, self.cfg.search_bn)
+
+    # -- budget
+    def ratio(self, rates: Sequence[float] | None = None) -> float:
+        flops, _ = self.net.graph.cost(self.net.widths(rates), bn_ops=self.bn_ops)
+        return flops / self.full_cost[0]
+
+    def cost(self) -> tuple[int, int]:
+        return self.net.graph.cost(self.net.widths(), bn_ops=self.bn_ops)
+
+    # -- phases
+    def initial_state(self) -> SearchState:
+        """Step 0: the unpruned network's D_val logits are K, its masks and CE loss the history."""
+        with self.bn():
+            return self._initial_state()
+
+    def _initial_state(self) -> SearchState:
+        self.net.set_rates([1.0] * len(self.net.gates))
+        base = self.evaluator.evaluate(None)
+        logits = self.evaluator.gather(base.parts)
+        entry = {"step": 0, "masks": pack_masks(self.net), "rates": self.net.rates(), "loss": base.loss,
+                 "accuracy": base.accuracy}
+        state = SearchState(step=0, rates=self.net.rates(), ranks=[torch.arange(g.channels) for g in self.net.gates],
+                            ensemble=logits, ensemble_count=1, history=[entry])
+        flops, params = self.cost()
+        state.log.append({"step": 0, "group": None, "group_name": None, "flops": flops, "params": params,
+                          "flops_ratio": 1.0, "val_accuracy": base.accuracy, "val_loss": base.loss,
+                          "j": self.evaluator._metrics(logits, logits).j,
+                          "candidates": 0, "evaluated": 0, "seconds": 0.0})
+        return state
+
+    def restore(self, state: SearchState) -> None:
+        for gate, r, rk in zip(self.net.gates, state.rates, state.ranks):
+            gate.rate, gate.ranks = float(r), rk.to(self.net.masks[0].mask.device)
+        self.net.apply_gates()
+
+    def scores(self, state: SearchState) -> list[torch.Tensor]:
+        imp = self.cfg.importance
+        if imp in ("ekg", "taylor"):
+            k = state.ensemble if imp == "ekg" else None
+            return taylor_scores(self.net, self.batches, k, self.cfg.batch_size,
+                                 forward=self.evaluator.recording_forward(), dist=self.dist)
+        return weight_scores(self.net, imp, self.cfg.seed)
+
+    def step(self, state: SearchState) -> SearchState:
+        """One greedy step: score, filter, evaluate candidates, apply the best."""
+        with self.bn():
+            return self._step(state)
+
+    def _step(self, state: SearchState) -> SearchState:
+        t0 = time.perf_counter()
+        cfg, gates = self.cfg, self.net.gates
+        scores = self.scores(state)
+        for gate, s, gm in zip(gates, scores, self.net.masks):
+            gate.ranks = ranks_from_scores(s, live=gm.mask.bool())
+        self.net.apply_gates()
+        steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]
+        if self.release:  # the release: every gate whose rate is above 0, in its numbering
+            active = [i for i in self.order if gates[i].rate > 0]
+            cost_of = release_step_cost
+        else:
+            active = [i for i, g in enumerate(gates) if g.kept > 1]
+            cost_of = step_cost
+        if not active:
+            left = 'has a rate at or below 0 (`compat="release"`)' if self.release else "is down to one channel"
+            raise EkgError(f"cannot reach `keep` {cfg.keep}: every prunable group {left} "
+                           f"at a FLOPs ratio of {self.ratio():.4f}")
+        costs = {i: cost_of(scores[i], gates[i].rate, steps[i]) for i in active}
+        threshold = trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim) if cfg.otsu else math.inf
+        candidates = [i for i in active if costs[i] <= threshold] or active
+        self.last_costs, self.last_candidates = costs, candidates
+        self.evaluator.set_base()
+        best: tuple[float, int, float, Evaluation] | None = None
+        rates = self.net.rates()
+        for i in candidates:
+            gate = gates[i]
+            trial = list(rates)
+
+            def ratio_at(r: float, i: int = i) -> float:
+                trial[i] = r
+                return self.ratio(trial)
+
+            if self.release:
+                new_rate = land_rate_release(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep, cfg.step)
+            else:
+                new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)
+            old = gate.rate
+            gate.rate = new_rate
+            self.net.masks[i].set(gate.mask())
+            ev = self.evaluator.evaluate(state.ensemble, changed_gate=i)
+            gate.rate = old
+            self.net.masks[i].set(gate.mask())
+            r = ev.reward(cfg.reward)
+            if best is None or r < best[0]:
+                best = (r, i, new_rate, ev)
+        assert best is not None
+        _, winner, new_rate, ev = best
+        gates[winner].rate = new_rate
+        self.net.apply_gates()
+        state.ensemble = update_ensemble(state.ensemble, self.evaluator.gather(ev.parts), state.ensemble_count)
+        state.ensemble_count += 1
+        state.step += 1
+        state.rates = self.net.rates()
+        state.ranks = [g.ranks.clone() for g in gates]
+        state.history.append({"step": state.step, "masks": pack_masks(self.net), "rates": state.rates,
+                              "loss": ev.loss, "accuracy": ev.accuracy})
+        flops, params = self.cost()
+        state.log.append({
+            "step": state.step, "group": winner, "group_name": gates[winner].group.name,
+            "rate": new_rate, "kept": gates[winner].kept, "widths": [g.kept for g in gates],
+            "flops": flops, "params": params, "flops_ratio": flops / self.full_cost[0],
+            "val_accuracy": ev.accuracy, "val_loss": ev.loss, "j": ev.j,
+            "candidates": len(active), "evaluated": len(candidates), "seconds": time.perf_counter() - t0,
+        })
+        state.done = self.ratio() <= cfg.keep
+        return state
+
+    def uniform(self, state: SearchState) -> SearchState:
+        """The same kept fraction for every group (see :meth:`_uniform`)."""
+        with self.bn():
+            return self._uniform(state)
+
+    def _uniform(self, state: SearchState) -> SearchState:
+        """The same kept fraction for every group, the largest that lands at or below the budget;
+        channels chosen by the importance scores of the unpruned network."""
+        t0 = time.perf_counter()
+        for gate, s in zip(self.net.gates, self.scores(state)):
+            gate.ranks = ranks_from_scores(s)
+        grid = sorted({round(k / g.channels, 6) for g in self.net.gates for k in range(1, g.channels + 1)})
+        lo, hi = 0, len(grid) - 1  # find the largest grid rate with ratio <= keep
+        if self.ratio([grid[0]] * len(self.net.gates)) > self.cfg.keep:
+            raise EkgError(f"cannot reach `keep` {self.cfg.keep} uniformly: one channel per group leaves "
+                           f"a FLOPs ratio of {self.ratio([grid[0]] * len(self.net.gates)):.4f}")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.ratio([grid[mid]] * len(self.net.gates)) <= self.cfg.keep:
+                lo = mid
+            else:
+                hi = mid - 1
+        self.net.set_rates([grid[lo]] * len(self.net.gates))
+        ev = self.evaluator.evaluate(state.ensemble)
+        flops, params = self.cost()
+        state.step, state.rates = 1, self.net.rates()
+        state.ranks = [g.ranks.clone() for g in self.net.gates]
+        state.history.append({"step": 1, "masks": pack_masks(self.net), "rates": state.rates,
+                              "loss": ev.loss, "accuracy": ev.accuracy})
+        state.log.append({"step": 1, "group": None, "group_name": "all (uniform)", "rate": grid[lo],
+                          "widths": [g.kept for g in self.net.gates], "flops": flops, "params": params,
+                          "flops_ratio": flops / self.full_cost[0], "val_accuracy": ev.accuracy,
+                          "val_loss": ev.loss, "j": ev.j, "candidates": 0, "evaluated": 1,
+                          "seconds": time.perf_counter() - t0})
+        state.done = True
+        return state
+
+    def run(self, state: SearchState, on_step: Callable[[SearchState], None] | None = None) -> SearchState:
+        """Steps until the budget is met; ``on_step`` runs after each (e.g. to save the state)."""
+        self.restore(state)
+        if self.cfg.method == "uniform" and not state.done:
+            state = self.uniform(state)
+            if on_step:
+                on_step(state)
+        while not state.done and self.ratio() > self.cfg.keep:
+            state = self.step(state)
+            if on_step:
+                on_step(state)
+        state.done = True
+        return state
