@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ekg.checkpoint import load_checkpoint
-from ekg.data import carve_search_sets, get_normalization, iterate_batches, load_data
+from ekg.data import get_normalization, iterate_batches, load_data
+from ekg.search import carve_search_sets
 from ekg.masks import MaskedNetwork
 from ekg.search import SearchConfig, Searcher, adapt
 

@@ -177,7 +177,7 @@ def pruned_run(tmp_path_factory, shared_data, exact):
     """An `ekg prune` run directory: the real ResNet-20 pruned to keep 0.85 on the exact subset (no
     adaptation epoch). Tests that build a bank or fine-tune in it share it; copy it to write elsewhere."""
     from ekg.checkpoint import load_checkpoint
-    from ekg.prune import prune
+    from ekg.pruning import prune
     from ekg.search import SearchConfig
 
     run = tmp_path_factory.mktemp("prune") / "RUN"

@@ -537,7 +537,7 @@ def test_ties_under_release_with_every_reward_equal(net: MaskedNetwork, batches)
 def test_prune_with_compat_release_runs_and_records_it(tmp_path) -> None:
     from ekg.checkpoint import Checkpoint
     from ekg.data import DataSplits, get_normalization
-    from ekg.prune import prune
+    from ekg.pruning import prune
 
     gen = torch.Generator().manual_seed(3)
     n = 10 * 6

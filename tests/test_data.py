@@ -24,10 +24,11 @@ import ekg.data.cifar
 import ekg.data.trees
 import ekg.download
 from ekg import safe_pickle
-from ekg.data import (NORMALIZATIONS, AugmentConfig, ImageSet, Normalization, augment, carve_search_sets,
+from ekg.data import (NORMALIZATIONS, AugmentConfig, ImageSet, Normalization, augment,
                       get_normalization, iterate_batches, load_data)
 from ekg.errors import DataError, EkgError
 from ekg.download import download
+from ekg.search import carve_search_sets
 from ekg.io import md5sum
 
 EXACT_TEST_COUNTS = [105, 93, 100, 104, 92, 87, 114, 102, 110, 110]

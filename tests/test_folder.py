@@ -20,7 +20,8 @@ import ekg.data.stream as folder
 from ekg.bank import MemoryBank, build_bank, data_fingerprint
 from ekg.checkpoint import load_checkpoint
 from ekg.cli import main
-from ekg.data import AugmentConfig, carve_search_sets, get_normalization, iterate_batches, load_data
+from ekg.data import AugmentConfig, get_normalization, iterate_batches, load_data
+from ekg.search import carve_search_sets
 from ekg.distributed import Dist
 from ekg.errors import DataError, EkgError
 from ekg.evaluate import evaluate, predict_logits
@@ -315,7 +316,7 @@ def test_prune_and_finetune_with_the_bank_on_a_streamed_tree(tree, shared_data, 
 
 def test_adaptation_and_search_read_the_streamed_search_sets(tree, shared_data, tmp_path):
     """The Python API with a search batch small enough for the adaptation epoch to take steps."""
-    from ekg.prune import prune
+    from ekg.pruning import prune
 
     ckpt = load_checkpoint(shared_data / "pretrained/akamaster/resnet20-12fca82f.th")
     cfg = SearchConfig(val_per_class=4, sub_per_class=8, batch_size=40)

@@ -15,7 +15,7 @@ from ekg.arch import ArchRecord, record_for, reshape
 from ekg.checkpoint import load_checkpoint
 from ekg.data import DataSplits
 from ekg.errors import CheckpointError, EkgError
-from ekg.prune import prune
+from ekg.pruning import prune
 from ekg.search import SearchConfig
 
 from conftest import random_splits

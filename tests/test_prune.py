@@ -13,7 +13,7 @@ from ekg.cli import main
 from ekg.data import get_normalization
 from ekg.errors import EkgError
 from ekg.models import create_model
-from ekg.prune import prune
+from ekg.pruning import prune
 from ekg.search import SearchConfig
 
 pytestmark = pytest.mark.slow

@@ -634,7 +634,7 @@ def _paper_search_defaults(cfg: SearchConfig) -> None:
 
 
 def test_search_defaults_of_the_api_and_of_ekg_prune(tmp_path, cifar10_exact, monkeypatch) -> None:
-    import ekg.prune
+    import ekg.pruning
     from ekg.cli import main
 
     _paper_search_defaults(SearchConfig())
@@ -644,7 +644,7 @@ def test_search_defaults_of_the_api_and_of_ekg_prune(tmp_path, cifar10_exact, mo
         got["keep"], got["cfg"] = keep, config
         raise _Stop
 
-    monkeypatch.setattr(ekg.prune, "prune", fake_prune)
+    monkeypatch.setattr(ekg.pruning, "prune", fake_prune)
     model = _save_tiny(tmp_path / "m.pt")
     main(["prune", "--model", str(model), "--data", str(cifar10_exact), "--out", str(tmp_path / "run"), "--quiet"])
     assert got["keep"] == 0.45

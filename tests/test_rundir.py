@@ -128,7 +128,7 @@ def test_run_refuses_a_prune_folder_of_another_budget(pruned_run, shared_data, e
     """`ekg prune --keep 0.85 --out R` then `ekg run --keep 0.6 --out R`: one line, nothing written
     (it used to fine-tune the 0.85 network and write a summary saying keep 0.6)."""
     from ekg.pipeline import run
-    from ekg.prune import prune
+    from ekg.pruning import prune
 
     r = copy_prune_run(pruned_run, tmp_path / "R")
     before = snapshot(r)

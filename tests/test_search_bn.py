@@ -15,7 +15,7 @@ from conftest import independent_step0, search_log
 from ekg.checkpoint import load_checkpoint
 from ekg.cli import main
 from ekg.masks import MaskedNetwork
-from ekg.prune import prune
+from ekg.pruning import prune
 from ekg.search import SearchConfig, Searcher
 
 
@@ -72,7 +72,8 @@ def test_cli_prune_and_the_shared_fixture_search_on_batch_statistics(tmp_path, r
 def test_the_searcher_sets_bn_whatever_mode_the_caller_left(exact, resnet20, left_in):
     """Any mode the caller leaves the model in (eval: the old bug; train) gives the same, batch
     statistics, search numbers, and the model's modes and BN buffers are as they were after."""
-    from ekg.data import carve_search_sets, get_normalization, iterate_batches
+    from ekg.data import get_normalization, iterate_batches
+    from ekg.search import carve_search_sets
 
     ckpt = load_checkpoint(resnet20)
     d_val, _ = carve_search_sets(exact.train)
@@ -108,7 +109,8 @@ def test_bench_search_makes_the_decisions_of_ekg_prune(pruned_run, exact):
     import importlib.util
 
     from conftest import REPO_ROOT
-    from ekg.data import carve_search_sets, get_normalization
+    from ekg.data import get_normalization
+    from ekg.search import carve_search_sets
 
     spec = importlib.util.spec_from_file_location("bench_search", REPO_ROOT / "bench" / "search.py")
     bench = importlib.util.module_from_spec(spec)

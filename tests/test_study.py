@@ -63,7 +63,7 @@ def test_perturb_keeps_widths_and_swaps_the_asked_fraction():
 def test_study_end_to_end_on_real_runs(tmp_path, shared_data, exact, capsys):
     from ekg.checkpoint import load_checkpoint
     from ekg.cli import main
-    from ekg.prune import prune
+    from ekg.pruning import prune
     from ekg.search import SearchConfig
 
     model = load_checkpoint(shared_data / "pretrained/akamaster/resnet20-12fca82f.th")

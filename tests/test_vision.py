@@ -166,7 +166,7 @@ def test_prune_api_on_a_torchvision_model_and_checkpoint_round_trip(tmp_path):
     ``torchvision:mobilenet_v2`` with its kwargs and every width, and reloads with no code."""
     from ekg.arch import torchvision_model as tagged
     from ekg.checkpoint import load_checkpoint
-    from ekg.prune import prune
+    from ekg.pruning import prune
 
     torch.manual_seed(0)
     model = tagged("mobilenet_v2", num_classes=10, width_mult=0.5)

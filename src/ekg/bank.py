@@ -452,11 +452,12 @@ def _num_classes(net: MaskedNetwork, data: ImageSet) -> int:
 
 def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None = None, batch_size: int = 256,
                  device: torch.device | str = "cpu", progress: bool = True, dist: Dist | None = None,
-                 topk: int | None = None) -> MemoryBank:
+                 topk: int | None = None, factory: Any = None) -> MemoryBank:
     """The memory bank of an `ekg prune` run directory: a finished bank in ``run`` itself (a bank
     folder) or in ``RUN/bank``, checked against ``data``, ``topk`` (None: dense; a bank stored
     otherwise is refused) and ``teachers`` (None: any); else one built into ``RUN/bank`` from
-    ``RUN/adapted.pt`` and ``RUN/history.pt``, dense or top-``topk``, with ``teachers`` (default 5)."""
+    ``RUN/adapted.pt`` and ``RUN/history.pt``, dense or top-``topk``, with ``teachers`` (default 5).
+    ``factory`` rebuilds ``adapted.pt`` when its model is a user's module (:func:`ekg.checkpoint.rebuilder`)."""
     from .checkpoint import load_checkpoint
     from .data import get_normalization
 
@@ -471,7 +472,7 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None
     if missing:
         raise EkgError(f"{run} is not a finished `ekg prune` run directory (missing {', '.join(missing)}): "
                        "the memory bank is built from its search history")
-    ckpt = load_checkpoint(rd.adapted)
+    ckpt = load_checkpoint(rd.adapted, factory=factory)
     check_topk(topk, ckpt.num_classes)
     saved = torch.load(rd.history, map_location="cpu", weights_only=True)
     model = ckpt.model.to(device)

@@ -363,7 +363,7 @@ def _search_config(args: argparse.Namespace) -> Any:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .flops import human
-    from .prune import prune
+    from .pruning import prune
     from .rundir import RunDir
 
     cfg = _search_config(args)

@@ -469,7 +469,7 @@ def landscape(model: Any, data: Any, out: str | Path, *, config: LandscapeConfig
     import copy
 
     from .checkpoint import Checkpoint, load_checkpoint
-    from .data import DataSplits, get_normalization, load_data
+    from .data import as_splits, get_normalization
     from .io import write_json
     from .plots import plot_surface_1d, plot_surface_2d
     from .runtime import resolve_device
@@ -477,7 +477,7 @@ def landscape(model: Any, data: Any, out: str | Path, *, config: LandscapeConfig
     cfg = config or LandscapeConfig()
     cfg.validate()
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
-    splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
+    splits = as_splits(data, progress=progress)
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
     device = resolve_device(cfg.device)

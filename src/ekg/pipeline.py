@@ -16,25 +16,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .bank import DEFAULT_TEACHERS, bank_for_run, check_topk
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .data import DataSplits, get_normalization, load_data
+from .checkpoint import AUTO, Checkpoint, as_checkpoint, load_checkpoint, rebuilder, save_checkpoint
+from .data import DataSplits, as_splits, get_normalization
 from .errors import EkgError
 from .evaluate import compare_latency, evaluate, format_speedup
 from .flops import FLOPS_CONVENTION, count
 from .io import atomic_path, write_json
-from .prune import check_prunable, prune
+from .pruning import check_prunable, prune
 from .distributed import Dist
 from .rundir import RunDir, TrainDir, check_settings, prune_record, prune_settings, run_settings
-from .search import SearchConfig
-from .train import finetune_config, train
+from .search import SearchConfig, with_keep
+from .train import finetune_config, fit_jitter, train
 
 
 @dataclass
@@ -60,12 +62,18 @@ PRESETS = {
 }
 
 
-def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *, out: str | Path,
+def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | None = None, *, out: str | Path,
         preset: str = "paper", kd: str = "ensemble", search: SearchConfig | None = None,
         latency_batches: tuple[int, ...] = (1, 64), progress: bool = True, epochs: int | None = None,
         limit_train: int | None = None, teachers: int | None = None, bank_topk: int | None = None,
-        speed: dict[str, Any] | None = None, restart: bool = False, dist: Dist | None = None) -> dict[str, Any]:
+        speed: dict[str, Any] | None = None, restart: bool = False, classes: Any = None,
+        input_size: tuple[int, int, int] | None = None, normalization: Any = AUTO,
+        factory: str | None = None, factory_kwargs: dict[str, Any] | None = None,
+        dist: Dist | None = None) -> dict[str, Any]:
     """Adaptation, search, slimming, memory bank, fine-tuning and the final comparison.
+    ``model`` and ``data`` are taken as by :func:`ekg.prune` (an ``nn.Module`` with ``input_size``,
+    ``normalization``, ``factory``; a ``(train, test)`` pair of Datasets with ``classes``); the
+    budget is stated once, ``keep`` or ``search.keep`` (default 0.45).
     ``epochs``, ``limit_train``, ``teachers`` and ``bank_topk`` (K: a top-k memory bank, see
     :mod:`ekg.bank`) override the preset's; ``speed`` holds how the
     fine-tuning runs (TrainConfig's amp, compile, channels_last, accum), not part of run.json.
@@ -89,15 +97,20 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     ft_cfg.validate()  # a bad fine-tuning setting fails before the search, not after
     out = Path(out)
     rd = RunDir(out)
-    settings = {"keep": keep, "preset": preset, "kd": kd, **overrides}
-    cfg = dataclasses.replace(search, keep=keep) if search is not None else SearchConfig(keep=keep)
+    cfg = with_keep(search, keep)
     cfg.validate()
+    settings = {"keep": cfg.keep, "preset": preset, "kd": kd, **overrides}
     if restart:
         rd.check_restart()  # before any work: nothing is removed if this refuses
-    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    splits = as_splits(data, progress=progress, classes=classes)
+    ckpt = as_checkpoint(model, splits, input_size=input_size, normalization=normalization, factory=factory,
+                         factory_kwargs=factory_kwargs)
     check_topk(p.bank_topk, ckpt.num_classes)  # before the search, not after
-    splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
     check_prunable(ckpt, splits)
+    ft_cfg, note = fit_jitter(ft_cfg, splits.train)
+    if note and dist.is_main:
+        tqdm.write(f"note: {note}", file=sys.stderr)
+    factory_fn = rebuilder(ckpt)  # reloads the run's checkpoints of a user's module
     if not restart:  # the folder's settings (its `ekg prune` record and run.json) must be these
         requested = {**prune_settings(prune_record(cfg, ckpt, splits)), **run_settings(settings)}
         check_settings(out, rd.saved_settings(), requested)
@@ -114,8 +127,8 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     # phase 1, 2, 4: adaptation, search, slimming (prune resumes from its own state)
     if not have_pruned:
         _say(progress, "== search and slimming")
-        prune(ckpt, splits, keep, out=out, config=cfg, resume=resume_prune, progress=progress, dist=dist)
-    pruned = load_checkpoint(rd.pruned)
+        prune(ckpt, splits, out=out, config=cfg, resume=resume_prune, progress=progress, dist=dist)
+    pruned = load_checkpoint(rd.pruned, factory=factory_fn)
 
     # phase 3: memory bank; phase 5: fine-tuning
     bank = None
@@ -123,14 +136,14 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
         _say(progress, "== memory bank")
         # an existing bank is taken as built unless --teachers was given (then it must match)
         bank = bank_for_run(out, splits.train, teachers=teachers, device=dist.device(cfg.device),
-                            progress=progress, dist=dist, topk=p.bank_topk)
+                            progress=progress, dist=dist, topk=p.bank_topk, factory=factory_fn)
     ft = TrainDir(rd.finetune)
     _say(progress, f"== fine-tuning ({p.description})")
     train(ft_cfg, splits, ft.path, resume=resume_ft, progress=progress, init=pruned, bank=bank, dist=dist)
     if not dist.is_main:  # rank 0 measures and writes the comparison; the others read it
         dist.barrier()
         return json.loads(rd.summary.read_text())
-    final = load_checkpoint(ft.model)
+    final = load_checkpoint(ft.model, factory=factory_fn)
     final.meta = {**final.meta, "pipeline": "ekg run", **settings}
     save_checkpoint(final, rd.final)
     if not rd.original.exists():
@@ -139,7 +152,7 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     # the comparison
     _say(progress, "== final comparison")
     summary = {"settings": settings, "data": splits.source, "flops_convention": FLOPS_CONVENTION,
-               **_measure(rd.original, rd.final, splits, latency_batches, dist.device(cfg.device))}
+               **_measure(rd.original, rd.final, splits, latency_batches, dist.device(cfg.device), factory_fn)}
     o, q = summary["original"], summary["pruned"]
     summary["flops_reduction"] = 1 - q["flops"] / o["flops"]
     summary["params_reduction"] = 1 - q["params"] / o["params"]
@@ -151,7 +164,7 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
 
 
 def _measure(original: Path, pruned: Path, splits: DataSplits, latency_batches: tuple[int, ...],
-             device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+             device: torch.device = torch.device("cpu"), factory: Any = None) -> dict[str, Any]:
     """``original`` and ``pruned``: each side's test metrics (on ``device``), FLOPs, params,
     checkpoint size, median CPU latency per batch size (``latency_cpu_ms``) and, on a GPU, fp32 GPU
     latency (``latency_gpu_ms``, ``gpu``); ``latency_cpu_speedup`` (and ``latency_gpu_speedup``):
@@ -159,7 +172,7 @@ def _measure(original: Path, pruned: Path, splits: DataSplits, latency_batches: 
     together, interleaved round by round (:func:`ekg.evaluate.compare_latency`), so that a change
     of load on the machine lands on both."""
     paths = {"original": original, "pruned": pruned}
-    ckpts = {name: load_checkpoint(p) for name, p in paths.items()}
+    ckpts = {name: load_checkpoint(p, factory=factory) for name, p in paths.items()}
     input_size = tuple(ckpts["original"].input_size)
     if tuple(ckpts["pruned"].input_size) != input_size:
         raise EkgError(f"{pruned} expects {tuple(ckpts['pruned'].input_size)} inputs, {original} {input_size}")

@@ -292,14 +292,19 @@ def model_fingerprint(ckpt: Any) -> dict[str, Any]:
     return {"arch": str(ckpt.arch), "sha1": h.hexdigest()}
 
 
-def prune_record(cfg: Any, ckpt: Any, splits: Any, *, source: str | None = None) -> dict[str, Any]:
+def prune_record(cfg: Any, ckpt: Any, splits: Any, *, source: str | None = None,
+                 search_sets: Any = None) -> dict[str, Any]:
     """What `ekg prune` writes into ``config.json``: the SearchConfig, the model's and the data's
-    source (for people) and fingerprint (compared), and the model's normalisation."""
+    source (for people) and fingerprint (compared; with the fingerprints of explicit
+    ``search_sets``), and the model's normalisation."""
     from .bank import data_fingerprint
 
+    data = data_fingerprint(splits.train)
+    if search_sets is not None:
+        data["search_sets"] = [data_fingerprint(s) for s in search_sets]
     return {"search": cfg.to_dict(), "model": source if source is not None else str(ckpt.meta.get("source", "")),
             "data": splits.source, "normalization": ckpt.normalization,
-            "model_fingerprint": model_fingerprint(ckpt), "data_fingerprint": data_fingerprint(splits.train)}
+            "model_fingerprint": model_fingerprint(ckpt), "data_fingerprint": data}
 
 
 def prune_settings(record: Mapping[str, Any]) -> dict[str, Any]:

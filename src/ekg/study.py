@@ -210,7 +210,7 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
     import copy
 
     from .checkpoint import Checkpoint
-    from .data import DataSplits, get_normalization, load_data
+    from .data import as_splits, get_normalization
     from .flops import count
     from .io import write_json
     from .landscape import DEFINITIONS, analyse, fixed_batches
@@ -230,7 +230,7 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
         check_settings(out, decision_settings("study", json.loads(saved_cfg.read_text())),
                        decision_settings("study", record), what="a study",
                        fix="use the same settings to continue it, or choose another --out")
-    splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
+    splits = as_splits(data, progress=progress)
     device = resolve_device(cfg.landscape.device)
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved_cfg, record)

@@ -43,7 +43,9 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, save_checkpoint
 from .bank import MemoryBank
 from .distributed import Dist
-from .data import AugmentConfig, DataSplits, ImageSet, augment, batch_positions, get_normalization, iterate_batches
+from .data import (Augment, AugmentConfig, DataSplits, ImageSet, Transform, augment_batch, batch_positions,
+                   get_normalization, iterate_batches)
+from .data.augment import transform_name
 from .distill import KD_MODES, kd_loss
 from .errors import EkgError
 from .evaluate import evaluate
@@ -80,6 +82,7 @@ class TrainConfig:
     limit_test: int | None = None
     kd: str = "none"                  # none | single | ensemble: distillation from the memory bank
     temperature: float | None = None  # of the KD loss; None: 4, or 10 with 1000+ classes (the method's values)
+    transform: str | None = None      # the name of a user's training transform, which replaces ``augment``
     # how the run executes, not what it computes (ignored on --resume; see ekg.rundir.HOW_IT_RUNS):
     accum: int = 1                    # split each batch of batch_size into this many micro-batches
     compile: bool = False             # torch.compile the model for training
@@ -127,6 +130,16 @@ def finetune_config(kd: str = "ensemble", **overrides: Any) -> TrainConfig:
     return TrainConfig(**recipe)
 
 
+def fit_jitter(cfg: TrainConfig, train_set: Any) -> tuple[TrainConfig, str | None]:
+    """The recipe's colour jitter is for 3-channel uint8 images: on other in-memory data (grayscale,
+    floats) it is left out, with a note saying so. An explicit request is :func:`train`'s to refuse."""
+    if cfg.augment.jitter and cfg.transform is None and isinstance(train_set, ImageSet) and not train_set.rgb_uint8:
+        note = (f"the EKG colour jitter needs 3-channel uint8 images; these are {train_set.images.dtype} "
+                f"{'x'.join(map(str, train_set.image_size))}, so fine-tuning goes without it (flip + pad-crop only)")
+        return dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, jitter=False)), note
+    return cfg, None
+
+
 def default_temperature(num_classes: int) -> float:
     """The method's KD temperature: 4 for CIFAR-sized label sets, 10 for 1000-class data."""
     return 10.0 if num_classes >= 1000 else 4.0
@@ -152,8 +165,13 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool = False,
           progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          init: Checkpoint | None = None, bank: MemoryBank | None = None, dist: Dist | None = None) -> Path:
+          init: Checkpoint | None = None, bank: MemoryBank | None = None, dist: Dist | None = None,
+          transform: Transform | None = None) -> Path:
     """Train on ``data`` into run directory ``out``; return the path of model.pt.
+
+    ``transform``: a user's batched training augmentation (:data:`ekg.data.Transform`), used
+    instead of ``cfg.augment`` on in-memory data; ``cfg.transform`` must hold its name
+    (:func:`ekg.data.augment.transform_name`), which the run records and a resume compares.
 
     From scratch (``cfg.arch``), or, with ``init``, starting from that checkpoint's model and
     preprocessing (fine-tuning). ``cfg.kd`` other than ``none`` needs ``bank``.
@@ -168,6 +186,17 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     if cfg.batch_size % (cfg.accum * dist.world_size):
         raise EkgError(f"--batch-size {cfg.batch_size} is not divisible by --accum {cfg.accum} × "
                        f"{dist.world_size} processes: each process runs batch-size/processes images per step")
+    if (transform is None) != (cfg.transform is None) or (transform is not None and
+                                                           cfg.transform != transform_name(transform)):
+        raise EkgError("`transform` and `TrainConfig.transform` (its recorded name) must be given together")
+    if transform is not None and data.streamed:
+        raise EkgError("a training `transform` of your own augments images held in memory; a streamed tree is "
+                       "augmented by its DataLoader workers")
+    if transform is None and cfg.augment.jitter and isinstance(data.train, ImageSet) and not data.train.rgb_uint8:
+        raise EkgError(f"the EKG colour jitter needs 3-channel uint8 images (0..255) but these are "
+                       f"{data.train.images.dtype} {tuple(data.train.image_size)}: set `jitter=False` or pass your own "
+                       "`transform`")
+    aug = transform if transform is not None else cfg.augment
     if cfg.kd != "none":
         if bank is None:
             raise EkgError(f"--kd {cfg.kd} needs a memory bank (--bank RUN)")
@@ -254,10 +283,10 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             gen = epoch_generator(cfg.seed, epoch, device)
             if cfg.kd == "none":
                 batches = ((x, y, None) for x, y in iterate_batches(
-                    train_set, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment,
+                    train_set, cfg.batch_size, shuffle=True, generator=gen, augment=aug,
                     normalization=normalization, drop_last=True, part=part))
             else:
-                batches = _two_view_batches(train_set, cfg, gen, normalization, bank, part)
+                batches = _two_view_batches(train_set, cfg, gen, normalization, bank, part, aug)
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not progress, leave=False, dynamic_ncols=True)
             loss_sum = torch.zeros((), device=device)
@@ -376,7 +405,7 @@ def _truncate_log(path: Path, epochs: int) -> None:
 
 
 def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normalization: Any,
-                      bank: MemoryBank | None, part: slice = slice(None)):
+                      bank: MemoryBank | None, part: slice = slice(None), aug: Augment | None = None):
     """Shuffled batches of (two augmented views, labels, teacher logits (B, T, classes)): the
     bank's rows are read by each image's index in the training set. Each batch is drawn and
     augmented whole (the same images as on one process); ``part`` of it is yielded. A streamed
@@ -394,7 +423,7 @@ def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normali
     aug_gen.manual_seed(seed)
     for idx in batch_positions(order.to(data.images.device), cfg.batch_size, drop_last=True):
         raw, y = data.images[idx], data.labels[idx]
-        views = [normalization.apply(augment(raw, cfg.augment, aug_gen))[part] for _ in range(2)]
+        views = [normalization.apply(augment_batch(raw, aug or cfg.augment, aug_gen))[part] for _ in range(2)]
         teachers = bank.batch(idx[part], device=data.images.device) if bank is not None else None
         yield views, y[part], teachers
 

@@ -3,7 +3,9 @@ the EKG colour jitter, horizontal flip and pad + random crop, every draw from an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +13,6 @@ import torch.nn.functional as F
 from ..errors import EkgError
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, RGB order
-PAD_MODES = ("reflect", "zeros")
-
-
 PAD_MODES = ("reflect", "zeros")
 
 
@@ -46,7 +45,7 @@ class AugmentConfig:
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Augment a batch ``(N, 3, H, W)`` (uint8 or float, 0..255) on its own device; returns float32 0..255.
+    """Augment a batch ``(N, C, H, W)`` (uint8 or float) on its own device; returns float32 on its scale.
 
     Steps, each with independent per-image draws from ``generator`` (which must live on ``x``'s
     device) in this order: colour jitter if ``cfg.jitter`` (brightness, contrast, saturation,
@@ -55,8 +54,11 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
     ``0..2*pad`` per axis (vertical drawn first). No Python loop over images: the flip, pad and
     crop are one gather. ``x`` is never modified.
     """
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise EkgError(f"augment expects images shaped (N, 3, H, W), got {tuple(x.shape)}")
+    if x.dim() != 4:
+        raise EkgError(f"augment expects images shaped (N, C, H, W), got {tuple(x.shape)}")
+    if cfg.jitter and (x.shape[1] != 3 or x.dtype != torch.uint8):
+        raise EkgError(f"the EKG colour jitter needs 3-channel uint8 images (0..255), got {x.dtype} "
+                       f"{tuple(x.shape)}: fine-tune without it (`jitter=False`) or pass your own `transform`")
     if not _same_device(generator.device, x.device):
         raise EkgError(f"the augmentation generator is on {generator.device} but the images are on {x.device}: "
                        "create the generator on the images' device")
@@ -66,6 +68,31 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
     if cfg.flip or cfg.pad:
         out = _flip_pad_crop(out, cfg, generator)
     return out
+
+
+# A user's own training augmentation: a batch of float32 images (N, C, H, W) on the training device,
+# on the images' scale, and a generator on that device for every random draw → the augmented batch,
+# the same shape. It replaces the method's pipeline (an AugmentConfig) wherever batches are augmented.
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Augment = Union[AugmentConfig, Transform]
+
+
+def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
+    """``x`` through the method's pipeline (an :class:`AugmentConfig`) or a user's :data:`Transform`,
+    whose output is checked (a tensor of ``x``'s shape) and returned as float32."""
+    if isinstance(aug, AugmentConfig):
+        return augment(x, aug, generator)
+    out = aug(x.to(torch.float32), generator)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise EkgError(f"the training `transform` {transform_name(aug)} must return a tensor shaped like its input "
+                       f"{tuple(x.shape)}, got {got}")
+    return out.to(torch.float32)
+
+
+def transform_name(fn: Transform) -> str:
+    """How a user transform is recorded in a run's config (its module and qualified name)."""
+    return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import EkgError
-from .augment import AugmentConfig, augment
+from .augment import Augment, AugmentConfig, augment_batch
 from .normalize import Normalization
 from .sets import ImageSet, as_index
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def iterate_batches(data: ImageSet | FolderSet, batch_size: int, *, shuffle: bool = False,
-                    generator: torch.Generator | None = None, augment: AugmentConfig | None = None,
+                    generator: torch.Generator | None = None, augment: Augment | None = None,
                     normalization: Normalization | None = None, drop_last: bool = False,
                     device: torch.device | str | None = None,
                     part: slice | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -45,6 +45,9 @@ def iterate_batches(data: ImageSet | FolderSet, batch_size: int, *, shuffle: boo
     n = len(data)
     order = torch.randperm(n, generator=generator, device=gen_device) if shuffle else torch.arange(n)
     if not isinstance(data, ImageSet):  # streamed from disk
+        if augment is not None and not isinstance(augment, AugmentConfig):
+            raise EkgError("a training `transform` of your own augments images held in memory; a streamed tree "
+                           "is augmented by its DataLoader workers (RandomResizedCrop, flip, jitter)")
         seed = _draw_seed(generator, gen_device) if augment is not None else None
         batches = batch_positions(order.cpu(), batch_size, drop_last=drop_last)
         return ((views[0], y) for views, y, _ in data.stream(batches, target, augment=augment, seed=seed,
@@ -90,7 +93,7 @@ def _derived_generator(generator: torch.Generator | None, gen_device: torch.devi
 
 
 def _batches(data: ImageSet, batches: Sequence[torch.Tensor], target: torch.device,
-             aug: tuple[AugmentConfig, torch.Generator] | None, normalization: Normalization | None,
+             aug: tuple[Augment, torch.Generator] | None, normalization: Normalization | None,
              part: slice | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     pin = target.type == "cuda" and data.images.device.type == "cpu"
     for idx in batches:
@@ -98,7 +101,7 @@ def _batches(data: ImageSet, batches: Sequence[torch.Tensor], target: torch.devi
         if pin:
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(target, non_blocking=pin), y.to(target, non_blocking=pin)
-        x = augment(x, *aug) if aug is not None else x.to(torch.float32)
+        x = augment_batch(x, *aug) if aug is not None else x.to(torch.float32)
         if part is not None:  # the whole batch is drawn and augmented, as on one process
             x, y = x[part], y[part]
         if normalization is not None:

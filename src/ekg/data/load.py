@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from ..download import default_cache_dir
-from ..errors import DataError
+from ..errors import DataError, EkgError
 from .cifar import CIFAR_FORMATS, load_cifar_folder, load_cifar_tarball, load_named
+from .datasets import from_datasets, is_dataset_pair
 from .sets import DataSplits
 from .trees import SPLITS, held_out_split, load_image_folder, load_image_zips, stream_reason
 
@@ -116,3 +117,18 @@ def _load_folder(path: Path, cache_root: Path, progress: bool, mode: str = "auto
     raise DataError(f"no CIFAR data in {path}: expected a folder containing cifar-10-batches-py/ (data_batch_1..5, "
                     "test_batch) or cifar-100-python/ (train, test), a .tar.gz, or train/ and test/ class folders "
                     "(or a *train*.zip and a *test*.zip of them)")
+
+
+def as_splits(data: Any, *, progress: bool = True, classes: Any = None, **load_kwargs: Any) -> DataSplits:
+    """Whatever a user passes as data, as :class:`DataSplits`: a DataSplits as is; a name or a path
+    through :func:`load_data` (``load_kwargs``); a ``(train, test)`` pair of map-style Datasets or
+    DataLoaders through :func:`ekg.data.datasets.from_datasets` (``classes``: their names)."""
+    if isinstance(data, DataSplits):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return load_data(data, progress=progress, **load_kwargs)
+    if is_dataset_pair(data):
+        return from_datasets(data[0], data[1], classes=classes, progress=progress)
+    raise EkgError(f"`data` must be a (train, test) pair of torch Datasets or DataLoaders, a dataset name "
+                   f"(cifar10, cifar100) or a path, got {type(data).__name__}"
+                   + (" (a single Dataset: pass (train_set, test_set))" if hasattr(data, "__getitem__") else ""))

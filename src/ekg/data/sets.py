@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class ImageSet:
-    """One split held in memory: uint8 RGB images ``(N, 3, H, W)``, int64 labels ``(N,)``."""
+    """One split held in memory: images ``(N, C, H, W)``, int64 labels ``(N,)``.
+
+    Images are uint8 (the 0..255 scale: CIFAR, decoded image files, a user's uint8 tensors or PIL
+    images) or float32 (a user's float tensors, on their own scale, e.g. already normalised); any
+    number of channels ``C`` and any size, one size for the whole split."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -25,8 +29,11 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         im, lab = self.images, self.labels
-        if im.dtype != torch.uint8 or im.dim() != 4 or im.shape[1] != 3:
-            raise DataError(f"images must be a uint8 tensor of shape (N, 3, H, W), got {im.dtype} {tuple(im.shape)}")
+        if im.dim() != 4 or im.shape[1] < 1 or not (im.dtype == torch.uint8 or im.dtype.is_floating_point):
+            raise DataError(f"images must be a uint8 or float tensor of shape (N, C, H, W), got {im.dtype} "
+                            f"{tuple(im.shape)}")
+        if im.dtype.is_floating_point and im.dtype != torch.float32:
+            self.images = im = im.to(torch.float32)
         if lab.dtype != torch.int64 or tuple(lab.shape) != (im.shape[0],):
             raise DataError(f"labels must be an int64 tensor of shape ({im.shape[0]},), "
                             f"got {lab.dtype} {tuple(lab.shape)}")
@@ -39,6 +46,11 @@ class ImageSet:
         """The device the images live on."""
         return self.images.device
 
+    @property
+    def rgb_uint8(self) -> bool:
+        """Whether the images are 3-channel uint8 (what the EKG colour jitter and the presets expect)."""
+        return self.images.dtype == torch.uint8 and self.images.shape[1] == 3
+
     def subset(self, index: Any) -> ImageSet:
         """The images at ``index`` (a tensor, list, range or array of integer positions), in that order."""
         idx = as_index(index, self.images.device)
@@ -50,7 +62,7 @@ class ImageSet:
 
     @property
     def image_size(self) -> tuple[int, int, int]:
-        """``(3, H, W)``: the size of every image, as a model's ``input_size``."""
+        """``(C, H, W)``: the size of every image, as a model's ``input_size``."""
         return tuple(int(d) for d in self.images.shape[1:])  # type: ignore[return-value]
 
 

@@ -67,3 +67,14 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def with_keep(config: SearchConfig | None, keep: float | None) -> SearchConfig:
+    """The SearchConfig of a call that states its budget once: ``keep``, or ``config.keep``; both
+    is an error if they differ (``keep`` must not silently override the config)."""
+    if config is None:
+        return SearchConfig() if keep is None else SearchConfig(keep=keep)
+    if keep is None or keep == config.keep:
+        return config
+    raise EkgError(f"`keep` is {keep} but the `config` says keep {config.keep}: state the budget once, as `keep` or "
+                   "as SearchConfig(keep=...)")

@@ -1,4 +1,4 @@
-"""``ekg.prune``: adaptation, sub-network search and slimming into a run directory.
+"""``ekg.prune`` (this module: ekg.pruning): adaptation, sub-network search and slimming into a run directory.
 
 The run directory's layout, what ``config.json`` records and the rule a resumed or adopted
 folder must pass are :mod:`ekg.rundir`'s (one owner for every phase): ``config.json`` (the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +32,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import classifier_outputs, module_shapes, record_for
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .data import NORMALIZATIONS, DataSplits, Normalization, carve_search_sets, get_normalization, iterate_batches, load_data
+from .arch import module_shapes
+from .checkpoint import AUTO, Checkpoint, as_checkpoint, save_checkpoint
+from .data import DataSplits, ImageSet, as_splits, get_normalization, iterate_batches
+from .data.datasets import read_split
 from .distributed import Dist
 from .errors import EkgError
 from .graph import build_graph
 from .io import atomic_path, write_json
 from .masks import MaskedNetwork
 from .rundir import RunDir, check_settings, prune_record, prune_settings
-from .search import SearchConfig, Searcher, SearchState, adapt
+from .search import SearchConfig, Searcher, SearchState, adapt, carve_search_sets, fit_search_sets, with_keep
 
 
 @dataclass
@@ -65,51 +67,54 @@ def _save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | Path, keep: float = 0.45, *,
+def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | None = None, *,
           out: str | Path, config: SearchConfig | None = None, resume: bool = False, restart: bool = False,
-          progress: bool = True, input_size: tuple[int, int, int] | None = None,
-          normalization: str | dict[str, Any] | Normalization | None = None,
+          progress: bool = True, input_size: tuple[int, int, int] | None = None, normalization: Any = AUTO,
           factory: str | None = None, factory_kwargs: dict[str, Any] | None = None,
-          dist: Dist | None = None) -> PruneResult:
+          search_sets: tuple[Any, Any] | None = None, classes: Any = None, dist: Dist | None = None) -> PruneResult:
     """Search a sub-network of ``model`` at FLOPs ratio ``keep`` and slim it into ``out``.
 
-    ``model``: an ekg :class:`Checkpoint`, any file ``load_checkpoint`` reads, or an ``nn.Module``
-    (then ``input_size``, ``normalization`` and ``factory``/``factory_kwargs`` describe it; see the
-    module doc); ``data``: a :class:`DataSplits` or anything ``load_data`` reads (the search sets
-    are carved from its training split). Raises :class:`EkgError` before anything is written if no
-    channel group of the model can be pruned, naming each layer and why, or if ``out`` holds a run:
-    without ``resume`` or ``restart`` any run, with ``resume`` one whose settings differ (named
-    with the saved and requested values, :mod:`ekg.rundir`); ``restart`` starts over (refused,
-    before anything is removed, if ``out`` holds files ekg did not write). With ``dist`` (torchrun)
-    every rank runs this with the same arguments: the adaptation, the Taylor scores and the candidate
-    evaluations are split over the ranks, every rank takes the same decisions, and rank 0 alone
-    writes the run directory."""
+    ``model``: an ``nn.Module`` (then ``input_size``, ``normalization`` and
+    ``factory``/``factory_kwargs`` describe it: :func:`ekg.checkpoint.checkpoint_of_module`), an
+    ekg :class:`Checkpoint`, a checkpoint file or a pretrained name. ``data``: a ``(train, test)``
+    pair of torch Datasets or DataLoaders (``classes``: their names), a :class:`DataSplits`, or a
+    name or path ``load_data`` reads. The budget is stated once: ``keep``, or ``config.keep``
+    (default 0.45); both, if they differ, is an error. The search sets D_val and D_sub are carved
+    from the training split by the method's per-class rule (:func:`ekg.search.fit_search_sets`: a
+    smaller balanced carve, said in one line, when a class has too few images), or given as
+    ``search_sets=(d_val, d_sub)`` (Datasets like ``data``'s). Raises :class:`EkgError` before
+    anything is written if no channel group of the model can be pruned, naming each layer and
+    why, or if ``out`` holds a run: without ``resume`` or ``restart`` any run, with ``resume`` one
+    whose settings differ (named with the saved and requested values, :mod:`ekg.rundir`);
+    ``restart`` starts over (refused, before anything is removed, if ``out`` holds files ekg did
+    not write). With ``dist`` (torchrun) every rank runs this with the same arguments: the
+    adaptation, the Taylor scores and the candidate evaluations are split over the ranks, every
+    rank takes the same decisions, and rank 0 alone writes the run directory."""
     dist = dist or Dist()
-    cfg = dataclasses.replace(config, keep=keep) if config is not None else SearchConfig(keep=keep)
+    cfg = with_keep(config, keep)
     cfg.validate()
     if resume and restart:
-        raise EkgError("--resume continues the run in --out and --restart starts it over: give only one")
+        raise EkgError("`resume=True` continues the run in `out` and `restart=True` starts it over: give only one")
     out = Path(out)
     rd = RunDir(out)
     if restart:
         rd.check_restart()  # before any work: nothing is removed if this refuses
     elif rd.config.exists() and not resume:
-        raise EkgError(f"{out} already holds a pruning run; add --resume to continue it, --restart to start over, "
-                       "or choose another --out")
+        raise EkgError(f"{out} already holds a pruning run; add `resume=True` to continue it, `restart=True` to start "
+                       "over, or choose another `out`")
     progress = progress and dist.is_main
     t_start = time.perf_counter()
-    if isinstance(model, nn.Module):
-        splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
-        ckpt = checkpoint_of_module(model, splits, input_size=input_size, normalization=normalization,
-                                    factory=factory, factory_kwargs=factory_kwargs)
-    else:
-        if input_size is not None or normalization is not None or factory is not None:
-            raise EkgError("input_size, normalization and factory describe an nn.Module; a checkpoint records them")
-        ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
-        splits = data if isinstance(data, DataSplits) else load_data(data, progress=progress)
+    splits = as_splits(data, progress=progress, classes=classes)
+    ckpt = as_checkpoint(model, splits, input_size=input_size, normalization=normalization, factory=factory,
+                         factory_kwargs=factory_kwargs)
+    explicit = _read_search_sets(search_sets, splits, progress)
     check_prunable(ckpt, splits)
     source = str(ckpt.meta.get("source", model))
-    record = prune_record(cfg, ckpt, splits, source=source)
+    if explicit is None:
+        sizes = fit_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class)
+        if sizes.note and dist.is_main:
+            tqdm.write(f"note: {sizes.note}", file=sys.stderr)
+    record = prune_record(cfg, ckpt, splits, source=source, search_sets=explicit)
     if resume:
         saved = rd.prune_record()
         if saved is not None:
@@ -125,8 +130,11 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
     for p in net_model.parameters():
         p.requires_grad_(False)
     norm = get_normalization(ckpt.normalization)
-    d_val, d_sub = carve_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class,
-                                     seed=cfg.split_seed)
+    if explicit is None:
+        d_val, d_sub = carve_search_sets(splits.train, val_per_class=sizes.val_per_class,
+                                         sub_per_class=sizes.sub_per_class, seed=cfg.split_seed)
+    else:
+        d_val, d_sub = explicit
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(rd.config, record)
@@ -135,9 +143,12 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
         net_model.load_state_dict(torch.load(rd.adapted, map_location=device, weights_only=True)["state_dict"])
     else:
         if cfg.adapt:
-            part = dist.part(cfg.batch_size) if dist.enabled else None  # each rank loads its share of a batch
-            adapt(net_model, iterate_batches(d_sub.to(device), cfg.batch_size, normalization=norm, drop_last=True,
-                                             part=part), cfg, dist=dist)
+            # a D_sub smaller than one batch (a small dataset) is one batch of all of it
+            adapt_cfg = cfg if len(d_sub) >= cfg.batch_size else dataclasses.replace(cfg, batch_size=len(d_sub))
+            batch = adapt_cfg.batch_size
+            part = dist.part(batch) if dist.enabled else None  # each rank loads its share of a batch
+            adapt(net_model, iterate_batches(d_sub.to(device), batch, normalization=norm, drop_last=True,
+                                             part=part), adapt_cfg, dist=dist)
             # the ranks agree already (same summed gradients); rank 0's copy makes it exact
             dist.broadcast_([*net_model.parameters(), *net_model.buffers()])
         if dist.is_main:
@@ -194,29 +205,14 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
                        slim_max_diff=diff)
 
 
-def checkpoint_of_module(model: nn.Module, splits: DataSplits, *, input_size: tuple[int, int, int] | None = None,
-                         normalization: str | dict[str, Any] | Normalization | None = None,
-                         factory: str | None = None, factory_kwargs: dict[str, Any] | None = None) -> Checkpoint:
-    """A user's module as an ekg checkpoint: ``input_size`` defaults to the data's image size, the
-    normalisation to the dataset's preset (ImageNet's for other data)."""
-    size = tuple(input_size) if input_size is not None else tuple(splits.train.image_size)
-    if len(size) != 3:
-        raise EkgError(f"input_size must be (channels, height, width), got {size}")
-    if normalization is None:
-        normalization = splits.name if splits.name in NORMALIZATIONS else "imagenet"
-    name = normalization if isinstance(normalization, str) else "custom"
-    norm = {"name": name, **get_normalization(normalization).to_dict()}
-    num_classes = classifier_outputs(model, size)
-    record = record_for(model, num_classes, factory=factory, kwargs=factory_kwargs)
-    return Checkpoint(model=model, normalization=norm, dataset={"name": splits.name, "num_classes": splits.num_classes},
-                      meta={"source": f"{record.name} (Python API)"}, input_size=size, record=record)  # type: ignore[arg-type]
-
-
 def check_prunable(ckpt: Checkpoint, splits: DataSplits) -> None:
     """The errors :func:`prune` raises about its model and data before anything is written: another
     number of classes than the data's, or no prunable channel group."""
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
+    if tuple(splits.train.image_size) != tuple(ckpt.input_size):
+        raise EkgError(f"the model takes {tuple(ckpt.input_size)} inputs but the images are "
+                       f"{tuple(splits.train.image_size)}: give the model images of its size (or its `input_size`)")
     _require_prunable(ckpt)
 
 
@@ -265,3 +261,22 @@ def _write_outputs(out: Path, net: MaskedNetwork, state: SearchState, ckpt: Chec
     plot_trajectory(state.log, rd.trajectory_plot)
     plot_widths([g.group.name for g in net.gates], [g.channels for g in net.gates], [g.kept for g in net.gates],
                 rd.widths_plot, title=f"widths before/after (FLOPs ratio {state.log[-1]['flops_ratio']:.3f})")
+
+
+def _read_search_sets(search_sets: tuple[Any, Any] | None, splits: DataSplits, progress: bool) -> tuple[Any, Any] | None:
+    """``search_sets=(d_val, d_sub)`` read like the training split (same image shape, same classes)."""
+    if search_sets is None:
+        return None
+    if not (isinstance(search_sets, (tuple, list)) and len(search_sets) == 2):
+        raise EkgError("`search_sets` must be a (d_val, d_sub) pair of Datasets")
+    if splits.streamed:
+        raise EkgError("`search_sets` are read into memory; with a streamed tree the search sets are carved from it")
+    like = (splits.train.image_size, "uint8" if splits.train.images.dtype == torch.uint8 else "float32")
+    out = []
+    for ds, what in zip(search_sets, ("D_val (search_sets[0])", "D_sub (search_sets[1])")):
+        if isinstance(ds, ImageSet):
+            out.append(ds)
+            continue
+        part, _ = read_split(ds, what, classes=splits.train.classes, progress=progress, like=like)
+        out.append(part)
+    return out[0], out[1]
