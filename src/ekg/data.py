@@ -799,6 +799,7 @@ def get_normalization(name_or_dict: str | dict[str, Any] | Normalization) -> Nor
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, RGB order
 _PAD_MODES = ("reflect", "zeros")
+PAD_MODES = _PAD_MODES
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .bank import DEFAULT_TEACHERS, bank_for_run, check_topk
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import DataSplits, get_normalization, load_data
 from .errors import EkgError
-from .evaluate import compare_latency, evaluate, format_speedup
+from .evaluate import LATENCY_BATCHES, compare_latency, evaluate, format_speedup
 from .flops import FLOPS_CONVENTION, count
 from .io import atomic_path, write_json
 from .prune import check_prunable, prune
@@ -62,7 +62,7 @@ PRESETS = {
 
 def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: float = 0.45, *, out: str | Path,
         preset: str = "paper", kd: str = "ensemble", search: SearchConfig | None = None,
-        latency_batches: tuple[int, ...] = (1, 64), progress: bool = True, epochs: int | None = None,
+        latency_batches: tuple[int, ...] = LATENCY_BATCHES, progress: bool = True, epochs: int | None = None,
         limit_train: int | None = None, teachers: int | None = None, bank_topk: int | None = None,
         speed: dict[str, Any] | None = None, restart: bool = False, dist: Dist | None = None) -> dict[str, Any]:
     """Adaptation, search, slimming, memory bank, fine-tuning and the final comparison.
@@ -78,7 +78,7 @@ def run(model: Checkpoint | str | Path, data: DataSplits | str | Path, keep: flo
     dist = dist or Dist()
     progress = progress and dist.is_main
     if preset not in PRESETS:
-        raise EkgError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise EkgError(f"`preset` must be one of {', '.join(PRESETS)}, got {preset!r}")
     check_topk(bank_topk)
     overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers),
                                    ("bank_topk", bank_topk)) if v is not None}

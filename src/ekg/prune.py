@@ -88,14 +88,14 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: DataSplits | str | P
     cfg = dataclasses.replace(config, keep=keep) if config is not None else SearchConfig(keep=keep)
     cfg.validate()
     if resume and restart:
-        raise EkgError("--resume continues the run in --out and --restart starts it over: give only one")
+        raise EkgError("`resume=True` continues the run in `out` and `restart=True` starts it over: give only one")
     out = Path(out)
     rd = RunDir(out)
     if restart:
         rd.check_restart()  # before any work: nothing is removed if this refuses
     elif rd.config.exists() and not resume:
-        raise EkgError(f"{out} already holds a pruning run; add --resume to continue it, --restart to start over, "
-                       "or choose another --out")
+        raise EkgError(f"{out} already holds a pruning run; add `resume=True` to continue it, `restart=True` to start over, "
+                       "or choose another `out`")
     progress = progress and dist.is_main
     t_start = time.perf_counter()
     if isinstance(model, nn.Module):
