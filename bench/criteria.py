@@ -18,7 +18,7 @@ ekg-running``: the search-mode comparison):
 
 Each slim model is then compared **without fine-tuning**, tested on the exact test subset three
 ways: BN in inference mode with the running statistics it carries, BN on test-batch statistics
-(`--bn-mode batch`, the release's test.py), and after its BN running statistics are re-estimated
+(`ekg test --bn batch`, the release's test.py), and after its BN running statistics are re-estimated
 on the training images (unaugmented; `ekg.evaluate.recalibrate_bn`). With ``--finetune-epochs E``
 each is also fine-tuned with the same short recipe (the paper's, scaled to E epochs, memory bank
 of 5 teachers, ensemble KD, same seed and data order) and tested again. Every pair is evaluated on the same test images; the accuracy
@@ -102,7 +102,7 @@ def main() -> int:
     norm = get_normalization(original.normalization)
     labels = data.test.labels
 
-    def correct(model: torch.nn.Module, bn_mode: str = "eval") -> tuple[dict, np.ndarray]:
+    def correct(model: torch.nn.Module, bn_mode: str = "running") -> tuple[dict, np.ndarray]:
         logits = predict_logits(model, data.test, norm, bn_mode=bn_mode)
         return metrics_from_logits(logits, labels), (logits.argmax(1) == labels).numpy()
 

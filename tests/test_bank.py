@@ -227,18 +227,18 @@ def test_a_bank_stored_otherwise_than_asked_is_refused(tmp_path) -> None:
     net, data, history = _setup(24)
     norm = get_normalization("cifar10")
     build_bank(net, history, data, norm, tmp_path / "d", teachers=2, batch_size=8, progress=False)
-    with pytest.raises(EkgError, match="every logit .a dense bank.*top-3 bank was asked for.*leave out --bank-topk"):
+    with pytest.raises(EkgError, match="every logit .a dense bank.*top-3 bank was asked for.*leave out `topk`"):
         build_bank(net, history, data, norm, tmp_path / "d", teachers=2, batch_size=8, progress=False, topk=3)
     build_bank(net, history, data, norm, tmp_path / "k", teachers=2, batch_size=8, progress=False, topk=3)
-    with pytest.raises(EkgError, match="top-3 logits.*dense bank .no --bank-topk. was asked for.*--bank-topk 3"):
+    with pytest.raises(EkgError, match="top-3 logits.*dense bank .no `topk`. was asked for.*`topk` 3"):
         build_bank(net, history, data, norm, tmp_path / "k", teachers=2, batch_size=8, progress=False)
-    with pytest.raises(EkgError, match="top-3 logits.*top-5 bank was asked for.*--bank-topk 3"):
+    with pytest.raises(EkgError, match="top-3 logits.*top-5 bank was asked for.*`topk` 3"):
         bank_for_run(tmp_path / "k", data, topk=5, progress=False)
     assert bank_for_run(tmp_path / "k", data, topk=3, progress=False).topk == 3  # a bank folder as --bank
     with pytest.raises(EkgError, match="exceeds the model's 10 classes"):
         build_bank(net, history, data, norm, tmp_path / "x", teachers=2, batch_size=8, progress=False, topk=11)
     for bad in (0, -2, 2.5):
-        with pytest.raises(EkgError, match="--bank-topk must be a whole number"):
+        with pytest.raises(EkgError, match="`topk` must be a whole number"):
             build_bank(net, history, data, norm, tmp_path / "x", teachers=2, batch_size=8, progress=False, topk=bad)
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
@@ -250,7 +250,7 @@ def test_a_bank_built_for_another_number_of_teachers_is_refused(tmp_path) -> Non
     norm = get_normalization("cifar10")
     bank = build_bank(net, history, data, norm, tmp_path / "b", teachers=2, batch_size=8, progress=False)
     assert bank.info["teachers_requested"] == 2
-    with pytest.raises(EkgError, match="built with --teachers 2, but --teachers 3 was asked for.*--teachers 2"):
+    with pytest.raises(EkgError, match="built with `teachers` 2, but `teachers` 3 was asked for.*`teachers` 2"):
         bank_for_run(tmp_path / "b", data, teachers=3, progress=False)
     assert bank_for_run(tmp_path / "b", data, progress=False).logits.shape[2] == 2
     assert bank_for_run(tmp_path / "b", data, teachers=2, progress=False).logits.shape[2] == 2

@@ -66,7 +66,7 @@ def test_test_json_on_converted_ekg_model(capsys, res56, cifar10_exact):
     assert code == 0
     res = json.loads(out)
     assert res["top1"] >= 93.3 and res["n_images"] == 1017
-    assert res["flops"] == 125_747_840 and res["bn_mode"] == "eval"
+    assert res["flops"] == 125_747_840 and res["bn_mode"] == "running"
     assert 99.0 <= res["top5"] <= 100.0 and 0.1 < res["loss"] < 0.5
 
 
@@ -76,7 +76,7 @@ def test_test_accepts_the_data_root_folder_itself(capsys, res56, cifar10_exact):
 
 
 def test_batch_statistics_mode_and_latency(capsys, res56, cifar10_exact):
-    code, out, _ = run_cli(capsys, "test", "--model", res56, "--data", cifar10_exact, "--json", "--bn-mode", "batch",
+    code, out, _ = run_cli(capsys, "test", "--model", res56, "--data", cifar10_exact, "--json", "--bn", "batch",
                            "--latency", "--latency-batch", "1", "8")
     assert code == 0
     res = json.loads(out)
@@ -103,7 +103,7 @@ def test_latency_against_a_baseline_is_timed_interleaved(capsys, tmp_path, share
         rounds = zip(cmp["models"]["baseline"]["round_ms"], cmp["models"]["model"]["round_ms"])
         assert sp["per_round"] == pytest.approx([b / m for b, m in rounds])
         assert sp["rounds"] == 2 and sp["min"] <= sp["median"] <= sp["max"]
-    from ekg.cli import _print_test  # the human-readable form of the same result
+    from ekg.cli.test import print_test as _print_test  # the human-readable form of the same result
 
     _print_test(res)
     out = capsys.readouterr().out
@@ -219,3 +219,107 @@ def test_convert_refuses_to_overwrite_its_source(capsys, tmp_path, shared_data):
     code, _, err = run_cli(capsys, "convert", src, "--out", src)
     assert_one_line_error(code, err, "--out")
     assert torch.load(src, map_location="cpu", weights_only=True)["best_prec1"] > 90
+
+
+# ----------------------------------------------------------------------------- library messages in flags
+
+def test_backticked_library_arguments_print_as_flags():
+    """`name` → the flag whose dest is name (the current command's first), `name=True` → the switch,
+    `x=False` → --no-x, library names that differ from dests through the alias table, and a name
+    with no flag bare."""
+    from ekg.cli import build_parser
+    from ekg.cli.errors import flag_text
+
+    parser = build_parser()
+
+    def text(msg: str, command: str | None = None) -> str:
+        return flag_text(msg, parser, command)
+
+    assert text("`epochs` must be at least 1, got 0", "train") == "--epochs must be at least 1, got 0"
+    assert text("`batch_size` 100 is not divisible by `accum` 3", "train") == \
+        "--batch-size 100 is not divisible by --accum 3"
+    assert text("add `resume=True` to continue it, `restart=True` to start over, or choose another `out`",
+                "prune") == "add --resume to continue it, --restart to start over, or choose another --out"
+    assert text("`restart=True` removes", "run") == "--restart removes"
+    assert text("`resume=True`", "run") == "--resume"  # `ekg run` has none: another command's flag
+    assert text("`weight_decay` and `warmup_epochs`", "finetune") == "--wd and --warmup"
+    assert text("`fast=False`, `adapt=False`, `cache_gb`", "prune") == "--straightforward, --no-adapt, --search-cache-gb"
+    assert text("`flip=False`", "train") == "--no-flip"
+    assert text("`jitter=False` or `jitter=True`", "finetune") == "--no-jitter or --jitter"
+    assert text("`seed`", "prune") == "--search-seed" and text("`seed`", "train") == "--seed"
+    assert text("`bn_mode` must be one of", "test") == "--bn must be one of"
+    assert text("`bn` batch", "landscape") == "--bn batch"
+    assert text("`topk` 3", "finetune") == "--bank-topk 3"
+    assert text("`surface_2d` must be", "landscape") == "--surface-2d must be"
+    assert text("`download=True`", "test") == "--download"
+    assert text("`top_k` must be at least 1", "landscape") == "top_k must be at least 1"  # no flag: bare
+    # commands and other backticked text are left as they are
+    assert text("run `ekg prune --out RUN` first", "study") == "run `ekg prune --out RUN` first"
+    assert text("no backticks --here") == "no backticks --here"
+
+
+def test_a_library_error_names_the_argument_and_ekg_the_flag(capsys, tmp_path, cifar10_exact):
+    from ekg.errors import EkgError
+    from ekg.train import TrainConfig
+
+    with pytest.raises(EkgError, match="^`epochs` must be at least 1, got 0$"):
+        TrainConfig(epochs=0).validate()
+    code, _, err = run_cli(capsys, "train", "--epochs", "0", "--data", cifar10_exact, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "ekg: error: --epochs must be at least 1, got 0")
+    assert "`" not in err
+
+
+def test_cli_choices_and_defaults_come_from_the_library():
+    """No choice list or default retyped in the CLI: each one is the library's."""
+    import inspect
+
+    from ekg.bank import DEFAULT_TEACHERS
+    from ekg.bn import BN_STATS
+    from ekg.checkpoint import TORCHVISION_INPUT_SIZE, TORCHVISION_NORMALIZATION
+    from ekg.cli import build_parser
+    from ekg.data import DATA_MODES, PAD_MODES, AugmentConfig
+    from ekg.distill import KD_MODES
+    from ekg.evaluate import LATENCY_BATCHES, SPLITS, evaluate
+    from ekg.export import FORMATS
+    from ekg.pipeline import PRESETS, run
+    from ekg.runtime import AMP_MODES
+    from ekg.study import StudyConfig
+    from ekg.train import SCHEDULES, TrainConfig, finetune_config
+
+    def parse(*argv: str) -> dict:
+        return vars(build_parser().parse_args(list(argv)))
+
+    def choices(command: str, flag: str) -> tuple:
+        sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+        return tuple(next(a for a in sub._actions if flag in a.option_strings).choices)
+
+    ev = inspect.signature(evaluate).parameters
+    t = parse("test")
+    assert (t["bn"], t["batch_size"], t["split"], t["latency_batch"]) == \
+        (ev["bn_mode"].default, ev["batch_size"].default, SPLITS[0], list(LATENCY_BATCHES)) == \
+        ("running", 256, "test", [1, 64])
+    assert choices("test", "--bn") == choices("landscape", "--bn") == BN_STATS == ("batch", "running")
+    assert choices("test", "--split") == SPLITS and choices("export", "--format") == FORMATS
+    assert choices("train", "--data-mode") == DATA_MODES and choices("train", "--pad-mode") == PAD_MODES
+    assert choices("train", "--schedule") == SCHEDULES and choices("run", "--amp") == AMP_MODES
+    assert choices("finetune", "--kd") == choices("run", "--kd") == KD_MODES
+    assert choices("run", "--preset") == tuple(PRESETS)
+    d, f = TrainConfig(), finetune_config()
+    tr, ft = parse("train", "--out", "o"), parse("finetune")
+    for args, cfg in ((tr, d), (ft, f)):
+        assert (args["epochs"], args["batch_size"], args["lr"], args["schedule"], args["wd"], args["warmup"],
+                args["seed"], args["amp"], args["accum"]) == (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule,
+                                                              cfg.weight_decay, cfg.warmup_epochs, cfg.seed,
+                                                              cfg.amp, cfg.accum)
+        assert (args["pad"], args["pad_mode"]) == (AugmentConfig().pad, AugmentConfig().pad_mode)
+    assert ft["kd"] == f.kd and (tr["arch"], tr["normalization"]) == (d.arch, d.normalization)
+    r = parse("run", "--out", "o")
+    sig = inspect.signature(run).parameters
+    assert (r["preset"], r["kd"]) == (sig["preset"].default, sig["kd"].default)
+    c = parse("convert", "x", "--out", "y")
+    assert (tuple(c["input_size"]), c["normalization"]) == (TORCHVISION_INPUT_SIZE, TORCHVISION_NORMALIZATION)
+    s, sc = parse("study", "--runs", "r", "--out", "o"), StudyConfig()
+    assert (s["perturb"], tuple(s["swap"]), s["finetune_epochs"], s["finetune_lr"], s["bootstrap"]) == \
+        (sc.perturb, sc.swap, sc.finetune_epochs, sc.finetune_lr, sc.bootstrap)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
+    assert f"(default {DEFAULT_TEACHERS})" in next(a for a in sub._actions if a.dest == "teachers").help

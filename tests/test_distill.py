@@ -98,5 +98,5 @@ def test_default_temperature_follows_the_number_of_classes():
     TrainConfig(temperature=None).validate()
     from ekg.errors import EkgError
 
-    with pytest.raises(EkgError, match="--temperature"):
+    with pytest.raises(EkgError, match="`temperature`"):
         TrainConfig(temperature=0.0).validate()

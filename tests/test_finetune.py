@@ -72,7 +72,7 @@ def test_finetune_resume_after_a_kill_finishes_like_an_uninterrupted_run(pruned_
 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, exact, tmp_path / "part", progress=False, init=init, bank=bank, on_epoch=kill_after_first)
-    with pytest.raises(EkgError, match="--resume"):
+    with pytest.raises(EkgError, match="`resume=True`"):
         train(cfg, exact, tmp_path / "part", progress=False, init=init, bank=bank)
     train(cfg, exact, tmp_path / "part", resume=True, progress=False, init=init, bank=bank)
     a = load_checkpoint(tmp_path / "full" / "model.pt").model.state_dict()

@@ -194,7 +194,7 @@ def test_a_bank_is_refused_for_images_read_at_another_size(tree, memory, tmp_pat
     bank = build_bank(net, fake_history(net, [0.4, 0.9, 0.6]), train, get_normalization("imagenet"), tmp_path / "b",
                       teachers=2, batch_size=20, progress=False)
     bank.check_data(train)  # the same size: accepted
-    with pytest.raises(EkgError, match="crop 32, resize 32, but they are now read crop 32, resize 36.*--resize"):
+    with pytest.raises(EkgError, match="crop 32, resize 32, but they are now read crop 32, resize 36.*`resize`"):
         bank.check_data(stream(tree, SMALL).train.subset(range(40)))
     with pytest.raises(EkgError, match="now read in memory, at their own size"):
         bank.check_data(memory.train.subset(range(40)))

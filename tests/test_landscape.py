@@ -197,9 +197,9 @@ def test_analyse_is_deterministic_under_a_seed():
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(EkgError, match="--bn"):
+    with pytest.raises(EkgError, match="`bn`"):
         LandscapeConfig(bn="train").validate()
-    with pytest.raises(EkgError, match="--surface-2d"):
+    with pytest.raises(EkgError, match="`surface_2d`"):
         LandscapeConfig(surface_2d=1).validate()
     with pytest.raises(EkgError, match="no images"):
         net, _ = _tiny()

@@ -94,7 +94,7 @@ def test_resume_after_interrupt_gives_identical_masks(tmp_path, r20_a, exact, mo
     monkeypatch.setattr(search_mod.Searcher, "step", real_step)
     assert len(read_log(tmp_path / "part")) == 3  # step 0 + two finished steps
     assert not (tmp_path / "part" / "pruned.pt").exists()
-    with pytest.raises(EkgError, match="--resume"):
+    with pytest.raises(EkgError, match="`resume=True`"):
         prune(r20_a, exact, 0.75, out=tmp_path / "part", config=cfg, progress=False)
     with pytest.raises(EkgError, match="importance"):
         prune(r20_a, exact, 0.75, out=tmp_path / "part", config=SearchConfig(keep=0.75, importance="l1"),

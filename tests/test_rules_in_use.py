@@ -982,7 +982,7 @@ def test_ekg_test_and_evaluate_use_running_statistics_by_default(tmp_path, exact
     path = _save_tiny(tmp_path / "m.pt", seed=5)
     assert main(["test", "--model", str(path), "--data", str(cifar10_exact), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["bn_mode"] == "eval" and res["loss"] == pytest.approx(want, rel=1e-5)
+    assert res["bn_mode"] == "running" and res["loss"] == pytest.approx(want, rel=1e-5)
     trained = copy.deepcopy(ckpt.model).train()  # a model left in training mode by its trainer
     running = {k: v.clone() for k, v in trained.state_dict().items()}
     assert evaluate(trained, exact.test, get_normalization("cifar10"))["loss"] == pytest.approx(want, rel=1e-5)

@@ -47,7 +47,7 @@ def test_the_rule_names_each_differing_setting_with_both_values_in_one_line():
     with pytest.raises(EkgError) as e:
         check_settings("R", saved, requested)
     assert str(e.value) == ("R holds a run with other settings (keep: 0.85 saved, 0.6 requested); use the saved "
-                            "settings to continue it, or choose another --out or add --restart to start over")
+                            "settings to continue it, or choose another `out` or add `restart=True` to start over")
     # the decision settings of the search (the new search_bn and compat too) are compared; how it runs is not
     for change in ({"search_bn": "running"}, {"compat": "release"}, {"seed": 3}, {"val_per_class": 8},
                    {"adapt": False}, {"otsu": False}, {"step": 0.1}, {"method": "uniform"}, {"reward": "val-loss"}):
@@ -99,7 +99,7 @@ def test_restart_removes_only_known_artifacts_and_refuses_a_folder_with_others(t
     before = snapshot(run.path)
     with pytest.raises(EkgError) as e:
         run.clear()
-    assert str(e.value).startswith(f"--restart removes only ekg's own artifacts, but {run.path} also holds "
+    assert str(e.value).startswith(f"`restart=True` removes only ekg's own artifacts, but {run.path} also holds "
                                    "bank/mine.npy, notes.txt; move those out of it")
     assert snapshot(run.path) == before  # refused before anything was removed
     (run.path / "notes.txt").unlink()
@@ -136,7 +136,7 @@ def test_run_refuses_a_prune_folder_of_another_budget(pruned_run, shared_data, e
     with pytest.raises(EkgError) as e:
         run(model, exact, 0.6, out=r, preset="quick", search=SearchConfig(adapt=False), progress=False)
     assert str(e.value) == (f"{r} holds a run with other settings (keep: 0.85 saved, 0.6 requested); use the "
-                            "saved settings to continue it, or choose another --out or add --restart to start over")
+                            "saved settings to continue it, or choose another `out` or add `restart=True` to start over")
     with pytest.raises(EkgError, match=r"holds a pruning run with other settings \(keep: 0.85 saved, 0.6 requested\)"):
         prune(model, exact, 0.6, out=r, config=SearchConfig(adapt=False), resume=True, progress=False)
     # another model, other training data: named too

@@ -73,7 +73,7 @@ def test_one_training_step_with_accum_equals_the_large_batch(tmp_path, exact, mo
 
 
 def test_accum_must_divide_the_batch(tmp_path, cifar10_exact, capsys):
-    with pytest.raises(EkgError, match="not divisible by --accum 3"):
+    with pytest.raises(EkgError, match="not divisible by `accum` 3"):
         cfg(accum=3).validate()
     code = main(["train", "--arch", "resnet20_a", "--data", str(cifar10_exact), "--out", str(tmp_path / "r"),
                  "--batch-size", "100", "--accum", "3", "--quiet"])

@@ -74,7 +74,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, exact, monkeypatc
     assert [r["epoch"] for r in read_log(part)] == [1]
     assert torch.load(part / "last.pt", weights_only=True)["epoch"] == 1
 
-    with pytest.raises(EkgError, match="--resume"):
+    with pytest.raises(EkgError, match="`resume=True`"):
         train(cfg, exact, part, progress=False)
     train(cfg, exact, part, resume=True, progress=False)
     a = torch.load(full / "last.pt", weights_only=True)

@@ -111,13 +111,13 @@ def index_dtype(num_classes: int) -> np.dtype:
 
 
 def check_topk(topk: int | None, num_classes: int | None = None) -> None:
-    """Refuse a ``--bank-topk`` that is not a whole number in ``[1, num_classes]`` (None: dense)."""
+    """Refuse a ``topk`` (``ekg --bank-topk``) that is not a whole number in ``[1, num_classes]`` (None: dense)."""
     if topk is None:
         return
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
-        raise EkgError(f"--bank-topk must be a whole number of at least 1 (or absent for a dense bank), got {topk!r}")
+        raise EkgError(f"`topk` must be a whole number of at least 1 (or absent for a dense bank), got {topk!r}")
     if num_classes is not None and topk > num_classes:
-        raise EkgError(f"--bank-topk {topk} exceeds the model's {num_classes} classes; "
+        raise EkgError(f"`topk` {topk} exceeds the model's {num_classes} classes; "
                        f"use at most {num_classes} (or leave it out for a dense bank)")
 
 
@@ -200,11 +200,11 @@ class MemoryBank:
             def seen(d: dict[str, Any] | None) -> str:
                 return f"crop {d['image_size']}, resize {d['resize']}" if d else "in memory, at their own size"
             raise EkgError(f"the memory bank's teachers saw these images {seen(want_stream)}, but they are "
-                           f"now read {seen(got_stream)}; pass the same --image-size/--resize (or "
-                           "--data-mode) as when it was built, or delete the bank to build it again")
+                           f"now read {seen(got_stream)}; pass the same `image_size`/`resize` (or "
+                           "`data_mode`) as when it was built, or delete the bank to build it again")
         raise EkgError(f"the memory bank was built for another training set ({want['n_images']} images, "
                        f"{want['num_classes']} classes) than the one given ({got['n_images']} images, "
-                       f"{got['num_classes']} classes, or different labels); rebuild it or pass the same --data")
+                       f"{got['num_classes']} classes, or different labels); rebuild it or pass the same `data`")
 
     def check_teachers(self, teachers: int | None, folder: Path | str) -> None:
         """Refuse a bank built for another number of teachers than ``teachers`` (None: any). Banks
@@ -212,8 +212,8 @@ class MemoryBank:
         have = self.info.get("teachers_requested")
         if teachers is None or have is None or have == teachers:
             return
-        raise EkgError(f"the memory bank in {folder} was built with --teachers {have}, but --teachers {teachers} "
-                       f"was asked for; pass --teachers {have} to use it, or delete {folder} to build it again")
+        raise EkgError(f"the memory bank in {folder} was built with `teachers` {have}, but `teachers` {teachers} "
+                       f"was asked for; pass `teachers` {have} to use it, or delete {folder} to build it again")
 
     def check_topk(self, topk: int | None, folder: Path | str) -> None:
         """Refuse a bank stored otherwise than ``topk`` asks (None: dense)."""
@@ -221,8 +221,8 @@ class MemoryBank:
         if have == topk:
             return
         what = f"the top-{have} logits of each teacher" if have is not None else "every logit (a dense bank)"
-        hint = "leave out --bank-topk to use it" if have is None else f"pass --bank-topk {have} to use it"
-        asked = f"a top-{topk} bank" if topk is not None else "a dense bank (no --bank-topk)"
+        hint = "leave out `topk` to use it" if have is None else f"pass `topk` {have} to use it"
+        asked = f"a top-{topk} bank" if topk is not None else "a dense bank (no `topk`)"
         raise EkgError(f"the memory bank in {folder} stores {what}, but {asked} was asked for; "
                        f"{hint}, or delete {folder} to build it again as asked")
 
@@ -251,7 +251,7 @@ def open_bank(folder: str | os.PathLike, *, fill: str | None = None) -> MemoryBa
     files = _bank_files(topk)
     if info is None or not all((folder / f).exists() for f in files.values()):
         raise EkgError(f"no memory bank in {folder}: expected {' and '.join(files.values())} and bank.json there "
-                       "(build it with `ekg run`, or point --bank at a run directory that has one)")
+                       "(build it with `ekg run`, or point `bank` at a run directory that has one)")
     shape = info.get("shape")
     try:
         arrays = {name: np.load(folder / f, mmap_mode="r") for name, f in files.items()}

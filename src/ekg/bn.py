@@ -4,7 +4,7 @@
 * :func:`batch_statistics_bn` — BN on the current batch's statistics, running statistics untouched;
 * :func:`bn_mode` — dropout off and BN on ``"batch"`` or ``"running"`` statistics.
 
-The search (method doc, "What a mask does", rule 3), the memory bank and ``--bn-mode batch``
+The search (method doc, "What a mask does", rule 3), the memory bank and ``ekg test --bn batch``
 evaluation run BN on batch statistics; inference runs it on running statistics. ``model.train(was)``
 is never used to restore a mode: it would put every BN in the model's mode (the bug that made the
 search run on running statistics: building the dependency graph ended with ``model.train(False)``).

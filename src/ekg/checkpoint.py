@@ -134,7 +134,7 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
         raise CheckpointError(
             f"the weights in {source} do not fit architecture {arch_name(model.spec) if hasattr(model, 'spec') else type(model).__name__}: "
             + "; ".join(parts)
-            + " — check --arch, or convert the file with `ekg convert` without --arch to detect it"
+            + " — check `arch`, or convert the file with `ekg convert` without `arch` to detect it"
         )
     full = dict(own)
     full.update({k: v.to(own[k].dtype) for k, v in state.items()})
@@ -166,7 +166,7 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None,
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if arch is not None:
-            raise EkgError(f"{path} is an ekg checkpoint, which records its architecture; drop --arch")
+            raise EkgError(f"{path} is an ekg checkpoint, which records its architecture; drop `arch`")
         return _from_payload(obj, str(path), factory)
     if isinstance(obj, dict) and "state_dict" in obj:
         return import_akamaster(obj, str(path), arch=arch)
@@ -304,8 +304,12 @@ def import_akamaster(obj: dict[str, Any], source: str, *, arch: str | None = Non
                       dataset=_dataset_record(num_classes), meta=meta)
 
 
-def import_torchvision(path: str | Path, name: str, *, input_size: tuple[int, int, int] = (3, 224, 224),
-                       normalization: str = "imagenet", **kwargs: Any) -> Checkpoint:
+TORCHVISION_INPUT_SIZE = (3, 224, 224)  # import_torchvision's defaults: ImageNet-sized, ImageNet-normalised
+TORCHVISION_NORMALIZATION = "imagenet"
+
+
+def import_torchvision(path: str | Path, name: str, *, input_size: tuple[int, int, int] = TORCHVISION_INPUT_SIZE,
+                       normalization: str = TORCHVISION_NORMALIZATION, **kwargs: Any) -> Checkpoint:
     """A torchvision model's weights (a state dict saved with ``torch.save``, optionally under a
     ``state_dict`` or ``model`` key and with DDP's ``module.`` prefix) as an ekg checkpoint of
     ``torchvision:NAME``. ``num_classes`` and other factory arguments come in ``kwargs``; when

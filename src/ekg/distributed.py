@@ -106,7 +106,7 @@ def init_distributed(device: str = "auto") -> Dist:
     cuda = resolve_device(device).type == "cuda"
     if cuda and local >= torch.cuda.device_count():
         raise EkgError(f"process {rank} has LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} "
-                       "GPUs: use --nproc_per_node at most the GPU count, or --device cpu")
+                       "GPUs: use --nproc_per_node at most the GPU count, or `device` cpu")
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local)

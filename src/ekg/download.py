@@ -55,7 +55,7 @@ def download(url: str, dest: PathLike, md5: str, *, progress: bool = True) -> Pa
 
 def _fetch(url: str, path: Path, *, progress: bool, desc: str) -> str:
     """Stream ``url`` into ``path`` with a progress bar; return the hex MD5 of what was written."""
-    hint = "download it by hand and pass its path with --data PATH"
+    hint = "download it by hand and pass its path as `data`"
     try:
         response = urllib.request.urlopen(url, timeout=60)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:

@@ -1,6 +1,6 @@
 """Evaluation: top-1/top-5/loss on a test set, and latency (one model, or several timed interleaved).
 
-BN runs in inference mode (running statistics) by default. ``bn_mode="batch"`` uses the statistics
+BN runs in inference mode (``bn_mode="running"``, the default). ``bn_mode="batch"`` uses the statistics
 of each test batch instead, as the original EKG ``test.py`` did; the running statistics are left
 untouched either way.
 """
@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bn import batch_statistics_bn, inference_modes
+from .bn import BN_STATS, batch_statistics_bn, inference_modes
 from .data import ImageSet, Normalization, iterate_batches
 from .distributed import Dist
 from .errors import EkgError
 
-BN_MODES = ("eval", "batch")
+BN_MODES = BN_STATS  # evaluate's bn_mode: "running" (inference mode, the default) or "batch"
 COMPARE_ROUNDS = 10  # compare_latency's default rounds
+LATENCY_BATCHES = (1, 64)  # the batch sizes latency is reported at (`ekg test --latency`, `ekg run`)
+SPLITS = ("test", "train")  # the splits of a DataSplits that `ekg test` evaluates
 
 
 @torch.no_grad()
@@ -54,10 +56,10 @@ def recalibrate_bn(model: nn.Module, data: ImageSet, normalization: Normalizatio
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: ImageSet, normalization: Normalization, *, batch_size: int = 256,
-                   device: torch.device | str = "cpu", bn_mode: str = "eval") -> torch.Tensor:
+                   device: torch.device | str = "cpu", bn_mode: str = "running") -> torch.Tensor:
     """Logits for every image of ``data`` in order (float32, on CPU)."""
     if bn_mode not in BN_MODES:
-        raise EkgError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        raise EkgError(f"`bn_mode` must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
     model.eval()
     ctx = batch_statistics_bn(model) if bn_mode == "batch" else contextlib.nullcontext()
     out = []
@@ -83,7 +85,7 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
 
 
 def evaluate(model: nn.Module, data: ImageSet, normalization: Normalization, *, batch_size: int = 256,
-             device: torch.device | str = "cpu", bn_mode: str = "eval", dist: Dist | None = None) -> dict[str, Any]:
+             device: torch.device | str = "cpu", bn_mode: str = "running", dist: Dist | None = None) -> dict[str, Any]:
     """Accuracy and loss of ``model`` on ``data``; see :func:`metrics_from_logits`.
 
     With ``dist`` on several processes (and BN in inference mode, where a batch's composition does
@@ -91,7 +93,7 @@ def evaluate(model: nn.Module, data: ImageSet, normalization: Normalization, *, 
     are summed over ranks; every rank returns the same numbers."""
     if len(data) == 0:
         raise EkgError("the evaluation set is empty")
-    if dist is None or not dist.enabled or bn_mode != "eval":
+    if dist is None or not dist.enabled or bn_mode != "running":
         logits = predict_logits(model, data, normalization, batch_size=batch_size, device=device, bn_mode=bn_mode)
         return metrics_from_logits(logits, data.labels.cpu())
     part = dist.part(len(data))

@@ -37,7 +37,7 @@ class ExportResult:
 def format_for(path: str | Path, fmt: str | None = None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
-            raise EkgError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+            raise EkgError(f"`format` must be one of {', '.join(FORMATS)}, got {fmt!r}")
         return fmt
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
@@ -45,7 +45,7 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
     if suffix in (".pt", ".ts", ".torchscript"):
         return "torchscript"
     raise EkgError(f"cannot tell the export format from {Path(path).name!r}: name the file *.onnx or *.ts, "
-                   "or pass --format onnx|torchscript")
+                   "or pass `format` onnx|torchscript")
 
 
 def export(ckpt: Checkpoint, path: str | Path, fmt: str | None = None, *, atol: float = 1e-4,

@@ -137,7 +137,7 @@ def model_objective(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torc
     if not params:
         raise EkgError("the model has no trainable parameter (requires_grad is off everywhere)")
     if bn not in BN_MODES:
-        raise EkgError(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+        raise EkgError(f"`bn` must be one of {', '.join(BN_MODES)}, got {bn!r}")
     n = sum(len(y) for _, y in batches)
     if n == 0:
         raise EkgError("no images to measure the loss on")
@@ -251,7 +251,7 @@ def hutchinson_trace(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, *, sam
                      device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> TraceResult:
     """tr(H) ≈ mean of vᵀHv over ``samples`` Rademacher vectors (exact for a diagonal H)."""
     if samples < 1:
-        raise EkgError(f"--hutchinson-samples must be at least 1, got {samples}")
+        raise EkgError(f"`hutchinson_samples` must be at least 1, got {samples}")
     gen = _generator(seed + 1)
     values = []
     for i in range(samples):
@@ -342,19 +342,19 @@ class LandscapeConfig:
 
     def validate(self) -> None:
         if self.images < 1:
-            raise EkgError(f"--images must be at least 1, got {self.images}")
+            raise EkgError(f"`images` must be at least 1, got {self.images}")
         if self.batch_size < 2 and self.bn == "batch":
-            raise EkgError("--batch-size must be at least 2 with --bn batch (BN needs batch statistics)")
+            raise EkgError("`batch_size` must be at least 2 with `bn` batch (BN needs batch statistics)")
         if self.bn not in BN_MODES:
-            raise EkgError(f"--bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+            raise EkgError(f"`bn` must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
         for name in ("power_iters", "lanczos_steps", "hutchinson_samples", "top_k"):
             if getattr(self, name) < 1:
-                raise EkgError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise EkgError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         for name in ("surface_1d", "surface_2d"):
             if getattr(self, name) < 0 or getattr(self, name) == 1:
-                raise EkgError(f"--{name.replace('_', '-')} must be 0 (none) or at least 2, got {getattr(self, name)}")
+                raise EkgError(f"`{name}` must be 0 (none) or at least 2, got {getattr(self, name)}")
         if not self.surface_range > 0:
-            raise EkgError(f"--surface-range must be positive, got {self.surface_range}")
+            raise EkgError(f"`surface_range` must be positive, got {self.surface_range}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,7 +29,7 @@ from .bank import DEFAULT_TEACHERS, bank_for_run, check_topk
 from .checkpoint import AUTO, Checkpoint, as_checkpoint, load_checkpoint, rebuilder, save_checkpoint
 from .data import DataSplits, as_splits, get_normalization
 from .errors import EkgError
-from .evaluate import compare_latency, evaluate, format_speedup
+from .evaluate import LATENCY_BATCHES, compare_latency, evaluate, format_speedup
 from .flops import FLOPS_CONVENTION, count
 from .io import atomic_path, write_json
 from .pruning import check_prunable, prune
@@ -64,7 +64,7 @@ PRESETS = {
 
 def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | None = None, *, out: str | Path,
         preset: str = "paper", kd: str = "ensemble", search: SearchConfig | None = None,
-        latency_batches: tuple[int, ...] = (1, 64), progress: bool = True, epochs: int | None = None,
+        latency_batches: tuple[int, ...] = LATENCY_BATCHES, progress: bool = True, epochs: int | None = None,
         limit_train: int | None = None, teachers: int | None = None, bank_topk: int | None = None,
         speed: dict[str, Any] | None = None, restart: bool = False, classes: Any = None,
         input_size: tuple[int, int, int] | None = None, normalization: Any = AUTO,
@@ -86,7 +86,7 @@ def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | Non
     dist = dist or Dist()
     progress = progress and dist.is_main
     if preset not in PRESETS:
-        raise EkgError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise EkgError(f"`preset` must be one of {', '.join(PRESETS)}, got {preset!r}")
     check_topk(bank_topk)
     overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers),
                                    ("bank_topk", bank_topk)) if v is not None}

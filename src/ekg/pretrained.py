@@ -50,6 +50,7 @@ PRETRAINED: dict[str, Pretrained] = {
     )
 }
 DEFAULT_MODEL = "ekg_resnet56_cifar10"
+DEFAULT_DATA = "cifar10"  # the dataset of DEFAULT_MODEL (a name load_data looks up under $EKG_DATA)
 
 
 def resolve_model(spec: str | os.PathLike, *, cache_dir: Path | None = None, download: bool = False) -> Path:
@@ -78,6 +79,6 @@ def resolve_model(spec: str | os.PathLike, *, cache_dir: Path | None = None, dow
         where = " or ".join(str(c) for c in candidates)
         raise CheckpointError(
             f"pretrained model {entry.name} not found at {where}; set EKG_DATA to a folder holding "
-            f"{entry.relpath}, pass the file's path, or add --download to fetch {entry.url}"
+            f"{entry.relpath}, pass the file's path, or add `download=True` to fetch {entry.url}"
         )
     return _download.download(entry.url, cache_dir / entry.filename, entry.md5)

@@ -139,12 +139,12 @@ class RunDir(_Folder):
         if not self.config.exists():
             if any(p.exists() for p in (self.adapted, self.search_state, self.pruned)):
                 raise EkgError(f"{self.path} holds pruning artifacts but no {CONFIG} recording their settings; "
-                               "choose another --out or add --restart to start over")
+                               "choose another `out` or add `restart=True` to start over")
             return None
         record = _read_json(self.config)
         if not _is_prune_record(record):
             raise EkgError(f"{self.config} is not the record of an `ekg prune` run (another command's run "
-                           "directory?); choose another --out")
+                           "directory?); choose another `out`")
         return record
 
     def saved_settings(self) -> dict[str, Any]:
@@ -184,9 +184,9 @@ class RunDir(_Folder):
         unknown = self.unknown_entries()
         if unknown:
             shown = ", ".join(unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
-            raise EkgError(f"--restart removes only ekg's own artifacts, but {self.path} also holds {shown}; "
+            raise EkgError(f"`restart=True` removes only ekg's own artifacts, but {self.path} also holds {shown}; "
                            "move those out of it (they may be derived from the run being thrown away) "
-                           "or choose another --out")
+                           "or choose another `out`")
 
     def clear(self) -> list[Path]:
         """Remove every ekg artifact of the folder (refused as :meth:`check_restart` says, before
@@ -233,7 +233,7 @@ def _read_json(path: Path, *, strict: bool = True) -> Any:
     except (ValueError, OSError) as e:
         if not strict:
             return None
-        raise EkgError(f"{path} is unreadable ({e}); choose another --out or add --restart to start over") from None
+        raise EkgError(f"{path} is unreadable ({e}); choose another `out` or add `restart=True` to start over") from None
 
 
 def _is_prune_record(record: Any) -> bool:
@@ -324,8 +324,8 @@ def run_settings(record: Mapping[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the rule
 
-FIX_RESTART = "use the saved settings to continue it, or choose another --out or add --restart to start over"
-FIX_RESUME = "use the saved settings to resume it, or choose another --out"
+FIX_RESTART = "use the saved settings to continue it, or choose another `out` or add `restart=True` to start over"
+FIX_RESUME = "use the saved settings to resume it, or choose another `out`"
 
 
 def differences(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -190,12 +190,12 @@ class StudyConfig:
 
     def validate(self) -> None:
         if self.perturb < 0:
-            raise EkgError(f"--perturb must be 0 or more, got {self.perturb}")
+            raise EkgError(f"`perturb` must be 0 or more, got {self.perturb}")
         lo, hi = self.swap
         if not 0 <= lo <= hi <= 1:
-            raise EkgError(f"--swap must be two fractions 0 <= low <= high <= 1, got {lo} {hi}")
+            raise EkgError(f"`swap` must be two fractions 0 <= low <= high <= 1, got {lo} {hi}")
         if self.finetune_epochs < 1:
-            raise EkgError(f"--finetune-epochs must be at least 1, got {self.finetune_epochs}")
+            raise EkgError(f"`finetune_epochs` must be at least 1, got {self.finetune_epochs}")
         self.landscape.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,14 +222,14 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
     cfg = config or StudyConfig()
     cfg.validate()
     if not runs:
-        raise EkgError("give at least one pruning run (--runs DIR ...)")
+        raise EkgError("give at least one pruning run (`runs`)")
     out = Path(out)
     saved_cfg = out / "study_config.json"
     record = {"runs": [str(r) for r in runs], **cfg.to_dict()}
     if saved_cfg.exists():
         check_settings(out, decision_settings("study", json.loads(saved_cfg.read_text())),
                        decision_settings("study", record), what="a study",
-                       fix="use the same settings to continue it, or choose another --out")
+                       fix="use the same settings to continue it, or choose another `out`")
     splits = as_splits(data, progress=progress)
     device = resolve_device(cfg.landscape.device)
     out.mkdir(parents=True, exist_ok=True)

@@ -90,21 +90,21 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 1:
-            raise EkgError(f"--epochs must be at least 1, got {self.epochs}")
+            raise EkgError(f"`epochs` must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise EkgError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise EkgError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
-            raise EkgError(f"--lr must be positive, got {self.lr}")
+            raise EkgError(f"`lr` must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
-            raise EkgError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise EkgError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.kd not in KD_MODES:
-            raise EkgError(f"--kd must be one of {', '.join(KD_MODES)}, got {self.kd!r}")
+            raise EkgError(f"`kd` must be one of {', '.join(KD_MODES)}, got {self.kd!r}")
         if self.temperature is not None and not self.temperature > 0:
-            raise EkgError(f"--temperature must be positive, got {self.temperature}")
+            raise EkgError(f"`temperature` must be positive, got {self.temperature}")
         if self.accum < 1:
-            raise EkgError(f"--accum must be at least 1, got {self.accum}")
+            raise EkgError(f"`accum` must be at least 1, got {self.accum}")
         if self.batch_size % self.accum:
-            raise EkgError(f"--batch-size {self.batch_size} is not divisible by --accum {self.accum}: "
+            raise EkgError(f"`batch_size` {self.batch_size} is not divisible by `accum` {self.accum}: "
                            "each of the accum micro-batches holds batch-size/accum images")
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     if cfg.temperature is None:
         cfg = dataclasses.replace(cfg, temperature=default_temperature(data.num_classes))
     if cfg.batch_size % (cfg.accum * dist.world_size):
-        raise EkgError(f"--batch-size {cfg.batch_size} is not divisible by --accum {cfg.accum} × "
+        raise EkgError(f"`batch_size` {cfg.batch_size} is not divisible by `accum` {cfg.accum} × "
                        f"{dist.world_size} processes: each process runs batch-size/processes images per step")
     if (transform is None) != (cfg.transform is None) or (transform is not None and
                                                            cfg.transform != transform_name(transform)):
@@ -199,16 +199,16 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     aug = transform if transform is not None else cfg.augment
     if cfg.kd != "none":
         if bank is None:
-            raise EkgError(f"--kd {cfg.kd} needs a memory bank (--bank RUN)")
+            raise EkgError(f"`kd` {cfg.kd} needs a memory bank (`bank`)")
         bank.check_data(data.train)
     out = Path(out)
     rd = TrainDir(out)
     state_path = rd.state
     if state_path.exists() and not resume:
-        raise EkgError(f"{out} already holds a training run; add --resume to continue it or choose another --out")
+        raise EkgError(f"{out} already holds a training run; add `resume=True` to continue it or choose another `out`")
     if resume and not state_path.exists():
         raise EkgError(f"nothing to resume: {state_path} does not exist (no epoch finished yet); "
-                       "run the same command without --resume")
+                       "run the same command without `resume=True`")
     progress = progress and dist.is_main
 
     device = dist.device(cfg.device)
@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     test_set = data.test if cfg.limit_test is None else data.test.subset(range(min(cfg.limit_test, len(data.test))))
     if len(train_set) < cfg.batch_size:
         raise EkgError(f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
-                       "lower --batch-size (or raise --limit-train)")
+                       "lower `batch_size` (or raise `limit_train`)")
     train_set, test_set = train_set.to(device), test_set.to(device)
 
     if init is not None:

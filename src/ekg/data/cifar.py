@@ -79,8 +79,8 @@ def load_named(fmt: _CifarFormat, cache_root: Path, allow_download: bool, progre
     if allow_download:
         return load_cifar_tarball(download(fmt.url, cache_root / fmt.tarball, fmt.md5, progress=progress))
     looked = ", ".join(str(c) for c in candidates)
-    raise DataError(f"no {fmt.title} data found (looked for {looked}): pass --data PATH to a folder or tarball, "
-                    f"set EKG_DATA to a folder holding {fmt.folder}/ or {fmt.tarball}, or add --download "
+    raise DataError(f"no {fmt.title} data found (looked for {looked}): pass `data` the path of a folder or tarball, "
+                    f"set EKG_DATA to a folder holding {fmt.folder}/ or {fmt.tarball}, or add `download=True` "
                     f"to fetch it into {cache_root}")
 
 

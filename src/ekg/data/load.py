@@ -72,7 +72,7 @@ def load_data(spec: PathLike, *, cache_dir: PathLike | None = None, download: bo
 
 def _no_stream(mode: str, what: str) -> None:
     if mode == "stream":
-        raise DataError(f"--data-mode stream reads a class-folder tree (train/<class>/*, val/<class>/* or "
+        raise DataError(f"`mode` stream reads a class-folder tree (train/<class>/*, val/<class>/* or "
                         f"test/<class>/*) from disk; {what} is not one (extract a zip into a folder first)")
 
 

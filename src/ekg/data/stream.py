@@ -160,7 +160,7 @@ def load_folder_tree(root: str | os.PathLike, held_out: str = "val", config: Str
     folder holds no image, or the held-out split's classes differ from train's."""
     root = Path(root)
     config = config or StreamConfig()
-    require_torchvision(f"{root} {reason}, so it is streamed from disk (--data-mode memory would need one size "
+    require_torchvision(f"{root} {reason}, so it is streamed from disk (`mode` memory would need one size "
                         "that fits in memory); that" if reason else "streaming a class-folder tree")
     classes, files, labels = _list_split(root / "train")
     test_classes, test_files, test_labels = _list_split(root / held_out)

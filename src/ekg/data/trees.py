@@ -217,7 +217,7 @@ def _decode_chunk(blobs: list[bytes], names: list[str], size: tuple[int, int], r
         if img.shape[:2] != size:
             raise DataError(f"{name} is {img.shape[1]}x{img.shape[0]} pixels but {reference} is {size[1]}x{size[0]}: "
                             "all images in a split must have the same size to be held in memory (a folder tree "
-                            "of any sizes can be streamed: --data-mode stream)")
+                            "of any sizes can be streamed: `mode` stream)")
         out[i] = img
     return out
 

@@ -149,7 +149,7 @@ class Searcher:
             active = [i for i, g in enumerate(gates) if g.kept > 1]
             cost_of = step_cost
         if not active:
-            left = 'has a rate at or below 0 (`compat="release"`)' if self.release else "is down to one channel"
+            left = 'has a rate at or below 0 (`compat` release)' if self.release else "is down to one channel"
             raise EkgError(f"cannot reach `keep` {cfg.keep}: every prunable group {left} "
                            f"at a FLOPs ratio of {self.ratio():.4f}")
         costs = {i: cost_of(scores[i], gates[i].rate, steps[i]) for i in active}

@@ -1,0 +1,7 @@
+"""``python -m ekg.cli``: the ``ekg`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
