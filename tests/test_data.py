@@ -140,7 +140,7 @@ def test_name_resolves_in_the_cache_folder(monkeypatch, make_cifar, cache):
 
 def test_name_not_found_says_how_to_fix(monkeypatch, tmp_path, cache):
     monkeypatch.setenv("EKG_DATA", str(tmp_path / "empty"))
-    with raises_data_error("no CIFAR-10 data found", "--data", "EKG_DATA", "--download", "cifar-10-batches-py"):
+    with raises_data_error("no CIFAR-10 data found", "`data`", "EKG_DATA", "`download=True`", "cifar-10-batches-py"):
         load_data("cifar10", cache_dir=cache, progress=False)
 
 
@@ -292,7 +292,7 @@ def test_tree_with_mixed_sizes_names_the_file(tmp_path, cache):
     _png(root / "train" / "b" / "1.png", np.zeros((8, 9, 3), np.uint8))
     _png(root / "test" / "b" / "1.png", np.zeros((8, 8, 3), np.uint8))
     with raises_data_error(str(root / "train" / "b" / "1.png"), str(root / "train" / "a" / "0.png"), "same size",
-                           "--data-mode stream"):
+                           "`mode` stream"):
         load_data(root, cache_dir=cache, progress=False, mode="memory")
     # by default such a tree is streamed (tests/test_folder.py), which needs torchvision
     if importlib.util.find_spec("torchvision") is None:

@@ -283,7 +283,7 @@ def test_clear_errors(tmp_path, monkeypatch):
             list(iterate_batches(data.train, 4))
         _small_tree(tmp_path / "corrupt")
     # stream mode on data that is not a folder tree
-    with one_line_data_error("--data-mode stream", "class-folder tree"):
+    with one_line_data_error("`mode` stream", "class-folder tree"):
         load_data(tmp_path / "corrupt" / "train" / "a" / "0.png", mode="stream")
     with pytest.raises(DataError, match="resize 16 is smaller than the crop 32"):
         StreamConfig(image_size=32, resize=16)

@@ -13,7 +13,7 @@ _API = {  # name -> the module that defines it
     "prune": "pruning", "PruneResult": "pruning", "finetune": "finetuning", "FinetuneResult": "finetuning",
     "run": "pipeline",
     "load_data": "data", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "Checkpoint": "checkpoint",
-    "SearchConfig": "search", "TrainConfig": "train", "AugmentConfig": "data", "StreamConfig": "data",
+    "SearchConfig": "search", "TrainConfig": "train", "finetune_config": "train", "AugmentConfig": "data", "StreamConfig": "data",
     "Normalization": "data", "LandscapeConfig": "landscape", "StudyConfig": "study",
     "EkgError": "errors", "DataError": "errors", "CheckpointError": "errors",
 }

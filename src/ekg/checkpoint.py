@@ -348,7 +348,10 @@ def as_checkpoint(model: Checkpoint | str | Path | nn.Module, splits: Any, *,
     """A model argument of ``ekg.prune`` / ``ekg.finetune`` / ``ekg.run`` as a :class:`Checkpoint`:
     a Checkpoint as is, a path or a pretrained name (see ``ekg models``) loaded, or an
     ``nn.Module`` described by ``input_size`` (default: the data's image size), ``normalization``
-    (see :func:`checkpoint_of_module`) and ``factory``/``factory_kwargs`` (recorded in checkpoints)."""
+    (see :func:`checkpoint_of_module`) and ``factory``/``factory_kwargs`` (recorded in checkpoints).
+    The result of ``ekg.prune`` or ``ekg.finetune`` stands for its checkpoint."""
+    if isinstance(getattr(model, "checkpoint", None), Checkpoint):  # a PruneResult or FinetuneResult
+        model = model.checkpoint  # type: ignore[union-attr]
     if isinstance(model, nn.Module):
         return checkpoint_of_module(model, splits, input_size=input_size, normalization=normalization,
                                     factory=factory, factory_kwargs=factory_kwargs)

@@ -50,6 +50,8 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
 
     ``config``: a :class:`TrainConfig` (default: the paper's recipe, :func:`ekg.train.finetune_config`,
     for ``kd``, default ``"ensemble"``); the distillation is stated once (``kd``, or ``config.kd``).
+    ``model`` may be the result of :func:`ekg.prune` (its slim model and preprocessing; its run
+    directory is then the default ``bank``).
     ``bank``: an `ekg prune` run directory (or a :class:`ekg.pruning.PruneResult`, or a bank folder).
     ``jitter``: the EKG colour jitter, default the recipe's (on with a memory bank; left out, with a
     note, for images that are not 3-channel uint8). ``transform``: your own batched augmentation
@@ -70,6 +72,10 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
         cfg = dataclasses.replace(cfg, transform=transform_name(transform))
     cfg.validate()
     check_topk(bank_topk)
+    from .pruning import PruneResult
+
+    if bank is None and isinstance(model, PruneResult):
+        bank = model
     bank_dir = getattr(bank, "run_dir", bank)  # a PruneResult
     if cfg.kd != "none" and bank_dir is None:
         raise EkgError(f"kd {cfg.kd!r} needs the memory bank: pass `bank` (an `ekg prune` run directory, or a bank "

@@ -56,9 +56,9 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
     """
     if x.dim() != 4:
         raise EkgError(f"augment expects images shaped (N, C, H, W), got {tuple(x.shape)}")
-    if cfg.jitter and (x.shape[1] != 3 or x.dtype != torch.uint8):
-        raise EkgError(f"the EKG colour jitter needs 3-channel uint8 images (0..255), got {x.dtype} "
-                       f"{tuple(x.shape)}: fine-tune without it (`jitter=False`) or pass your own `transform`")
+    if cfg.jitter and x.shape[1] != 3:  # and the 0..255 scale: ekg.train refuses other in-memory data first
+        raise EkgError(f"the EKG colour jitter needs 3-channel images on the 0..255 scale, got {tuple(x.shape)}: "
+                       "fine-tune without it (`jitter=False`) or pass your own `transform`")
     if not _same_device(generator.device, x.device):
         raise EkgError(f"the augmentation generator is on {generator.device} but the images are on {x.device}: "
                        "create the generator on the images' device")

@@ -127,7 +127,7 @@ def _image(ds: Any, i: int, what: str, item: Any = None) -> torch.Tensor:
         raise DataError(f"item {i} of the {what} set is a {type(item).__name__}, not an (image, label) pair")
     img = item[0]
     if hasattr(img, "mode") and hasattr(img, "convert"):  # a PIL image
-        img = np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
+        img = np.array(img if img.mode in ("L", "RGB") else img.convert("RGB"))  # a writable copy
         img = torch.from_numpy(np.ascontiguousarray(img[:, :, None] if img.ndim == 2 else img)).permute(2, 0, 1)
     elif isinstance(img, np.ndarray):
         img = torch.from_numpy(np.ascontiguousarray(img))

@@ -3,7 +3,7 @@ and the allowed choices of its string fields (importance criteria, rewards, meth
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..bn import BN_STATS
@@ -14,12 +14,14 @@ REWARDS = ("ensemble", "val-loss")
 METHODS = ("greedy", "uniform")
 COMPATS = ("method", "release")
 
+DEFAULT_KEEP = 0.45  # the paper's CIFAR budget
+
 
 @dataclass
 class SearchConfig:
     """Settings of the search. Defaults: the paper's CIFAR run."""
 
-    keep: float = 0.45                 # target FLOPs ratio
+    keep: float = DEFAULT_KEEP         # target FLOPs ratio
     importance: str = "ekg"            # ekg | taylor | l1 | fpgm | random
     reward: str = "ensemble"           # ensemble (J) | val-loss (CE)
     method: str = "greedy"             # greedy | uniform
@@ -70,11 +72,14 @@ class SearchConfig:
 
 
 def with_keep(config: SearchConfig | None, keep: float | None) -> SearchConfig:
-    """The SearchConfig of a call that states its budget once: ``keep``, or ``config.keep``; both
-    is an error if they differ (``keep`` must not silently override the config)."""
+    """The SearchConfig of a call that states its budget once: ``keep``, or ``config.keep``. A
+    ``config`` that leaves keep at its default takes ``keep``; one that sets another budget than
+    ``keep`` is an error (neither may silently override the other)."""
     if config is None:
         return SearchConfig() if keep is None else SearchConfig(keep=keep)
     if keep is None or keep == config.keep:
         return config
+    if config.keep == DEFAULT_KEEP:
+        return replace(config, keep=keep)
     raise EkgError(f"`keep` is {keep} but the `config` says keep {config.keep}: state the budget once, as `keep` or "
                    "as SearchConfig(keep=...)")
