@@ -268,3 +268,24 @@ def test_the_builtin_cifar_search_takes_the_decisions_it_took_before_the_move(pr
         "layer2.2.conv1": 26, "layer3.0.conv1": 64, "layer3.1.conv1": 53, "layer3.2.conv1": 64}
     last = search_log(pruned_run)[-1]
     assert (last["step"], last["flops"]) == (7, 34431616)
+
+
+def test_landscape_and_study_take_a_users_datasets_and_module(exact, tmp_path):
+    from ekg.landscape import LandscapeConfig, landscape
+    from ekg.study import StudyConfig, study
+
+    train, test, _, norm = _form(exact, "gray")
+    torch.manual_seed(0)
+    model = SmallCNN(1)
+    res = ekg.prune(model, (train, test), keep=0.7, out=tmp_path / "run", normalization=norm, progress=False,
+                    config=ekg.SearchConfig(val_per_class=4, sub_per_class=16, batch_size=64))
+    small = dict(images=40, batch_size=20, power_iters=3, lanczos_steps=3, hutchinson_samples=2)
+    rec = landscape(res, (train, test), tmp_path / "land", progress=False,
+                    config=LandscapeConfig(surface_1d=0, surface_2d=0, **small))
+    assert rec["images"] == 40 and rec["params"] == sum(p.numel() for p in res.model.parameters())
+    assert "Items" in rec["data"]
+    cfg = StudyConfig(perturb=1, finetune_epochs=1, batch_size=32, bootstrap=10,
+                      landscape=LandscapeConfig(surface_1d=0, surface_2d=0, **small))
+    out = study([res.run_dir], (train, test), tmp_path / "study", config=cfg, model=model, progress=False)
+    assert len(out["subnetworks"]) == 2  # the run's sub-network and one perturbation of it
+    assert all(r["test_loss_after"] > 0 for r in out["subnetworks"]) and "Items" in out["data"]

@@ -19,13 +19,14 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import AUTO, Checkpoint, as_checkpoint, load_checkpoint, rebuilder
+from .checkpoint import Checkpoint, load_checkpoint
 from .data import Transform, as_splits
 from .data.augment import transform_name
 from .distributed import Dist
 from .errors import EkgError
 from .rundir import RunDir
 from .train import TrainConfig, finetune_config, fit_jitter, train
+from .user_model import AUTO, as_checkpoint, rebuilder
 
 
 @dataclass
@@ -78,8 +79,8 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
         bank = model
     bank_dir = getattr(bank, "run_dir", bank)  # a PruneResult
     if cfg.kd != "none" and bank_dir is None:
-        raise EkgError(f"kd {cfg.kd!r} needs the memory bank: pass `bank` (an `ekg prune` run directory, or a bank "
-                       "folder), or fine-tune without it (`kd='none'`)")
+        raise EkgError(f"`kd` {cfg.kd} needs the memory bank: pass `bank` (an `ekg prune` run directory, or a bank "
+                       "folder), or fine-tune without it (`kd` none)")
     out = Path(out) if out is not None else (RunDir(bank_dir).finetune if bank_dir is not None else None)
     if out is None:
         raise EkgError("`out` is needed when there is no `bank`")

@@ -462,13 +462,15 @@ def analyse(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor
 
 
 def landscape(model: Any, data: Any, out: str | Path, *, config: LandscapeConfig | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """``ekg landscape``: measure ``model`` (a Checkpoint or a checkpoint path, slim or not) on
-    fixed images of ``data``'s training split; write ``out/landscape.json``, the surface grids
-    (``surface_1d.json``, ``surface_2d.json``) and their PNGs. Returns the JSON record."""
+              progress: bool = True, normalization: Any = "auto", classes: Any = None) -> dict[str, Any]:
+    """``ekg landscape``: measure ``model`` (slim or not: a Checkpoint, a checkpoint path, the
+    result of ``ekg.prune``/``ekg.finetune``, or an ``nn.Module`` with its ``normalization``) on
+    fixed images of ``data``'s training split (``data`` as for :func:`ekg.prune`); write
+    ``out/landscape.json``, the surface grids (``surface_1d.json``, ``surface_2d.json``) and their
+    PNGs. Returns the JSON record."""
     import copy
 
-    from .checkpoint import Checkpoint, load_checkpoint
+    from .user_model import as_checkpoint
     from .data import as_splits, get_normalization
     from .io import write_json
     from .plots import plot_surface_1d, plot_surface_2d
@@ -476,8 +478,8 @@ def landscape(model: Any, data: Any, out: str | Path, *, config: LandscapeConfig
 
     cfg = config or LandscapeConfig()
     cfg.validate()
-    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
-    splits = as_splits(data, progress=progress)
+    splits = as_splits(data, progress=progress, classes=classes)
+    ckpt = as_checkpoint(model, splits, normalization=normalization)
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
     device = resolve_device(cfg.device)

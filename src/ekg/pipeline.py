@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bank import DEFAULT_TEACHERS, bank_for_run, check_topk
-from .checkpoint import AUTO, Checkpoint, as_checkpoint, load_checkpoint, rebuilder, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import DataSplits, as_splits, get_normalization
 from .errors import EkgError
 from .evaluate import LATENCY_BATCHES, compare_latency, evaluate, format_speedup
@@ -37,6 +37,7 @@ from .distributed import Dist
 from .rundir import RunDir, TrainDir, check_settings, prune_record, prune_settings, run_settings
 from .search import SearchConfig, with_keep
 from .train import finetune_config, fit_jitter, train
+from .user_model import AUTO, as_checkpoint, rebuilder
 
 
 @dataclass

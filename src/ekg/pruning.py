@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import module_shapes
-from .checkpoint import AUTO, Checkpoint, as_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, save_checkpoint
 from .data import DataSplits, ImageSet, as_splits, get_normalization, iterate_batches
 from .data.datasets import read_split
 from .distributed import Dist
@@ -43,6 +43,7 @@ from .io import atomic_path, write_json
 from .masks import MaskedNetwork
 from .rundir import RunDir, check_settings, prune_record, prune_settings
 from .search import SearchConfig, Searcher, SearchState, adapt, carve_search_sets, fit_search_sets, with_keep
+from .user_model import AUTO, as_checkpoint
 
 
 @dataclass
@@ -130,11 +131,8 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     for p in net_model.parameters():
         p.requires_grad_(False)
     norm = get_normalization(ckpt.normalization)
-    if explicit is None:
-        d_val, d_sub = carve_search_sets(splits.train, val_per_class=sizes.val_per_class,
-                                         sub_per_class=sizes.sub_per_class, seed=cfg.split_seed)
-    else:
-        d_val, d_sub = explicit
+    d_val, d_sub = explicit if explicit is not None else carve_search_sets(
+        splits.train, val_per_class=sizes.val_per_class, sub_per_class=sizes.sub_per_class, seed=cfg.split_seed)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(rd.config, record)
@@ -143,14 +141,7 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
         net_model.load_state_dict(torch.load(rd.adapted, map_location=device, weights_only=True)["state_dict"])
     else:
         if cfg.adapt:
-            # a D_sub smaller than one batch (a small dataset) is one batch of all of it
-            adapt_cfg = cfg if len(d_sub) >= cfg.batch_size else dataclasses.replace(cfg, batch_size=len(d_sub))
-            batch = adapt_cfg.batch_size
-            part = dist.part(batch) if dist.enabled else None  # each rank loads its share of a batch
-            adapt(net_model, iterate_batches(d_sub.to(device), batch, normalization=norm, drop_last=True,
-                                             part=part), adapt_cfg, dist=dist)
-            # the ranks agree already (same summed gradients); rank 0's copy makes it exact
-            dist.broadcast_([*net_model.parameters(), *net_model.buffers()])
+            _adaptation(net_model, d_sub.to(device), norm, cfg, dist)
         if dist.is_main:
             save_checkpoint(Checkpoint(model=copy.deepcopy(net_model).cpu(), normalization=dict(ckpt.normalization),
                                        dataset=dict(ckpt.dataset), input_size=tuple(ckpt.input_size),
@@ -191,6 +182,7 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
         _save_state(out, state)
     # the search left BN running statistics untouched: slim with them
     slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
+    slim.requires_grad_(True)  # the search froze the weights; the slim model is a plain trainable module
 
     record = None if ckpt.record is None else dataclasses.replace(ckpt.record, shapes=module_shapes(slim), pruned=True)
     result_ckpt = Checkpoint(model=slim.cpu(), normalization=dict(ckpt.normalization), dataset=dict(ckpt.dataset),
@@ -203,6 +195,18 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     return PruneResult(run_dir=out, checkpoint=result_ckpt, flops=last["flops"], params=last["params"],
                        flops_ratio=last["flops_ratio"], steps=state.step, seconds=time.perf_counter() - t_start,
                        slim_max_diff=diff)
+
+
+def _adaptation(model: nn.Module, d_sub: Any, norm: Any, cfg: SearchConfig, dist: Dist) -> None:
+    """Phase 1: one epoch over D_sub (:func:`ekg.search.adapt`), unaugmented, in batches of
+    ``cfg.batch_size`` (a D_sub smaller than one batch, from a small dataset, is one batch of all
+    of it); under torchrun each rank loads its share of every batch."""
+    adapt_cfg = cfg if len(d_sub) >= cfg.batch_size else dataclasses.replace(cfg, batch_size=len(d_sub))
+    batch = adapt_cfg.batch_size
+    part = dist.part(batch) if dist.enabled else None  # each rank loads its share of a batch
+    adapt(model, iterate_batches(d_sub, batch, normalization=norm, drop_last=True, part=part), adapt_cfg, dist=dist)
+    # the ranks agree already (same summed gradients); rank 0's copy makes it exact
+    dist.broadcast_([*model.parameters(), *model.buffers()])
 
 
 def check_prunable(ckpt: Checkpoint, splits: DataSplits) -> None:

@@ -145,8 +145,9 @@ def perturb(kept: dict[int, torch.Tensor], channels: dict[int, int], fraction: f
     return out
 
 
-def _run_subnetwork(run: Path) -> tuple[Any, Any, dict[int, torch.Tensor], str]:
-    """(adapted checkpoint, its dependency graph, kept channels, criterion) of a finished prune run."""
+def _run_subnetwork(run: Path, factory: Any = None) -> tuple[Any, Any, dict[int, torch.Tensor], str]:
+    """(adapted checkpoint, its dependency graph, kept channels, criterion) of a finished prune run
+    (``factory`` rebuilds its checkpoints when they hold a user's module)."""
     from .checkpoint import load_checkpoint
     from .masks import MaskedNetwork
     from .rundir import RunDir
@@ -157,7 +158,7 @@ def _run_subnetwork(run: Path) -> tuple[Any, Any, dict[int, torch.Tensor], str]:
         if not f.exists():
             raise EkgError(f"{run} is not a finished pruning run ({f.name} is missing); "
                            f"run `ekg prune --out {run}` first")
-    base = load_checkpoint(rd.adapted)
+    base = load_checkpoint(rd.adapted, factory=factory)
     state = SearchState.from_dict(torch.load(rd.search_state, map_location="cpu", weights_only=True))
     cfg = SearchConfig.from_dict(rd.prune_record()["search"])  # type: ignore[index]
     net = MaskedNetwork(base.model, input_size=tuple(base.input_size))
@@ -203,12 +204,16 @@ class StudyConfig:
 
 
 def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: StudyConfig | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, model: Any = None, classes: Any = None) -> dict[str, Any]:
     """Run the potential study over the sub-networks of ``runs`` (finished ``ekg prune`` run
     directories of the same model at the same budget) and write ``out/study.json``,
-    ``out/study.md`` and ``out/study.png``. Returns the study record."""
+    ``out/study.md`` and ``out/study.png``. Returns the study record. ``data`` as for
+    :func:`ekg.prune` (a ``(train, test)`` pair of Datasets with ``classes``, or a name or path);
+    ``model``: the ``nn.Module`` the runs pruned, when it is your own (to rebuild their checkpoints)."""
     import copy
+    import dataclasses
 
+    from .arch import module_shapes
     from .checkpoint import Checkpoint
     from .data import as_splits, get_normalization
     from .flops import count
@@ -230,7 +235,8 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
         check_settings(out, decision_settings("study", json.loads(saved_cfg.read_text())),
                        decision_settings("study", record), what="a study",
                        fix="use the same settings to continue it, or choose another `out`")
-    splits = as_splits(data, progress=progress)
+    splits = as_splits(data, progress=progress, classes=classes)
+    factory = None if model is None else (lambda **_: copy.deepcopy(model))
     device = resolve_device(cfg.landscape.device)
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved_cfg, record)
@@ -238,7 +244,7 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
     subnets: list[tuple[SubNetwork, Any, Any]] = []
     for ri, r in enumerate(runs):
         run = Path(r)
-        base, graph, kept, criterion = _run_subnetwork(run)
+        base, graph, kept, criterion = _run_subnetwork(run, factory)
         if base.num_classes != splits.num_classes:
             raise EkgError(f"{run} predicts {base.num_classes} classes but the data has {splits.num_classes}")
         channels = {g.index: g.channels for g in graph.groups}
@@ -272,8 +278,10 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
         scape = analyse(slim, batches, cfg.landscape, with_surfaces=False, progress=False)
         counts = count(slim, tuple(base.input_size))
         flops, params = counts.flops, counts.params
-        ckpt = Checkpoint(model=slim.cpu().to(memory_format=torch.contiguous_format), normalization=dict(base.normalization), dataset=dict(base.dataset),
-                          input_size=tuple(base.input_size), meta={"source": f"{sub.run} ({sub.name})"})
+        record = None if base.record is None else dataclasses.replace(base.record, shapes=module_shapes(slim), pruned=True)
+        ckpt = Checkpoint(model=slim.cpu().to(memory_format=torch.contiguous_format),
+                          normalization=dict(base.normalization), dataset=dict(base.dataset),
+                          input_size=tuple(base.input_size), meta={"source": f"{sub.run} ({sub.name})"}, record=record)
         ft_cfg = finetune_config("none", epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
                                  limit_train=cfg.limit_train, device=str(device), seed=cfg.seed)
         ft = TrainDir(folder / FINETUNE)

@@ -186,21 +186,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     if cfg.batch_size % (cfg.accum * dist.world_size):
         raise EkgError(f"`batch_size` {cfg.batch_size} is not divisible by `accum` {cfg.accum} × "
                        f"{dist.world_size} processes: each process runs batch-size/processes images per step")
-    if (transform is None) != (cfg.transform is None) or (transform is not None and
-                                                           cfg.transform != transform_name(transform)):
-        raise EkgError("`transform` and `TrainConfig.transform` (its recorded name) must be given together")
-    if transform is not None and data.streamed:
-        raise EkgError("a training `transform` of your own augments images held in memory; a streamed tree is "
-                       "augmented by its DataLoader workers")
-    if transform is None and cfg.augment.jitter and isinstance(data.train, ImageSet) and not data.train.rgb_uint8:
-        raise EkgError(f"the EKG colour jitter needs 3-channel uint8 images (0..255) but these are "
-                       f"{data.train.images.dtype} {tuple(data.train.image_size)}: set `jitter=False` or pass your own "
-                       "`transform`")
-    aug = transform if transform is not None else cfg.augment
-    if cfg.kd != "none":
-        if bank is None:
-            raise EkgError(f"`kd` {cfg.kd} needs a memory bank (`bank`)")
-        bank.check_data(data.train)
+    aug = _check_inputs(cfg, data, transform, bank)
     out = Path(out)
     rd = TrainDir(out)
     state_path = rd.state
@@ -213,17 +199,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
 
     device = dist.device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
-    if init is not None:
-        if init.num_classes != data.num_classes:
-            raise EkgError(f"the model predicts {init.num_classes} classes but the data has {data.num_classes}")
-        norm_record = dict(init.normalization)
-    else:
-        norm_name = cfg.normalization
-        if norm_name == "auto":  # ImageNet's for a streamed (ImageNet-style) tree
-            norm_name = data.name if data.name in ("cifar10", "cifar100") else \
-                "imagenet" if data.streamed else "cifar10"
-        norm = get_normalization(norm_name)
-        norm_record = {"name": norm_name, "mean": list(norm.mean), "std": list(norm.std)}
+    norm_record = _normalization_record(cfg, data, init)
     normalization = get_normalization(norm_record)
 
     train_set = data.train if cfg.limit_train is None else data.train.subset(range(min(cfg.limit_train, len(data.train))))
@@ -402,6 +378,41 @@ def _truncate_log(path: Path, epochs: int) -> None:
             continue
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in lines))
+
+
+def _check_inputs(cfg: TrainConfig, data: DataSplits, transform: Transform | None,
+                  bank: MemoryBank | None) -> Augment:
+    """The errors :func:`train` raises about its augmentation and bank before any work; returns
+    the augmentation to use (the user's ``transform``, else ``cfg.augment``)."""
+    if (transform is None) != (cfg.transform is None) or (transform is not None and
+                                                           cfg.transform != transform_name(transform)):
+        raise EkgError("`transform` and `TrainConfig.transform` (its recorded name) must be given together")
+    if transform is not None and data.streamed:
+        raise EkgError("a training `transform` of your own augments images held in memory; a streamed tree is "
+                       "augmented by its DataLoader workers")
+    if transform is None and cfg.augment.jitter and isinstance(data.train, ImageSet) and not data.train.rgb_uint8:
+        raise EkgError(f"the EKG colour jitter needs 3-channel uint8 images (0..255) but these are "
+                       f"{data.train.images.dtype} {tuple(data.train.image_size)}: set `jitter=False` or pass your own "
+                       "`transform`")
+    if cfg.kd != "none":
+        if bank is None:
+            raise EkgError(f"`kd` {cfg.kd} needs a memory bank (`bank`)")
+        bank.check_data(data.train)
+    return transform if transform is not None else cfg.augment
+
+
+def _normalization_record(cfg: TrainConfig, data: DataSplits, init: Checkpoint | None) -> dict[str, Any]:
+    """The normalisation a run trains with: ``init``'s (fine-tuning), else ``cfg.normalization``
+    (``auto``: the dataset's preset; ImageNet's for a streamed tree)."""
+    if init is not None:
+        if init.num_classes != data.num_classes:
+            raise EkgError(f"the model predicts {init.num_classes} classes but the data has {data.num_classes}")
+        return dict(init.normalization)
+    norm_name = cfg.normalization
+    if norm_name == "auto":  # ImageNet's for a streamed (ImageNet-style) tree
+        norm_name = data.name if data.name in ("cifar10", "cifar100") else "imagenet" if data.streamed else "cifar10"
+    norm = get_normalization(norm_name)
+    return {"name": norm_name, "mean": list(norm.mean), "std": list(norm.std)}
 
 
 def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normalization: Any,

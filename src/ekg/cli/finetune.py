@@ -46,31 +46,26 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..bank import bank_for_run, check_topk
     from ..data import AugmentConfig
-    from ..rundir import RunDir
-    from ..train import finetune_config, train
+    from ..finetuning import finetune
+    from ..rundir import TrainDir
+    from ..train import finetune_config
 
-    jitter = args.kd != "none" if args.jitter is None else args.jitter
-    aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=jitter)
+    recipe = finetune_config(args.kd)
+    aug = AugmentConfig(pad=args.pad, pad_mode=args.pad_mode, flip=not args.no_flip, jitter=recipe.augment.jitter)
     cfg = finetune_config(args.kd, arch="(from --model)", epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.wd, schedule=args.schedule, warmup_epochs=args.warmup,
                           augment=aug, seed=args.seed, device=args.device, limit_train=args.limit_train,
                           limit_test=args.limit_test, temperature=args.temperature, **speed(args))
     cfg.validate()
-    check_topk(args.bank_topk)
-    if args.kd != "none" and args.bank is None:
+    if args.kd != "none" and args.bank is None:  # before the model and the data are read
         raise EkgError(f"--kd {args.kd} needs --bank RUN (an `ekg prune` run directory, or a bank folder); "
                        "use --kd none to fine-tune without the memory bank")
-    out = args.out or (RunDir(args.bank).finetune if args.bank else None)
-    if out is None:
+    if args.out is None and args.bank is None:
         raise EkgError("--out is required when there is no --bank")
     ckpt = open_model(args)
     data = open_data(args, ckpt)
-    bank = None
-    if args.kd != "none":
-        bank = bank_for_run(args.bank, data.train, teachers=args.teachers, device=args.dist.device(args.device),
-                            progress=not args.quiet, dist=args.dist, topk=args.bank_topk)
-    path = train(cfg, data, out, resume=args.resume, progress=not args.quiet, init=ckpt, bank=bank, dist=args.dist)
-    say(args, f"fine-tuned model: {path}")
+    res = finetune(ckpt, data, bank=args.bank, out=args.out, config=cfg, jitter=args.jitter, teachers=args.teachers,
+                   bank_topk=args.bank_topk, resume=args.resume, progress=not args.quiet, dist=args.dist)
+    say(args, f"fine-tuned model: {TrainDir(res.run_dir).model}")
     return 0

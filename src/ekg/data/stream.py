@@ -1,5 +1,9 @@
 """Streaming class-per-folder image trees (the ImageNet layout): file lists, not pixels, in memory.
 
+One module because it is one reader: the file list, the set over it and the DataLoader plan that
+serves it share private state (the persistent loader, the per-image seeds); split, each part
+would need the others' internals.
+
 ``ROOT/train/<class>/*.JPEG`` and ``ROOT/val/<class>/*`` (or ``test/``) are listed once; a
 :class:`FolderSet` holds the file names, the labels and the class names, and every phase of ekg
 (evaluation, the adaptation epoch, the search's Taylor scores and candidate evaluations, the
