@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,3 +290,77 @@ def test_landscape_and_study_take_a_users_datasets_and_module(exact, tmp_path):
     out = study([res.run_dir], (train, test), tmp_path / "study", config=cfg, model=model, progress=False)
     assert len(out["subnetworks"]) == 2  # the run's sub-network and one perturbation of it
     assert all(r["test_loss_after"] > 0 for r in out["subnetworks"]) and "Items" in out["data"]
+
+
+TORCHRUN_SCRIPT = '''
+import json, sys
+import torch
+import ekg
+from ekg.distributed import init_distributed, shutdown
+sys.path.insert(0, sys.argv[3])
+from test_datasets import SmallCNN, _form
+
+exact = ekg.load_data(sys.argv[1], progress=False)
+train, test, _, norm = _form(exact, "gray")
+dist = init_distributed("cpu")
+torch.manual_seed(0)
+res = ekg.prune(SmallCNN(1), (train, test), keep=0.6, out=sys.argv[2], normalization=norm, progress=False,
+                config=ekg.SearchConfig(val_per_class=4, sub_per_class=16, batch_size=64, device="cpu"), dist=dist)
+shutdown(dist)
+'''
+
+
+@pytest.mark.slow
+def test_a_users_datasets_under_torchrun_take_the_one_process_decisions(cifar10_exact, tmp_path):
+    """torchrun shares of a user's Dataset pair: 2 processes (gloo) search what 1 process searches."""
+    import os
+
+    script = tmp_path / "prune_mine.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    widths = {}
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), str(script),
+               str(cifar10_exact), str(out), str(Path(__file__).parent)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        widths[n] = {k: v["kept"] for k, v in json.loads(RunDir(out).widths.read_text())["groups"].items()}
+        log = search_log(out)
+    assert widths[1] == widths[2] and len(log) > 1
+
+
+def test_a_search_on_a_users_datasets_resumes_to_the_uninterrupted_masks(exact, tmp_path, monkeypatch):
+    from ekg.search import Searcher
+
+    train, test, _, norm = _form(exact, "non-square")
+    cfg = ekg.SearchConfig(keep=0.6, val_per_class=4, sub_per_class=16, batch_size=64)
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        return ekg.prune(SmallCNN(), (train, test), out=tmp_path / out, config=cfg, normalization=norm,
+                         progress=False, **kw)
+
+    full = run("full")
+    real_step, calls = Searcher.step, []
+
+    def interrupted(self, state):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, state)
+
+    monkeypatch.setattr(Searcher, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("part")
+    monkeypatch.setattr(Searcher, "step", real_step)
+    assert len(search_log(tmp_path / "part")) == 3  # step 0 and two finished steps
+    with pytest.raises(EkgError, match="already holds a pruning run"):
+        run("part")
+    resumed = run("part", resume=True)
+    assert json.loads(RunDir(resumed.run_dir).widths.read_text())["groups"] == \
+        json.loads(RunDir(full.run_dir).widths.read_text())["groups"]
+    other = Items([(x, (y + 1) % 10) for x, y in train.items], classes=train.classes)  # other labels: other data
+    with pytest.raises(EkgError, match="data"):
+        ekg.prune(SmallCNN(), (other, test), out=tmp_path / "part", config=cfg, normalization=norm, progress=False,
+                  resume=True)
