@@ -364,3 +364,17 @@ def test_a_search_on_a_users_datasets_resumes_to_the_uninterrupted_masks(exact, 
     with pytest.raises(EkgError, match="data"):
         ekg.prune(SmallCNN(), (other, test), out=tmp_path / "part", config=cfg, normalization=norm, progress=False,
                   resume=True)
+
+
+def test_ekg_run_takes_a_users_module_and_datasets(exact, tmp_path):
+    train, test, _, norm = _form(exact, "pil")
+    torch.manual_seed(0)
+    search = ekg.SearchConfig(val_per_class=4, sub_per_class=16, batch_size=64)
+    summary = ekg.run(SmallCNN(), (train, test), keep=0.6, out=tmp_path / "run", preset="quick", epochs=1,
+                      search=search, normalization=norm, progress=False, latency_batches=(1,))
+    assert summary["pruned"]["flops"] <= 0.6 * summary["original"]["flops"]
+    assert summary["original"]["n_images"] == summary["pruned"]["n_images"] == 10 * PER_CLASS_TEST
+    assert "Items" in summary["data"] and summary["settings"]["keep"] == 0.6
+    # the run's checkpoints of a user's module reload with the module as the factory
+    final = ekg.load_checkpoint(RunDir(tmp_path / "run").final, factory=SmallCNN)
+    assert sum(p.numel() for p in final.model.parameters()) == summary["pruned"]["params"]
