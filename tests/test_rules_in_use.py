@@ -570,7 +570,7 @@ def test_prune_adapts_one_epoch_over_d_sub_and_searches_on_d_val_in_256_plus_64(
     first 256 images per class, shuffled), unaugmented, in batches of 256, and moves the weights
     as a hand-written Nesterov SGD (momentum 0.9, lr 1e-3, wd 5e-4, mean CE, BN in training
     mode) does; the search gets D_val (the last 32 per class, shuffled) as batches of 256 + 64."""
-    from ekg import prune as prune_mod
+    import ekg.pruning as prune_mod
     from ekg.data import get_normalization
 
     ckpt = _tiny_checkpoint()
@@ -667,8 +667,8 @@ def _paper_finetune(cfg, kd: str) -> None:
 
 def test_ekg_finetune_and_ekg_run_paper_build_the_papers_finetuning_recipe(tmp_path, cifar10_exact, monkeypatch) -> None:
     import ekg.bank
+    import ekg.finetuning
     import ekg.pipeline
-    import ekg.train
     from ekg.cli import main
     from ekg.train import finetune_config
 
@@ -682,7 +682,7 @@ def test_ekg_finetune_and_ekg_run_paper_build_the_papers_finetuning_recipe(tmp_p
 
     model = _save_tiny(tmp_path / "m.pt")
     sentinel = object()
-    monkeypatch.setattr(ekg.train, "train", fake_train)
+    monkeypatch.setattr(ekg.finetuning, "train", fake_train)  # ekg finetune goes through ekg.finetune
     monkeypatch.setattr(ekg.bank, "bank_for_run", lambda *a, **k: sentinel)
     common = ["--model", str(model), "--data", str(cifar10_exact), "--quiet"]
     main(["finetune", *common, "--bank", str(tmp_path / "RUN")])
@@ -690,7 +690,7 @@ def test_ekg_finetune_and_ekg_run_paper_build_the_papers_finetuning_recipe(tmp_p
     # ekg run --preset paper (the default preset): the search, slimming and bank replaced by stubs
     monkeypatch.setattr(ekg.pipeline, "train", fake_train)
     monkeypatch.setattr(ekg.pipeline, "prune", lambda *a, **k: None)
-    monkeypatch.setattr(ekg.pipeline, "load_checkpoint", lambda path: _tiny_checkpoint())
+    monkeypatch.setattr(ekg.pipeline, "load_checkpoint", lambda path, **k: _tiny_checkpoint())
     monkeypatch.setattr(ekg.pipeline, "bank_for_run", lambda *a, **k: sentinel)
     main(["run", *common, "--out", str(tmp_path / "run")])
     assert len(got) == 3
@@ -777,7 +777,7 @@ def paper_cfg(tmp_path, cifar10_exact, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(ekg.pipeline, "train", fake_train)
         mp.setattr(ekg.pipeline, "prune", lambda *a, **k: None)
-        mp.setattr(ekg.pipeline, "load_checkpoint", lambda path: _tiny_checkpoint())
+        mp.setattr(ekg.pipeline, "load_checkpoint", lambda path, **k: _tiny_checkpoint())
         mp.setattr(ekg.pipeline, "bank_for_run", lambda *a, **k: None)
         main(["run", "--model", str(_save_tiny(tmp_path / "m.pt")), "--data", str(cifar10_exact), "--quiet",
               "--out", str(tmp_path / "paper")])

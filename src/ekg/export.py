@@ -74,8 +74,12 @@ def export(ckpt: Checkpoint, path: str | Path, fmt: str | None = None, *, atol: 
 
 
 def _preprocess_record(ckpt: Checkpoint) -> dict:
-    return {"arch": ckpt.arch, "input": ["batch", *ckpt.input_size], "input_scale": "RGB 0..255, then "
-            "(x - mean) / std", "normalization": dict(ckpt.normalization), "num_classes": ckpt.num_classes}
+    norm = dict(ckpt.normalization)
+    scale = ("the images as the training data gave them (already normalised)" if not norm.get("mean") else
+             f"{ckpt.input_size[0]} channels on the training images' scale (0..255 for uint8 images), then "
+             "(x - mean) / std")
+    return {"arch": ckpt.arch, "input": ["batch", *ckpt.input_size], "input_scale": scale, "normalization": norm,
+            "num_classes": ckpt.num_classes}
 
 
 def _onnx(model: torch.nn.Module, ckpt: Checkpoint, trace_x: torch.Tensor, check_x: torch.Tensor,
