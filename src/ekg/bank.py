@@ -121,6 +121,15 @@ def check_topk(topk: int | None, num_classes: int | None = None) -> None:
                        f"use at most {num_classes} (or leave it out for a dense bank)")
 
 
+def check_teachers(teachers: int | None) -> None:
+    """Refuse a ``teachers`` count that is not a whole number of at least 1 (None: the method's 5)."""
+    if teachers is None:
+        return
+    if isinstance(teachers, bool) or not isinstance(teachers, (int, np.integer)) or teachers < 1:
+        raise EkgError(f"`teachers` must be a whole number of at least 1 (or absent for the method's "
+                       f"{DEFAULT_TEACHERS}), got {teachers!r}")
+
+
 def topk_compress(logits: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A top-k record of ``logits`` ``(..., classes)``: the ``k`` largest logits (fp16, largest
     first), their class indices (:func:`index_dtype`) and the rest value (fp16), the mean of the
@@ -462,6 +471,7 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None
     from .data import get_normalization
 
     check_topk(topk)
+    check_teachers(teachers)
     rd = RunDir(run)
     run = rd.path
     for folder in (run, rd.bank):
@@ -487,5 +497,5 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None
         raise EkgError(f"the search history in {run} does not match the model's channel groups "
                        f"({len(saved['groups'])} saved, {len(names)} now); was it written by another ekg version?")
     return build_bank(net, saved["history"], data.to(device), get_normalization(ckpt.normalization), rd.bank,
-                      teachers=teachers or DEFAULT_TEACHERS, batch_size=batch_size, progress=progress, dist=dist,
+                      teachers=DEFAULT_TEACHERS if teachers is None else teachers, batch_size=batch_size, progress=progress, dist=dist,
                       topk=topk)

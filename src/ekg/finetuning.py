@@ -60,7 +60,7 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
     memory bank's size and storage (see :func:`ekg.bank.bank_for_run`). ``input_size`` and
     ``normalization`` describe an ``nn.Module`` (as for :func:`ekg.prune`)."""
     dist = dist or Dist()
-    from .bank import bank_for_run, check_topk
+    from .bank import bank_for_run, check_teachers, check_topk
 
     if config is not None and kd is not None and kd != config.kd:
         raise EkgError(f"`kd` is {kd!r} but the `config` says kd {config.kd!r}: state it once")
@@ -73,6 +73,7 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
         cfg = dataclasses.replace(cfg, transform=transform_name(transform))
     cfg.validate()
     check_topk(bank_topk)
+    check_teachers(teachers)
     from .pruning import PruneResult
 
     if bank is None and isinstance(model, PruneResult):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bank import DEFAULT_TEACHERS, bank_for_run, check_topk
+from .bank import DEFAULT_TEACHERS, bank_for_run, check_teachers, check_topk
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import DataSplits, as_splits, get_normalization
 from .errors import EkgError
@@ -89,6 +89,7 @@ def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | Non
     if preset not in PRESETS:
         raise EkgError(f"`preset` must be one of {', '.join(PRESETS)}, got {preset!r}")
     check_topk(bank_topk)
+    check_teachers(teachers)
     overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers),
                                    ("bank_topk", bank_topk)) if v is not None}
     p = dataclasses.replace(PRESETS[preset], **overrides)

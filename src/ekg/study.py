@@ -145,19 +145,26 @@ def perturb(kept: dict[int, torch.Tensor], channels: dict[int, int], fraction: f
     return out
 
 
-def _run_subnetwork(run: Path, factory: Any = None) -> tuple[Any, Any, dict[int, torch.Tensor], str]:
-    """(adapted checkpoint, its dependency graph, kept channels, criterion) of a finished prune run
-    (``factory`` rebuilds its checkpoints when they hold a user's module)."""
-    from .checkpoint import load_checkpoint
-    from .masks import MaskedNetwork
+def _finished_run(run: str | Path) -> Any:
+    """The :class:`~ekg.rundir.RunDir` of ``run``, or an error if it is not a finished pruning run."""
     from .rundir import RunDir
-    from .search import SearchConfig, SearchState
 
     rd = RunDir(run)
     for f in (rd.adapted, rd.search_state, rd.config, rd.pruned):
         if not f.exists():
             raise EkgError(f"{run} is not a finished pruning run ({f.name} is missing); "
                            f"run `ekg prune --out {run}` first")
+    return rd
+
+
+def _run_subnetwork(run: Path, factory: Any = None) -> tuple[Any, Any, dict[int, torch.Tensor], str]:
+    """(adapted checkpoint, its dependency graph, kept channels, criterion) of a finished prune run
+    (``factory`` rebuilds its checkpoints when they hold a user's module)."""
+    from .checkpoint import load_checkpoint
+    from .masks import MaskedNetwork
+    from .search import SearchConfig, SearchState
+
+    rd = _finished_run(run)
     base = load_checkpoint(rd.adapted, factory=factory)
     state = SearchState.from_dict(torch.load(rd.search_state, map_location="cpu", weights_only=True))
     cfg = SearchConfig.from_dict(rd.prune_record()["search"])  # type: ignore[index]
@@ -235,6 +242,8 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
         check_settings(out, decision_settings("study", json.loads(saved_cfg.read_text())),
                        decision_settings("study", record), what="a study",
                        fix="use the same settings to continue it, or choose another `out`")
+    for r in runs:  # before anything is written
+        _finished_run(r)
     splits = as_splits(data, progress=progress, classes=classes)
     factory = None if model is None else (lambda **_: copy.deepcopy(model))
     device = resolve_device(cfg.landscape.device)

@@ -91,6 +91,10 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1:
             raise EkgError(f"`epochs` must be at least 1, got {self.epochs}")
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EkgError(f"`{name}` must be at least 1 (or absent for every image), got {value}")
         if self.batch_size < 1:
             raise EkgError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if not self.lr > 0:

@@ -111,12 +111,17 @@ def load_image_folder(root: Path, cache_root: Path, progress: bool, held_out: st
     file's path, size and mtime."""
     files, stats = [], []
     for split, folder in zip(SPLITS, ("train", held_out)):
-        for class_dir in sorted(p for p in (root / folder).iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in (root / folder).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found = 0
             for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
                 if entry.is_file() and is_image(entry.name):
                     st = entry.stat()
                     files.append(_ImageFile(split, class_dir.name, entry.name, entry.path))
                     stats.append((f"{folder}/{class_dir.name}/{entry.name}", st.st_size, st.st_mtime_ns))
+                    found += 1
+            if not found:  # a class folder is a class: an empty one would silently drop it
+                raise DataError(f"the class folder {class_dir} holds no images (.jpg, .jpeg or .png): add its images "
+                                "or remove the folder (every class folder is a class)")
     key = _cache_key("folder", str(root), stats)
     return _load_tree(lambda: files, key, f"image folders {root}", cache_root, progress)
 
