@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -46,6 +47,13 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def note(self, text: str | None) -> None:
+        """A one-line ``note: ...`` on stderr, once (from rank 0), above any progress bar; nothing for None."""
+        if text and self.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"note: {text}", file=sys.stderr)
 
     def device(self, name: str = "auto") -> torch.device:
         """The device of this process: ``resolve_device(name)``, on CUDA this rank's GPU."""

@@ -11,19 +11,18 @@ uses only its best teacher; ``"none"`` is plain cross-entropy and needs no bank.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .data import Transform, as_splits
 from .data.augment import transform_name
 from .distributed import Dist
 from .errors import EkgError
+from .pruning import PruneResult
 from .rundir import RunDir
 from .train import TrainConfig, finetune_config, fit_jitter, train
 from .user_model import AUTO, as_checkpoint, rebuilder
@@ -74,8 +73,6 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
     cfg.validate()
     check_topk(bank_topk)
     check_teachers(teachers)
-    from .pruning import PruneResult
-
     if bank is None and isinstance(model, PruneResult):
         bank = model
     bank_dir = getattr(bank, "run_dir", bank)  # a PruneResult
@@ -90,8 +87,7 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
     ckpt = as_checkpoint(model, splits, input_size=input_size, normalization=normalization)
     if jitter is None:
         cfg, note = fit_jitter(cfg, splits.train)
-        if note and dist.is_main:
-            tqdm.write(f"note: {note}", file=sys.stderr)
+        dist.note(note)
     memory = None
     if cfg.kd != "none":
         memory = bank_for_run(bank_dir, splits.train, teachers=teachers, device=dist.device(cfg.device),

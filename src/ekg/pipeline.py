@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +109,7 @@ def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | Non
     check_topk(p.bank_topk, ckpt.num_classes)  # before the search, not after
     check_prunable(ckpt, splits)
     ft_cfg, note = fit_jitter(ft_cfg, splits.train)
-    if note and dist.is_main:
-        tqdm.write(f"note: {note}", file=sys.stderr)
+    dist.note(note)
     factory_fn = rebuilder(ckpt)  # reloads the run's checkpoints of a user's module
     if not restart:  # the folder's settings (its `ekg prune` record and run.json) must be these
         requested = {**prune_settings(prune_record(cfg, ckpt, splits)), **run_settings(settings)}

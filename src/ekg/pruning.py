@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,8 +112,7 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     source = str(ckpt.meta.get("source", model))
     if explicit is None:
         sizes = fit_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class)
-        if sizes.note and dist.is_main:
-            tqdm.write(f"note: {sizes.note}", file=sys.stderr)
+        dist.note(sizes.note)
     record = prune_record(cfg, ckpt, splits, source=source, search_sets=explicit)
     if resume:
         saved = rd.prune_record()
@@ -275,12 +273,11 @@ def _read_search_sets(search_sets: tuple[Any, Any] | None, splits: DataSplits, p
         raise EkgError("`search_sets` must be a (d_val, d_sub) pair of Datasets")
     if splits.streamed:
         raise EkgError("`search_sets` are read into memory; with a streamed tree the search sets are carved from it")
-    like = (splits.train.image_size, "uint8" if splits.train.images.dtype == torch.uint8 else "float32")
+    like = (splits.train.image_size, splits.train.kind)
     out = []
     for ds, what in zip(search_sets, ("D_val (search_sets[0])", "D_sub (search_sets[1])")):
         if isinstance(ds, ImageSet):
             out.append(ds)
             continue
-        part, _ = read_split(ds, what, classes=splits.train.classes, progress=progress, like=like)
-        out.append(part)
+        out.append(read_split(ds, what, classes=splits.train.classes, progress=progress, like=like))
     return out[0], out[1]

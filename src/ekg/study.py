@@ -222,6 +222,7 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
 
     from .arch import module_shapes
     from .checkpoint import Checkpoint
+    from .user_model import module_factory
     from .data import as_splits, get_normalization
     from .flops import count
     from .io import write_json
@@ -245,7 +246,7 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
     for r in runs:  # before anything is written
         _finished_run(r)
     splits = as_splits(data, progress=progress, classes=classes)
-    factory = None if model is None else (lambda **_: copy.deepcopy(model))
+    factory = None if model is None else module_factory(model)
     device = resolve_device(cfg.landscape.device)
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved_cfg, record)

@@ -137,11 +137,17 @@ def finetune_config(kd: str = "ensemble", **overrides: Any) -> TrainConfig:
 def fit_jitter(cfg: TrainConfig, train_set: Any) -> tuple[TrainConfig, str | None]:
     """The recipe's colour jitter is for 3-channel uint8 images: on other in-memory data (grayscale,
     floats) it is left out, with a note saying so. An explicit request is :func:`train`'s to refuse."""
-    if cfg.augment.jitter and cfg.transform is None and isinstance(train_set, ImageSet) and not train_set.rgb_uint8:
+    if _jitter_unfit(cfg, train_set):
         note = (f"the EKG colour jitter needs 3-channel uint8 images; these are {train_set.images.dtype} "
                 f"{'x'.join(map(str, train_set.image_size))}, so fine-tuning goes without it (flip + pad-crop only)")
         return dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, jitter=False)), note
     return cfg, None
+
+
+def _jitter_unfit(cfg: TrainConfig, train_set: Any) -> bool:
+    """Whether ``cfg`` asks for the method's colour jitter on in-memory images it does not fit
+    (not 3-channel uint8)."""
+    return cfg.augment.jitter and cfg.transform is None and isinstance(train_set, ImageSet) and not train_set.rgb_uint8
 
 
 def default_temperature(num_classes: int) -> float:
@@ -394,7 +400,7 @@ def _check_inputs(cfg: TrainConfig, data: DataSplits, transform: Transform | Non
     if transform is not None and data.streamed:
         raise EkgError("a training `transform` of your own augments images held in memory; a streamed tree is "
                        "augmented by its DataLoader workers")
-    if transform is None and cfg.augment.jitter and isinstance(data.train, ImageSet) and not data.train.rgb_uint8:
+    if transform is None and _jitter_unfit(cfg, data.train):
         raise EkgError(f"the EKG colour jitter needs 3-channel uint8 images (0..255) but these are "
                        f"{data.train.images.dtype} {tuple(data.train.image_size)}: set `jitter=False` or pass your own "
                        "`transform`")
@@ -425,6 +431,7 @@ def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normali
     bank's rows are read by each image's index in the training set. Each batch is drawn and
     augmented whole (the same images as on one process); ``part`` of it is yielded. A streamed
     set (:class:`ekg.data.FolderSet`) loads only ``part`` of each batch, two crops per decode."""
+    aug = cfg.augment if aug is None else aug  # a user's transform, else the method's pipeline
     n = len(data)
     order = torch.randperm(n, generator=gen, device=gen.device)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
@@ -438,7 +445,7 @@ def _two_view_batches(data: Any, cfg: TrainConfig, gen: torch.Generator, normali
     aug_gen.manual_seed(seed)
     for idx in batch_positions(order.to(data.images.device), cfg.batch_size, drop_last=True):
         raw, y = data.images[idx], data.labels[idx]
-        views = [normalization.apply(augment_batch(raw, aug or cfg.augment, aug_gen))[part] for _ in range(2)]
+        views = [normalization.apply(augment_batch(raw, aug, aug_gen))[part] for _ in range(2)]
         teachers = bank.batch(idx[part], device=data.images.device) if bank is not None else None
         yield views, y[part], teachers
 

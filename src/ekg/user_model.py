@@ -29,9 +29,10 @@ def as_checkpoint(model: Checkpoint | str | Path | nn.Module, splits: Any, *,
     if isinstance(model, nn.Module):
         return checkpoint_of_module(model, splits, input_size=input_size, normalization=normalization,
                                     factory=factory, factory_kwargs=factory_kwargs)
-    given = [name for name, v in (("input_size", input_size), ("factory", factory), ("factory_kwargs", factory_kwargs))
-             if v is not None] + (["normalization"] if not (isinstance(normalization, str) and normalization == AUTO)
-                                  else [])
+    given = [k for k, v in (("input_size", input_size), ("factory", factory), ("factory_kwargs", factory_kwargs))
+             if v is not None]
+    if not (isinstance(normalization, str) and normalization == AUTO):  # None (the identity) is given too
+        given.append("normalization")
     if given:
         raise EkgError(f"{', '.join(f'`{g}`' for g in given)} describe{'s' if len(given) == 1 else ''} an nn.Module; "
                        "a checkpoint records them")
@@ -88,11 +89,15 @@ def rebuilder(ckpt: Checkpoint) -> Callable[..., nn.Module] | None:
     record = ckpt.record
     if record is None or (record.factory is not None and record.factory.startswith("torchvision:")):
         return None
-    template = ckpt.model
+    return module_factory(ckpt.model)
+
+
+def module_factory(template: nn.Module) -> Callable[..., nn.Module]:
+    """A ``factory`` for :func:`ekg.checkpoint.load_checkpoint` that builds a copy of ``template``
+    (any widths: loading gives it each file's recorded widths), whatever kwargs are recorded."""
+    import copy
 
     def factory(**_: Any) -> nn.Module:
-        import copy
-
         return copy.deepcopy(template)
 
     return factory

@@ -63,24 +63,25 @@ def from_datasets(train: Any, test: Any, *, classes: Sequence[str] | None = None
     the item) for an item that is not ``(image, label)``, an image of another shape or kind than
     the first, a label outside the classes, an empty split, or data over ``max_gb``."""
     train_ds, test_ds = _dataset_of(train, "training"), _dataset_of(test, "test")
-    train_set, kind = read_split(train_ds, "training", classes=classes, progress=progress, max_gb=max_gb)
-    test_set, _ = read_split(test_ds, "test", classes=train_set.classes, progress=progress, max_gb=max_gb,
-                             like=(train_set.image_size, kind))
+    train_set = read_split(train_ds, "training", classes=classes, progress=progress, max_gb=max_gb)
+    test_set = read_split(test_ds, "test", classes=train_set.classes, progress=progress, max_gb=max_gb,
+                          like=(train_set.image_size, train_set.kind))
     source = (f"{type(train_ds).__name__} / {type(test_ds).__name__} datasets ({len(train_set)} training and "
-              f"{len(test_set)} test images of {'x'.join(map(str, train_set.image_size))} {kind}, "
+              f"{len(test_set)} test images of {_shape(train_set.image_size)} {train_set.kind}, "
               f"{len(train_set.classes)} classes)")
     return DataSplits(DATASET_NAME, train_set, test_set, source)
 
 
 def read_split(ds: Any, what: str, *, classes: Sequence[str] | None = None, progress: bool = True,
-               max_gb: float = MAX_GB, like: tuple[tuple[int, ...], str] | None = None) -> tuple[ImageSet, str]:
-    """One Dataset (or DataLoader) read into an :class:`ImageSet`, and its kind (``uint8`` or ``float32``).
-    ``like``: the ``(shape, kind)`` its images must have (the training split's)."""
+               max_gb: float = MAX_GB, like: tuple[tuple[int, ...], str] | None = None) -> ImageSet:
+    """One Dataset (or DataLoader) read into an :class:`ImageSet`. ``like``: the ``(shape, kind)``
+    its images must have (the training split's ``image_size`` and :attr:`~ImageSet.kind`)."""
     ds = _dataset_of(ds, what)
     n = len(ds)
     if n == 0:
         raise DataError(f"the {what} set is empty")
-    first = _image(ds, 0, what)
+    first_item = _item(ds, 0, what)
+    first = _image(first_item, 0, what)
     shape, kind = tuple(first.shape), "uint8" if first.dtype == torch.uint8 else "float32"
     if like is not None and (shape, kind) != (tuple(like[0]), like[1]):
         raise DataError(f"the {what} set's images are {kind} {_shape(shape)} but the training set's are "
@@ -93,19 +94,19 @@ def read_split(ds: Any, what: str, *, classes: Sequence[str] | None = None, prog
     images = torch.empty((n, *shape), dtype=first.dtype)
     labels = np.empty(n, dtype=np.int64)
     for i in tqdm(range(n), desc=f"reading the {what} set", unit="img", disable=not progress, leave=False):
-        item = _item(ds, i, what)
-        img = first if i == 0 else _image(ds, i, what, item)
+        item = first_item if i == 0 else _item(ds, i, what)
+        img = first if i == 0 else _image(item, i, what)
         if tuple(img.shape) != shape or img.dtype != first.dtype:
             raise DataError(f"item {i} of the {what} set is a {img.dtype} image of {_shape(tuple(img.shape))} but "
                             f"item 0 is {first.dtype} {_shape(shape)}: every image needs one shape and dtype "
                             "(resize them in your Dataset)")
         images[i] = img
         labels[i] = _label(item, i, what)
-    names = _classes(ds, labels, classes, what)
+    names = _classes(ds, labels, classes)
     if labels.min() < 0 or labels.max() >= len(names):
         raise DataError(f"the {what} set has labels {labels.min()}..{labels.max()} but {len(names)} classes: labels "
                         f"must lie in 0..{len(names) - 1}")
-    return ImageSet(images, torch.from_numpy(labels), names), kind
+    return ImageSet(images, torch.from_numpy(labels), names)
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -120,9 +121,8 @@ def _item(ds: Any, i: int, what: str) -> Any:
                         f"{' '.join(str(e).split())})") from None
 
 
-def _image(ds: Any, i: int, what: str, item: Any = None) -> torch.Tensor:
-    """The image of item ``i`` as a ``(C, H, W)`` uint8 or float32 tensor."""
-    item = _item(ds, i, what) if item is None else item
+def _image(item: Any, i: int, what: str) -> torch.Tensor:
+    """The image of ``item`` (item ``i`` of the ``what`` set) as a ``(C, H, W)`` uint8 or float32 tensor."""
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise DataError(f"item {i} of the {what} set is a {type(item).__name__}, not an (image, label) pair")
     img = item[0]
@@ -153,7 +153,7 @@ def _label(item: Any, i: int, what: str) -> int:
     raise DataError(f"item {i} of the {what} set has the label {y!r}: labels must be integers (class positions)")
 
 
-def _classes(ds: Any, labels: np.ndarray, classes: Sequence[str] | None, what: str) -> list[str]:
+def _classes(ds: Any, labels: np.ndarray, classes: Sequence[str] | None) -> list[str]:
     if classes is None:
         found = getattr(ds, "classes", None)
         if isinstance(found, (list, tuple)) and len(found) > int(labels.max()):

@@ -47,6 +47,11 @@ class ImageSet:
         return self.images.device
 
     @property
+    def kind(self) -> str:
+        """``"uint8"`` (the 0..255 scale) or ``"float32"`` (the images' own scale)."""
+        return "uint8" if self.images.dtype == torch.uint8 else "float32"
+
+    @property
     def rgb_uint8(self) -> bool:
         """Whether the images are 3-channel uint8 (what the EKG colour jitter and the presets expect)."""
         return self.images.dtype == torch.uint8 and self.images.shape[1] == 3
