@@ -33,11 +33,17 @@ BENCHMARKS.md and docs/design.md). With K = classes the two layouts give identic
 
 Building is resumable: rows are written into ``*.partial.npy`` teacher by teacher, the finished
 teachers are recorded in ``progress.json``, and the final names appear only when every teacher is
-done.
+done. The arrays are preallocated on disk when they are created, so a disk too small for the bank
+is one error naming the file before any teacher runs (a sparse memory map would instead die with
+``SIGBUS`` on the first page the full disk cannot hold).
+
+:func:`check_student` refuses, before any work, to distil into a model that is not a sub-network
+of the network the bank's teachers come from (``bank.json`` records its tensor shapes).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -53,9 +59,11 @@ from .data import ImageSet, Normalization, iterate_index_batches
 from .distributed import Dist
 from .errors import EkgError
 from .evaluate import batch_statistics_bn
-from .io import write_json
+from .io import output_error, read_json, write_json
+from .lock import hold
 from .masks import MaskedNetwork
-from .rundir import BANK_DENSE_FILES, BANK_INFO, BANK_PROGRESS, BANK_TOPK_FILES, RunDir, partial_name
+from .rundir import (BANK_DENSE_FILES, BANK_INFO, BANK_PROGRESS, BANK_TOPK_FILES, PRUNED, RunDir, load_artifact,
+                     partial_name)
 
 
 def select_teachers(losses: Sequence[float], count: int = 5) -> list[int]:
@@ -344,7 +352,14 @@ class _Store:
             if stale.exists() and other not in self.files.values():
                 stale.unlink()
         for name, (shape, dtype) in self.layout.items():
-            np.lib.format.open_memmap(self.partial(name), mode="w+", dtype=dtype, shape=shape).flush()
+            path = self.partial(name)
+            try:
+                np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+                _preallocate(path)
+            except OSError as e:
+                for other in self.layout:
+                    self.partial(other).unlink(missing_ok=True)
+                raise output_error(path, e) from None
 
     def open(self) -> None:
         self.arrays = {name: np.load(self.partial(name), mmap_mode="r+") for name in self.layout}
@@ -370,6 +385,68 @@ class _Store:
         """The final names (the memory maps must be closed)."""
         for name in self.layout:
             os.replace(self.partial(name), self.folder / self.files[name])
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve the disk blocks of a (sparse) file, so that a full disk fails here and not under a memory map."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: write zeros
+                raise
+            _write_zeros(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _write_zeros(fd: int, size: int, chunk: int = 1 << 24) -> None:
+    zeros = bytes(min(chunk, size))
+    done = 0
+    while done < size:
+        done += os.pwrite(fd, zeros[:min(chunk, size - done)], done)
+    os.fsync(fd)
+
+
+def model_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """The tensor shapes of ``model``'s state dict (BN's step counters left out)."""
+    return {k: list(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def bank_model_shapes(run: str | os.PathLike) -> dict[str, list[int]] | None:
+    """The tensor shapes of the network whose sub-networks the bank of ``run`` (a run directory or
+    a bank folder) holds: bank.json's record, else the run's ``adapted.pt``; None if neither says."""
+    rd = RunDir(run)
+    for folder in (rd.path, rd.bank):
+        meta = folder / BANK_INFO
+        if meta.exists():
+            info = read_json(meta, "delete the bank folder to build it again")
+            if isinstance(info, dict) and isinstance(info.get("model_shapes"), dict):
+                return info["model_shapes"]
+    if rd.adapted.exists():
+        saved = load_artifact(rd.adapted)
+        if isinstance(saved, dict) and isinstance(saved.get("state_dict"), dict):
+            return {k: list(v.shape) for k, v in saved["state_dict"].items() if not k.endswith("num_batches_tracked")}
+    return None
+
+
+def check_student(run: str | os.PathLike, model: torch.nn.Module, source: str) -> None:
+    """Refuse to distil the memory bank of ``run`` into ``model`` (named ``source``) unless it is a
+    sub-network of the network the teachers come from: the same tensors, none wider."""
+    teacher = bank_model_shapes(run)
+    if teacher is None:
+        return
+    own = model_shapes(model)
+    wrong = [f"{k} is not in the pruned network" for k in own if k not in teacher]
+    wrong += [f"{k} is missing" for k in teacher if k not in own]
+    wrong += [f"{k} is {tuple(own[k])}, wider than the pruned network's {tuple(teacher[k])}" for k in own
+              if k in teacher and (len(own[k]) != len(teacher[k]) or any(a > b for a, b in zip(own[k], teacher[k])))]
+    if wrong:
+        raise EkgError(f"the memory bank of {run} was built from sub-networks of another network than {source} "
+                       f"({len(wrong)} tensors differ; first: {wrong[0]}); fine-tune that run's {PRUNED}, or pass "
+                       "the `bank` of the run that pruned this model")
 
 
 def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet, normalization: Normalization,
@@ -402,7 +479,7 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
     if topk is not None:
         info.update({"classes_dtype": index_dtype(classes).name, "fill": DEFAULT_FILL,
                      "rest": f"mean of the {classes - topk} logits outside the top {topk}"})
-    info.update({"data": data_fingerprint(data),
+    info.update({"data": data_fingerprint(data), "model_shapes": model_shapes(net.model),
                  "bn": "batch statistics, batches of %d in dataset order" % batch_size,
                  "teachers": [{"history_index": i, "step": int(candidates[i].get("step", i)),
                                "val_loss": float(candidates[i]["loss"]),
@@ -411,9 +488,12 @@ def build_bank(net: MaskedNetwork, history: list[dict[str, Any]], data: ImageSet
     store = _Store(folder, shape, topk)
     done: list[int] = []
     if store.partials_exist() and prog.exists():
-        saved = json.loads(prog.read_text())
-        if saved.get("info") == info:
-            done = saved["done"]
+        try:
+            saved = json.loads(prog.read_text())
+        except (ValueError, OSError):  # a damaged progress record: the bank is built again from its start
+            saved = {}
+        if isinstance(saved, dict) and saved.get("info") == info:
+            done = list(saved.get("done", []))
     dist.barrier()  # every rank has read the progress record
     if not done and dist.is_main:
         store.create()
@@ -467,9 +547,6 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None
     otherwise is refused) and ``teachers`` (None: any); else one built into ``RUN/bank`` from
     ``RUN/adapted.pt`` and ``RUN/history.pt``, dense or top-``topk``, with ``teachers`` (default 5).
     ``factory`` rebuilds ``adapted.pt`` when its model is a user's module (:func:`ekg.checkpoint.rebuilder`)."""
-    from .checkpoint import load_checkpoint
-    from .data import get_normalization
-
     check_topk(topk)
     check_teachers(teachers)
     rd = RunDir(run)
@@ -482,9 +559,23 @@ def bank_for_run(run: str | os.PathLike, data: ImageSet, *, teachers: int | None
     if missing:
         raise EkgError(f"{run} is not a finished `ekg prune` run directory (missing {', '.join(missing)}): "
                        "the memory bank is built from its search history")
+    with hold(run, dist):  # one process builds it; a second is refused at once
+        return _build_for_run(rd, data, teachers, batch_size, device, progress, dist, topk, factory)
+
+
+def _build_for_run(rd: RunDir, data: ImageSet, teachers: int | None, batch_size: int, device: Any, progress: bool,
+                   dist: Dist | None, topk: int | None, factory: Any) -> MemoryBank:
+    """:func:`bank_for_run`'s build, the run directory locked."""
+    from .checkpoint import load_checkpoint
+    from .data import get_normalization
+
+    run = rd.path
+    existing = _open_checked(rd.bank, data, topk, teachers)  # finished by the process that held the lock?
+    if existing is not None:
+        return existing
     ckpt = load_checkpoint(rd.adapted, factory=factory)
     check_topk(topk, ckpt.num_classes)
-    saved = torch.load(rd.history, map_location="cpu", weights_only=True)
+    saved = load_artifact(rd.history)
     model = ckpt.model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -40,7 +40,7 @@ from torch import nn
 from . import __version__, safe_pickle
 from .errors import CheckpointError, EkgError
 from .arch import ArchRecord, rebuild
-from .io import atomic_path
+from .io import save_torch
 from .models import CifarResNet, ResNetSpec, arch_name, build_model, spec_for
 
 FORMAT = "ekg-checkpoint"
@@ -109,8 +109,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
             "ekg_version": __version__, **ckpt.meta}
     payload = ckpt.to_dict()
     payload["meta"] = meta
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
     return path
 
 

@@ -24,7 +24,7 @@ from .distributed import Dist
 from .errors import EkgError
 from .pruning import PruneResult
 from .rundir import RunDir
-from .train import TrainConfig, finetune_config, fit_jitter, train
+from .train import TrainConfig, check_train_dir, finetune_config, fit_jitter, train, with_temperature
 from .user_model import AUTO, as_checkpoint, rebuilder
 
 
@@ -59,7 +59,7 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
     memory bank's size and storage (see :func:`ekg.bank.bank_for_run`). ``input_size`` and
     ``normalization`` describe an ``nn.Module`` (as for :func:`ekg.prune`)."""
     dist = dist or Dist()
-    from .bank import bank_for_run, check_teachers, check_topk
+    from .bank import bank_for_run, check_student, check_teachers, check_topk
 
     if config is not None and kd is not None and kd != config.kd:
         raise EkgError(f"`kd` is {kd!r} but the `config` says kd {config.kd!r}: state it once")
@@ -88,6 +88,11 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
     if jitter is None:
         cfg, note = fit_jitter(cfg, splits.train)
         dist.note(note)
+    # everything train() and the bank will refuse, refused before the bank is built (minutes of work)
+    check_train_dir(with_temperature(cfg, splits.num_classes), out, resume, ckpt.model)
+    if cfg.kd != "none":
+        source = str(model) if isinstance(model, (str, Path)) else str(ckpt.meta.get("source") or "the model")
+        check_student(bank_dir, ckpt.model, source)
     memory = None
     if cfg.kd != "none":
         memory = bank_for_run(bank_dir, splits.train, teachers=teachers, device=dist.device(cfg.device),

@@ -30,7 +30,8 @@ from .data import DataSplits, as_splits, get_normalization
 from .errors import EkgError
 from .evaluate import LATENCY_BATCHES, compare_latency, evaluate, format_speedup
 from .flops import FLOPS_CONVENTION, count
-from .io import atomic_path, write_json
+from .io import atomic_path, check_output_folder, write_json
+from .lock import check_free, hold
 from .pruning import check_prunable, prune
 from .distributed import Dist
 from .rundir import RunDir, TrainDir, check_settings, prune_record, prune_settings, run_settings
@@ -101,17 +102,30 @@ def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | Non
     cfg = with_keep(search, keep)
     cfg.validate()
     settings = {"keep": cfg.keep, "preset": preset, "kd": kd, **overrides}
+    check_output_folder(out)
+    check_free(out)  # at once; hold() below is the authoritative lock
     if restart:
         rd.check_restart()  # before any work: nothing is removed if this refuses
     splits = as_splits(data, progress=progress, classes=classes)
     ckpt = as_checkpoint(model, splits, input_size=input_size, normalization=normalization, factory=factory,
                          factory_kwargs=factory_kwargs)
     check_topk(p.bank_topk, ckpt.num_classes)  # before the search, not after
-    check_prunable(ckpt, splits)
+    check_prunable(ckpt, splits, cfg)
     ft_cfg, note = fit_jitter(ft_cfg, splits.train)
     dist.note(note)
+    with hold(out, dist):  # one process (one torchrun job) in the folder; prune and the bank take it again
+        return _run(ckpt, splits, rd, cfg, ft_cfg, p, settings, restart, latency_batches, progress, dist)
+
+
+def _run(ckpt: Checkpoint, splits: DataSplits, rd: RunDir, cfg: SearchConfig, ft_cfg: Any, p: Preset,
+         settings: dict[str, Any], restart: bool, latency_batches: tuple[int, ...], progress: bool,
+         dist: Dist) -> dict[str, Any]:
+    """The phases of :func:`run`, its arguments checked, in its locked run directory."""
+    out, kd, teachers = rd.path, settings["kd"], settings.get("teachers")
     factory_fn = rebuilder(ckpt)  # reloads the run's checkpoints of a user's module
-    if not restart:  # the folder's settings (its `ekg prune` record and run.json) must be these
+    if restart:
+        rd.check_restart()
+    else:  # the folder's settings (its `ekg prune` record and run.json) must be these
         requested = {**prune_settings(prune_record(cfg, ckpt, splits)), **run_settings(settings)}
         check_settings(out, rd.saved_settings(), requested)
     if restart and dist.is_main:
@@ -121,7 +135,6 @@ def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | Non
     resume_ft = TrainDir(rd.finetune).state.exists()
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         write_json(rd.run_record, settings)
 
     # phase 1, 2, 4: adaptation, search, slimming (prune resumes from its own state)

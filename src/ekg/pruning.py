@@ -38,10 +38,12 @@ from .data.datasets import read_split
 from .distributed import Dist
 from .errors import EkgError
 from .graph import build_graph
-from .io import atomic_path, write_json
+from .io import atomic_path, check_output_folder, save_torch, write_json
+from .lock import check_free, hold
 from .masks import MaskedNetwork
-from .rundir import RunDir, check_settings, prune_record, prune_settings
-from .search import SearchConfig, Searcher, SearchState, adapt, carve_search_sets, fit_search_sets, with_keep
+from .rundir import RunDir, check_settings, load_artifact, prune_record, prune_settings
+from .search import (SearchConfig, Searcher, SearchState, adapt, carve_search_sets, check_reachable, fit_search_sets,
+                     with_keep)
 from .user_model import AUTO, as_checkpoint
 
 
@@ -60,11 +62,6 @@ class PruneResult:
     def model(self) -> nn.Module:
         """The slim model (also in ``checkpoint`` and ``RunDir(run_dir).pruned``)."""
         return self.checkpoint.model
-
-
-def _save_torch(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | None = None, *,
@@ -97,46 +94,78 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
         raise EkgError("`resume=True` continues the run in `out` and `restart=True` starts it over: give only one")
     out = Path(out)
     rd = RunDir(out)
-    if restart:
-        rd.check_restart()  # before any work: nothing is removed if this refuses
-    elif rd.config.exists() and not resume:
-        raise EkgError(f"{out} already holds a pruning run; add `resume=True` to continue it, `restart=True` to start "
-                       "over, or choose another `out`")
+    check_output_folder(out)
+    check_free(out)  # at once; hold() below is the authoritative lock
+    _check_folder(rd, resume, restart)
     progress = progress and dist.is_main
     t_start = time.perf_counter()
     splits = as_splits(data, progress=progress, classes=classes)
     ckpt = as_checkpoint(model, splits, input_size=input_size, normalization=normalization, factory=factory,
                          factory_kwargs=factory_kwargs)
     explicit = _read_search_sets(search_sets, splits, progress)
-    check_prunable(ckpt, splits)
+    check_prunable(ckpt, splits, cfg)
     source = str(ckpt.meta.get("source", model))
     if explicit is None:
         sizes = fit_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class)
         dist.note(sizes.note)
     record = prune_record(cfg, ckpt, splits, source=source, search_sets=explicit)
-    if resume:
-        saved = rd.prune_record()
-        if saved is not None:
-            check_settings(out, prune_settings(saved), prune_settings(record), what="a pruning run")
-    if restart and dist.is_main:
-        rd.clear()
-    # restart: nothing of the old run is looked at (rank 0 may be removing it)
-    have_adapted = not restart and rd.adapted.exists()
-    have_state = not restart and rd.search_state.exists()
-    dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+    with hold(out, dist):  # one process (one torchrun job) in the folder from here on
+        _check_folder(rd, resume, restart)  # again, now that no other process can change it
+        if resume:
+            saved = rd.prune_record()
+            if saved is not None:
+                check_settings(out, prune_settings(saved), prune_settings(record), what="a pruning run")
+        if restart and dist.is_main:
+            rd.clear()
+        # restart: nothing of the old run is looked at (rank 0 may be removing it)
+        have_adapted = not restart and rd.adapted.exists()
+        have_state = not restart and rd.search_state.exists()
+        dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+        d_val, d_sub = explicit if explicit is not None else carve_search_sets(
+            splits.train, val_per_class=sizes.val_per_class, sub_per_class=sizes.sub_per_class, seed=cfg.split_seed)
+        if dist.is_main:
+            write_json(rd.config, record)
+        state, net, net_model, val_batches = _search(ckpt, cfg, rd, d_val, d_sub, source, have_adapted, have_state,
+                                                     progress, dist)
+        # the search left BN running statistics untouched: slim with them
+        slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
+        slim.requires_grad_(True)  # the search froze the weights; the slim model is a plain trainable module
+
+        record = None if ckpt.record is None else dataclasses.replace(ckpt.record, shapes=module_shapes(slim),
+                                                                      pruned=True)
+        result_ckpt = Checkpoint(model=slim.cpu(), normalization=dict(ckpt.normalization), dataset=dict(ckpt.dataset),
+                                 meta={"source": source, "pruned_by": "ekg prune", "search": cfg.to_dict()},
+                                 input_size=tuple(ckpt.input_size), record=record)
+        if dist.is_main:
+            _write_outputs(out, net, state, result_ckpt, diff)
+        dist.barrier()  # the run directory is complete for every rank
+    last = state.log[-1]
+    return PruneResult(run_dir=out, checkpoint=result_ckpt, flops=last["flops"], params=last["params"],
+                       flops_ratio=last["flops_ratio"], steps=state.step, seconds=time.perf_counter() - t_start,
+                       slim_max_diff=diff)
+
+
+def _check_folder(rd: RunDir, resume: bool, restart: bool) -> None:
+    """The run directory may be used as asked: ``restart`` removes only ekg's artifacts; without
+    ``resume`` it holds no run yet."""
+    if restart:
+        rd.check_restart()  # before any work: nothing is removed if this refuses
+    elif rd.config.exists() and not resume:
+        raise EkgError(f"{rd.path} already holds a pruning run; add `resume=True` to continue it, `restart=True` to "
+                       "start over, or choose another `out`")
+
+
+def _search(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, d_val: ImageSet, d_sub: ImageSet, source: str,
+            have_adapted: bool, have_state: bool, progress: bool, dist: Dist) -> tuple[Any, ...]:
+    """Phases 1 and 2 (resumed from ``adapted.pt`` and ``search_state.pt`` where they exist): the
+    final search state, the masked network, the adapted model and the D_val batches."""
     device = dist.device(cfg.device)
     net_model = copy.deepcopy(ckpt.model).to(device)
     for p in net_model.parameters():
         p.requires_grad_(False)
     norm = get_normalization(ckpt.normalization)
-    d_val, d_sub = explicit if explicit is not None else carve_search_sets(
-        splits.train, val_per_class=sizes.val_per_class, sub_per_class=sizes.sub_per_class, seed=cfg.split_seed)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(rd.config, record)
-
     if have_adapted:  # its weights only: the architecture is the model's own
-        net_model.load_state_dict(torch.load(rd.adapted, map_location=device, weights_only=True)["state_dict"])
+        net_model.load_state_dict(load_artifact(rd.adapted, map_location=device)["state_dict"])
     else:
         if cfg.adapt:
             _adaptation(net_model, d_sub.to(device), norm, cfg, dist)
@@ -155,11 +184,11 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     if searcher.evaluator.note and dist.is_main:
         tqdm.write(f"note: {searcher.evaluator.note}")
     if have_state:
-        state = SearchState.from_dict(torch.load(rd.search_state, map_location="cpu", weights_only=True))
+        state = SearchState.from_dict(load_artifact(rd.search_state))
     else:
         state = searcher.initial_state()
         if dist.is_main:
-            _save_state(out, state)
+            _save_state(rd.path, state)
     searcher.restore(state)
     bar = tqdm(total=round(1 - cfg.keep, 4), desc="search", unit="FLOPs", disable=not progress,
                bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} of FLOPs removed [{elapsed}<{remaining}{postfix}]")
@@ -167,7 +196,7 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
 
     def on_step(s: SearchState) -> None:
         if dist.is_main:
-            _save_state(out, s)
+            _save_state(rd.path, s)
         row = s.log[-1]
         bar.update(max(0.0, round(1 - row["flops_ratio"], 4) - bar.n))
         bar.set_postfix_str(f"step {row['step']}, ratio {row['flops_ratio']:.4f}, val acc {row['val_accuracy']:.1f}%")
@@ -177,22 +206,8 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     finally:
         bar.close()
     if dist.is_main:
-        _save_state(out, state)
-    # the search left BN running statistics untouched: slim with them
-    slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
-    slim.requires_grad_(True)  # the search froze the weights; the slim model is a plain trainable module
-
-    record = None if ckpt.record is None else dataclasses.replace(ckpt.record, shapes=module_shapes(slim), pruned=True)
-    result_ckpt = Checkpoint(model=slim.cpu(), normalization=dict(ckpt.normalization), dataset=dict(ckpt.dataset),
-                             meta={"source": source, "pruned_by": "ekg prune", "search": cfg.to_dict()},
-                             input_size=tuple(ckpt.input_size), record=record)
-    if dist.is_main:
-        _write_outputs(out, net, state, result_ckpt, diff)
-    dist.barrier()  # the run directory is complete for every rank
-    last = state.log[-1]
-    return PruneResult(run_dir=out, checkpoint=result_ckpt, flops=last["flops"], params=last["params"],
-                       flops_ratio=last["flops_ratio"], steps=state.step, seconds=time.perf_counter() - t_start,
-                       slim_max_diff=diff)
+        _save_state(rd.path, state)
+    return state, net, net_model, val_batches
 
 
 def _adaptation(model: nn.Module, d_sub: Any, norm: Any, cfg: SearchConfig, dist: Dist) -> None:
@@ -207,29 +222,27 @@ def _adaptation(model: nn.Module, d_sub: Any, norm: Any, cfg: SearchConfig, dist
     dist.broadcast_([*model.parameters(), *model.buffers()])
 
 
-def check_prunable(ckpt: Checkpoint, splits: DataSplits) -> None:
+def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | None = None) -> None:
     """The errors :func:`prune` raises about its model and data before anything is written: another
-    number of classes than the data's, or no prunable channel group."""
+    number of classes than the data's, another image size, no prunable channel group, or (with
+    ``cfg``) a ``keep`` below what the graph can reach (:func:`ekg.search.check_reachable`)."""
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
     if tuple(splits.train.image_size) != tuple(ckpt.input_size):
         raise EkgError(f"the model takes {tuple(ckpt.input_size)} inputs but the images are "
                        f"{tuple(splits.train.image_size)}: give the model images of its size (or its `input_size`)")
-    _require_prunable(ckpt)
-
-
-def _require_prunable(ckpt: Checkpoint) -> None:
-    """One clear error, before any work, when no channel group can be pruned."""
     graph = build_graph(ckpt.model, tuple(ckpt.input_size))
     if not graph.prunable:
         raise EkgError(f"this model ({ckpt.arch}) has no prunable channel group: "
                        + "; ".join(f"{g.name}: {g.reason}" for g in graph.groups if g.producers))
+    if cfg is not None:
+        check_reachable(graph, cfg)
 
 
 def _save_state(out: Path, state: SearchState) -> None:
     """search_state.pt is the commit point; search.jsonl and history.pt are derived views."""
     rd = RunDir(out)
-    _save_torch(state.to_dict(), rd.search_state)
+    save_torch(state.to_dict(), rd.search_state)
     with atomic_path(rd.search_log) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in state.log))
 
@@ -255,7 +268,7 @@ def _write_outputs(out: Path, net: MaskedNetwork, state: SearchState, ckpt: Chec
     from .plots import plot_trajectory, plot_widths
 
     rd = RunDir(out)
-    _save_torch({"history": state.history, "groups": [g.group.name for g in net.gates]}, rd.history)
+    save_torch({"history": state.history, "groups": [g.group.name for g in net.gates]}, rd.history)
     widths = {g.group.name: {"channels": g.channels, "kept": g.kept, "rate": g.rate} for g in net.gates}
     write_json(rd.widths, {"groups": widths, "spec": ckpt.arch_dict(),
                            "slim_check": {"max_abs_diff": diff, "images": 64, "bn": "inference mode"}})

@@ -19,6 +19,7 @@ Layout (every phase leaves its artifacts, so each can be inspected or resumed al
     RUN/final.pt           the fine-tuned slim model
     RUN/summary.json       original vs pruned
     RUN/summary.md         the same as a Markdown table
+    RUN/.ekg.lock          while a process works in it (:mod:`ekg.lock`)
 
 **Settings.** Each phase records what it decides with: `ekg prune` its SearchConfig with a
 fingerprint of the model (architecture, SHA-1 of the weights) and of the training set (count,
@@ -49,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EkgError
+from .io import load_torch, read_json
+from .lock import LOCK_NAME
 
 # ----------------------------------------------------------------------------- artifact names
 
@@ -85,6 +88,26 @@ BANK_INFO = "bank.json"
 BANK_PROGRESS = "progress.json"
 BANK_DENSE_FILES = {"logits": "logits.npy"}
 BANK_TOPK_FILES = {"values": "topk_values.npy", "classes": "topk_classes.npy", "rest": "topk_rest.npy"}
+
+
+# what to do about a damaged artifact: run the phase that wrote it again
+REMEDY = {
+    ADAPTED: f"delete it and {SEARCH_STATE} and run the same command again (with `resume=True`) to redo the "
+             "adaptation and the search, or add `restart=True` to start over",
+    SEARCH_STATE: "delete it and run the same command again (with `resume=True`): the search starts again from "
+                  "step 0 on the saved adapted model",
+    HISTORY: f"delete it and {PRUNED} and run the same command again (`ekg prune` with `resume=True`) to write "
+             f"them again from {SEARCH_STATE}",
+    TRAIN_STATE: "delete it to train again from epoch 0, or choose another `out`",
+}
+
+
+def load_artifact(path: str | Path, *, map_location: Any = "cpu") -> Any:
+    """A torch artifact of a run directory (``adapted.pt``, ``search_state.pt``, ``history.pt``,
+    ``last.pt``), ``weights_only``; a damaged one is one error naming it with :data:`REMEDY`'s fix."""
+    path = Path(path)
+    return load_torch(path, REMEDY.get(path.name, "delete it and run the same command again"),
+                      map_location=map_location)
 
 
 def partial_name(name: str) -> str:
@@ -172,7 +195,7 @@ class RunDir(_Folder):
             if p.is_dir() and name == BANK:
                 unknown += [f"{BANK}/{n}" for n in _unknown_in(p, _BANK_KNOWN)]
             elif p.is_dir() and name == FINETUNE:
-                unknown += [f"{FINETUNE}/{n}" for n in _unknown_in(p, set(TRAIN_FILES), tb=True)]
+                unknown += [f"{FINETUNE}/{n}" for n in _unknown_in(p, {*TRAIN_FILES, LOCK_NAME}, tb=True)]
             elif not (p.is_file() and _known_file(name, _RUN_KNOWN)):
                 unknown.append(name)
             elif name == CONFIG and not _is_prune_record(_read_json(p, strict=False)):
@@ -200,13 +223,15 @@ class RunDir(_Folder):
                 removed.append(sub)
                 shutil.rmtree(sub)
         for p in sorted(self.path.iterdir()):  # only known files are left
+            if p.name == LOCK_NAME:
+                continue  # the lock of the process that clears it
             removed.append(p)
             p.unlink()
         return removed
 
 
-_RUN_KNOWN = {*PRUNE_FILES, *RUN_FILES}
-_BANK_KNOWN = {BANK_INFO, BANK_PROGRESS, *(f for files in (BANK_DENSE_FILES, BANK_TOPK_FILES)
+_RUN_KNOWN = {*PRUNE_FILES, *RUN_FILES, LOCK_NAME}
+_BANK_KNOWN = {BANK_INFO, BANK_PROGRESS, LOCK_NAME, *(f for files in (BANK_DENSE_FILES, BANK_TOPK_FILES)
                                            for name in files.values() for f in (name, partial_name(name)))}
 _TMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")  # ekg.io.atomic_path's leftovers after a kill
 
@@ -228,12 +253,13 @@ def _unknown_in(folder: Path, known: set[str], *, tb: bool = False) -> list[str]
 
 
 def _read_json(path: Path, *, strict: bool = True) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        if not strict:
+    if not strict:
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, OSError):
             return None
-        raise EkgError(f"{path} is unreadable ({e}); choose another `out` or add `restart=True` to start over") from None
+    return read_json(path, "it records the settings of the run, which cannot be checked without it: add "
+                           "`restart=True` to start over, or choose another `out`")
 
 
 def _is_prune_record(record: Any) -> bool:

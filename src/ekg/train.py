@@ -49,9 +49,10 @@ from .data.augment import transform_name
 from .distill import KD_MODES, kd_loss
 from .errors import EkgError
 from .evaluate import evaluate
-from .io import atomic_path, write_json
+from .io import append_line, atomic_path, check_output_folder, save_torch, write_json
+from .lock import check_free, hold
 from .models import create_model
-from .rundir import FIX_RESUME, TrainDir, check_settings, decision_settings
+from .rundir import FIX_RESUME, REMEDY, TRAIN_STATE, TrainDir, check_settings, decision_settings, load_artifact
 from .runtime import autocast, resolve_amp
 
 SCHEDULES = ("cosine", "step")
@@ -155,6 +156,13 @@ def default_temperature(num_classes: int) -> float:
     return 10.0 if num_classes >= 1000 else 4.0
 
 
+def with_temperature(cfg: TrainConfig, num_classes: int) -> TrainConfig:
+    """``cfg`` with its distillation temperature decided (None: :func:`default_temperature`)."""
+    if cfg.temperature is not None:
+        return cfg
+    return dataclasses.replace(cfg, temperature=default_temperature(num_classes))
+
+
 def lr_at(cfg: TrainConfig, progress: float) -> float:
     """Learning rate at ``progress`` ∈ [0, 1) of training (linear warm-up, then the schedule)."""
     warm = cfg.warmup_epochs / cfg.epochs
@@ -191,22 +199,65 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     is split for evaluation and the sums reduced; rank 0 alone writes the run directory."""
     dist = dist or Dist()
     cfg.validate()
-    if cfg.temperature is None:
-        cfg = dataclasses.replace(cfg, temperature=default_temperature(data.num_classes))
+    cfg = with_temperature(cfg, data.num_classes)
     if cfg.batch_size % (cfg.accum * dist.world_size):
         raise EkgError(f"`batch_size` {cfg.batch_size} is not divisible by `accum` {cfg.accum} × "
                        f"{dist.world_size} processes: each process runs batch-size/processes images per step")
     aug = _check_inputs(cfg, data, transform, bank)
     out = Path(out)
-    rd = TrainDir(out)
-    state_path = rd.state
-    if state_path.exists() and not resume:
-        raise EkgError(f"{out} already holds a training run; add `resume=True` to continue it or choose another `out`")
-    if resume and not state_path.exists():
-        raise EkgError(f"nothing to resume: {state_path} does not exist (no epoch finished yet); "
-                       "run the same command without `resume=True`")
-    progress = progress and dist.is_main
+    saved = check_train_dir(cfg, out, resume, init.model if init is not None else None)
+    with hold(out, dist):  # one process (one torchrun job) in the folder from here on
+        if saved is not None:  # read again under the lock: what the run is continued from
+            saved = check_train_dir(cfg, out, resume, init.model if init is not None else None, locked=True)
+        return _train(cfg, data, out, saved, progress and dist.is_main, on_epoch, init, bank, dist, aug)
 
+
+def check_train_dir(cfg: TrainConfig, out: str | Path, resume: bool, model: torch.nn.Module | None = None,
+                    *, locked: bool = False) -> dict[str, Any] | None:
+    """What :func:`train` checks of its run directory before any work (``ekg.finetune`` asks
+    before it builds a memory bank): ``out`` can be written and no other process works in it; a
+    run there is only continued with ``resume``, whose saved ``last.pt`` must be readable, hold
+    these settings and (with ``model``) the weights of this model. Returns the saved state (None
+    for a fresh run). ``cfg`` as :func:`train` runs it (:func:`with_temperature`)."""
+    rd = TrainDir(out)
+    check_output_folder(rd.path)
+    if not locked:
+        check_free(rd.path)
+    if rd.state.exists() and not resume:
+        raise EkgError(f"{rd.path} already holds a training run; add `resume=True` to continue it or choose "
+                       "another `out`")
+    if not resume:
+        return None
+    if not rd.state.exists():
+        raise EkgError(f"nothing to resume: {rd.state} does not exist (no epoch finished yet); "
+                       "run the same command without `resume=True`")
+    state = load_artifact(rd.state)
+    if not (isinstance(state, dict) and {"config", "model", "optimizer", "epoch"} <= set(state)):
+        raise EkgError(f"{rd.state} is not the state of an ekg training run; {REMEDY[TRAIN_STATE]}")
+    check_settings(rd.path, decision_settings("train", state["config"]), decision_settings("train", cfg.to_dict()),
+                   what="a training run", fix=FIX_RESUME)
+    if model is not None:
+        _check_fits(state["model"], model, rd.state)
+    return state
+
+
+def _check_fits(saved: dict[str, torch.Tensor], model: torch.nn.Module, path: Path) -> None:
+    """The saved weights of a training run are those of ``model``'s architecture and widths."""
+    own = model.state_dict()
+    wrong = [f"{k} is not in the model" for k in saved if k not in own]
+    wrong += [f"{k} is missing" for k in own if k not in saved]
+    wrong += [f"{k} is {tuple(saved[k].shape)} saved, {tuple(own[k].shape)} now" for k in own
+              if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise EkgError(f"{path} was saved by a training run of another model ({len(wrong)} tensors differ; "
+                       f"first: {wrong[0]}); resume with the model that run started from, or choose another `out`")
+
+
+def _train(cfg: TrainConfig, data: DataSplits, out: Path, state: dict[str, Any] | None, progress: bool,
+           on_epoch: Callable[[dict[str, Any]], None] | None, init: Checkpoint | None, bank: MemoryBank | None,
+           dist: Dist, aug: Any) -> Path:
+    """:func:`train`'s work, its arguments and run directory checked, the folder locked."""
+    rd = TrainDir(out)
     device = dist.device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     norm_record = _normalization_record(cfg, data, init)
@@ -231,10 +282,8 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
                           weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch = 0
-    if resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        check_settings(out, decision_settings("train", state["config"]), decision_settings("train", cfg.to_dict()),
-                       what="a training run", fix=FIX_RESUME)
+    if state is not None:
+        _check_fits(state["model"], model, rd.state)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16
@@ -246,7 +295,8 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
     dist.barrier()  # every rank has read the run directory before rank 0 writes to it
     writer = None
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        if state is None:  # a fresh run: lines of an epoch whose state was never saved go
+            _truncate_log(rd.log, 0)
         write_json(rd.config, cfg.to_dict())
         writer = _tensorboard(rd.tb)
 
@@ -323,8 +373,7 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
             # the log line first, then the commit point (last.pt): a kill between the two leaves a
             # line that --resume drops, never a finished epoch without its line
             if dist.is_main:
-                with open(rd.log, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_line(rd.log, json.dumps(record))
                 _save_epoch(out, cfg, data, model, opt, scaler, epoch + 1, norm_record, record, init=init)
             if writer is not None:
                 for k, v in record.items():
@@ -467,8 +516,7 @@ def _save_epoch(out: Path, cfg: TrainConfig, data: DataSplits, model: torch.nn.M
     state = {"config": cfg.to_dict(), "epoch": epoch,
              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
-    with atomic_path(rd.state) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, rd.state)
 
 
 def _tensorboard(logdir: Path) -> Any:

@@ -23,14 +23,14 @@ from .ensemble import objective, update_ensemble
 from .evaluator import CandidateEvaluator, Evaluation, _base_module, _tail_module, free_memory
 from .release import RELEASE_ADAPT_DIVISOR, land_rate_release, release_gate_order, release_step_cost
 from .scores import taylor_scores, weight_scores
-from .searcher import SearchState, Searcher, pack_masks
+from .searcher import SearchState, Searcher, check_reachable, floor_ratio, pack_masks
 from .sets import MIN_PER_CLASS, SearchSetSizes, carve_search_sets, fit_search_sets
 from .steps import land_rate, step_cost, step_size, trimmed_otsu_threshold
 
 __all__ = [
     "COMPATS", "IMPORTANCES", "METHODS", "REWARDS", "RELEASE_ADAPT_DIVISOR",
     "CandidateEvaluator", "Evaluation", "SearchConfig", "SearchState", "Searcher",
-    "adapt", "with_keep", "carve_search_sets", "fit_search_sets", "SearchSetSizes", "MIN_PER_CLASS", "free_memory", "land_rate", "land_rate_release", "objective", "pack_masks",
+    "adapt", "check_reachable", "floor_ratio", "with_keep", "carve_search_sets", "fit_search_sets", "SearchSetSizes", "MIN_PER_CLASS", "free_memory", "land_rate", "land_rate_release", "objective", "pack_masks",
     "release_gate_order", "release_step_cost", "step_cost", "step_size", "taylor_scores",
     "trimmed_otsu_threshold", "update_ensemble", "weight_scores",
     "_base_module", "_tail_module",

@@ -51,6 +51,34 @@ def pack_masks(net: MaskedNetwork) -> list[torch.Tensor]:
     return [gm.mask.bool().cpu().clone() for gm in net.masks]
 
 
+def counts_bn_ops(cfg: SearchConfig) -> bool:
+    """Whether the FLOPs ratio counts 2 ops per BN output element (``bn_ops``; the release always does,
+    nets/tcl.py BatchNorm.call)."""
+    return cfg.bn_ops or cfg.compat == "release"
+
+
+def floor_ratio(graph: Any, cfg: SearchConfig) -> float:
+    """The smallest FLOPs ratio the search can reach on ``graph`` (an :class:`ekg.graph.Graph`):
+    every prunable group at one channel (also ``method="uniform"``'s smallest rate, 1/C of the
+    widest group, keeps one channel of every group). What is left is the cost of the layers no mask
+    reaches."""
+    bn_ops = counts_bn_ops(cfg)
+    widths = graph.full_widths()
+    full = graph.cost(widths, bn_ops=bn_ops)[0]
+    for g in graph.prunable:
+        widths[g.index] = 1
+    return graph.cost(widths, bn_ops=bn_ops)[0] / full
+
+
+def check_reachable(graph: Any, cfg: SearchConfig) -> None:
+    """Refuse, before any work, a ``keep`` below :func:`floor_ratio`."""
+    floor = floor_ratio(graph, cfg)
+    if cfg.keep < floor:
+        raise EkgError(f"cannot reach `keep` {cfg.keep}: with every prunable channel group at one channel this model "
+                       f"still has a FLOPs ratio of {floor:.4f} (the layers pruning cannot reach); give a `keep` of "
+                       f"at least {floor:.4f}")
+
+
 class Searcher:
     """Greedy EKG search over ``net`` on ``D_val`` batches."""
 
@@ -72,8 +100,7 @@ class Searcher:
                 self.evaluator.fast = False
                 self.evaluator.note = self.evaluator.note or "another process's activation cache would not fit"
         self.release = cfg.compat == "release"
-        # the release's FLOPs count 2 ops per BN output element (nets/tcl.py BatchNorm.call)
-        self.bn_ops = cfg.bn_ops or self.release
+        self.bn_ops = counts_bn_ops(cfg)
         # candidates are tried in this order and the first of equal rewards wins (np.argmin in the release)
         self.order = (release_gate_order(net) if self.release else None) or list(range(len(net.gates)))
         self.full_cost = net.graph.cost(net.graph.full_widths(), bn_ops=self.bn_ops)
