@@ -260,15 +260,17 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
     splits = as_splits(data, progress=progress, classes=classes)
     factory = None if model is None else module_factory(model)
     device = resolve_device(cfg.landscape.device)
+    read = [_run_subnetwork(Path(r), factory) for r in runs]  # each run read and checked before anything is written
+    for r, (base, *_) in zip(runs, read):
+        if base.num_classes != splits.num_classes:
+            raise EkgError(f"{r} predicts {base.num_classes} classes but the data has {splits.num_classes}: "
+                           "study runs of a model of the data's classes")
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved_cfg, record)
 
     subnets: list[tuple[SubNetwork, Any, Any]] = []
-    for ri, r in enumerate(runs):
+    for ri, (r, (base, graph, kept, criterion)) in enumerate(zip(runs, read)):
         run = Path(r)
-        base, graph, kept, criterion = _run_subnetwork(run, factory)
-        if base.num_classes != splits.num_classes:
-            raise EkgError(f"{run} predicts {base.num_classes} classes but the data has {splits.num_classes}")
         channels = {g.index: g.channels for g in graph.groups}
         label = run.name
         subnets.append((SubNetwork(label, criterion, str(run), kept), base, graph))
