@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import sys
 import tempfile
 from collections import Counter
@@ -32,10 +33,11 @@ COMMAND = "PYTHONPATH=src python bench/error_catalogue.py"
 
 def run_case(case: Case, shared: Path) -> tuple[int, str]:
     """``case``'s exit status and what it printed on stderr, paths replaced by placeholders."""
-    with tempfile.TemporaryDirectory() as td:
+    with tempfile.TemporaryDirectory() as td, tempfile.TemporaryDirectory() as cache:
         tmp = Path(td).resolve()
         argv, _, _ = prepare(case, tmp, shared)
         err = io.StringIO()
+        os.environ["EKG_CACHE"] = cache  # decoded class-folder trees are cached there, not in ~/.cache/ekg
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             status = main(argv)
         text = err.getvalue().strip()

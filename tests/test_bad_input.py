@@ -518,7 +518,9 @@ def md_cell(text: str) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_NAMES)
-def test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing(case, tmp_path, shared_data, capsys):
+def test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing(case, tmp_path, tmp_path_factory, shared_data,
+                                                                     capsys, monkeypatch):
+    monkeypatch.setenv("EKG_CACHE", str(tmp_path_factory.mktemp("cache")))  # decoded trees are cached, not in ~
     argv, folder, text = prepare(case, tmp_path, shared_data)
     before = _snapshot(folder)
     assert main(argv) != 0
