@@ -316,8 +316,10 @@ def test_cli_choices_and_defaults_come_from_the_library():
     r = parse("run", "--out", "o")
     sig = inspect.signature(run).parameters
     assert (r["preset"], r["kd"]) == (sig["preset"].default, sig["kd"].default)
-    c = parse("convert", "x", "--out", "y")
-    assert (tuple(c["input_size"]), c["normalization"]) == (TORCHVISION_INPUT_SIZE, TORCHVISION_NORMALIZATION)
+    c = parse("convert", "x", "--out", "y")  # None: not given (refused without --torchvision), then the library's
+    assert (c["input_size"], c["normalization"]) == (None, None)
+    convert_help = next(a for a in build_parser()._actions if a.dest == "command").choices["convert"].format_help()
+    assert " ".join(map(str, TORCHVISION_INPUT_SIZE)) in convert_help and TORCHVISION_NORMALIZATION in convert_help
     s, sc = parse("study", "--runs", "r", "--out", "o"), StudyConfig()
     assert (s["perturb"], tuple(s["swap"]), s["finetune_epochs"], s["finetune_lr"], s["bootstrap"]) == \
         (sc.perturb, sc.swap, sc.finetune_epochs, sc.finetune_lr, sc.bootstrap)

@@ -285,7 +285,7 @@ def test_clear_errors(tmp_path, monkeypatch):
     # stream mode on data that is not a folder tree
     with one_line_data_error("`mode` stream", "class-folder tree"):
         load_data(tmp_path / "corrupt" / "train" / "a" / "0.png", mode="stream")
-    with pytest.raises(DataError, match="resize 16 is smaller than the crop 32"):
+    with pytest.raises(DataError, match="`resize` 16 is smaller than the crop `image_size` 32"):
         StreamConfig(image_size=32, resize=16)
 
 

@@ -140,15 +140,74 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(full)
 
 
+# the first bytes of torch.save's two formats: a zip archive, or (before PyTorch 1.6, e.g. akamaster's .th)
+# a pickle of torch's magic number 0x1950a86a20f9469cfc6c
+_ZIP_HEAD = b"PK\x03\x04"
+_LEGACY_HEAD = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+_FIX_DAMAGED = ("download or copy it again (or re-run the command that wrote it; for a pretrained name, delete "
+                "the file and fetch it again)")
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is a truncated or damaged {what} (an interrupted download, copy or save?): "
+                           + _FIX_DAMAGED)
+
+
+def _torch_format(path: Path) -> str | None:
+    """"zip" or "legacy" if ``path`` begins like a file of torch.save (or is a zip holding a
+    data.pkl), "zip-damaged" for a zip that cannot be opened, None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_HEAD))
+    if head.startswith(_LEGACY_HEAD):
+        return "legacy"
+    if not head.startswith(_ZIP_HEAD):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return "zip-damaged"  # a torch zip cut short has no central directory
+    return "zip" if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names) else None
+
+
 def _torch_load(path: Path) -> Any:
-    """torch.load with weights_only=True, or None if the file is not a torch file at all."""
+    """torch.load with weights_only=True, or None if the file is not a torch file at all. A torch
+    file that cannot be read is an error: truncated or damaged, or holding more than tensors and
+    plain containers (torch's advice to load it with weights_only=False is never passed on)."""
+    kind = _torch_format(path)
+    if kind == "zip-damaged":
+        raise _damaged(path, "PyTorch checkpoint")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 3": we handle the failure below
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
-            AttributeError, ImportError, KeyError, IndexError, TypeError):
-        return None
+    except Exception as e:  # torch raises many kinds (RuntimeError, EOFError, struct.error, OSError, ...)
+        if kind is None:
+            return None
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower() \
+                and "truncated" not in str(e).lower():
+            raise CheckpointError(
+                f"{path} holds pickled Python objects besides tensors (e.g. a whole model saved with "
+                "torch.save(model)), which ekg does not load because unpickling them can run code: save "
+                "model.state_dict() instead (or an ekg checkpoint with ekg.save_checkpoint)") from None
+        raise _damaged(path, "PyTorch checkpoint") from None
+
+
+def _read_pickle(path: Path) -> Any:
+    """A data pickle (the EKG TensorFlow release) through the restricted unpickler; a file cut short
+    (a pickle ends with its STOP opcode, ``.``) or one that fails to unpickle is reported as damaged."""
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        complete = f.read(1) == b"."
+    if not complete:
+        raise _damaged(path, "pickle")
+    try:
+        return safe_pickle.load(path, encoding="latin1")
+    except EkgError as e:
+        if isinstance(e.__context__, safe_pickle.RefusedGlobal):
+            raise CheckpointError(f"{e}: it is not a model file ekg can read (ekg loads only data pickles of "
+                                  "arrays, like the EKG release's res56_cifar10.pkl)") from None
+        raise _damaged(path, "pickle") from None
 
 
 def load_checkpoint(path: str | Path, *, arch: str | None = None,
@@ -162,6 +221,8 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None,
         raise CheckpointError(f"model file {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass the checkpoint file (e.g. {path}/pruned.pt)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes; an interrupted download, copy or save?): {_FIX_DAMAGED}")
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if arch is not None:
@@ -171,7 +232,7 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None,
         return import_akamaster(obj, str(path), arch=arch)
     if obj is None:
         if _looks_like_pickle(path):
-            data = safe_pickle.load(path, encoding="latin1")
+            data = _read_pickle(path)
             if isinstance(data, dict) and "conv/kernel:0" in data:
                 return import_ekg_tf(data, str(path), arch=arch)
     raise CheckpointError(
@@ -201,7 +262,8 @@ def _from_payload(obj: dict[str, Any], source: str, factory: Callable[..., nn.Mo
         norm = dict(pre["normalization"])
         state = obj["state_dict"]
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{source} is an incomplete ekg checkpoint (missing {e})") from None
+        raise CheckpointError(f"{source} is an incomplete ekg checkpoint (missing {e}): write it again with "
+                              "ekg.save_checkpoint, `ekg convert` or the command that made it") from None
     load_state_dict_checked(model, state, source)
     return Checkpoint(model=model, normalization=norm, dataset=dict(obj.get("dataset", {})),
                       meta=dict(obj.get("meta", {})), input_size=tuple(pre.get("input_size", (3, 32, 32))),
@@ -285,7 +347,9 @@ def import_akamaster(obj: dict[str, Any], source: str, *, arch: str | None = Non
         raise CheckpointError(f"{source}: 'state_dict' is not a dict of tensors")
     state = {k.removeprefix("module."): v for k, v in raw.items()}
     if "linear.weight" not in state:
-        raise CheckpointError(f"{source} does not look like an akamaster CIFAR ResNet (no linear.weight)")
+        raise CheckpointError(f"{source} holds a state dict, but not of an akamaster CIFAR ResNet (no linear.weight): "
+                              "import torchvision weights with `ekg convert SRC --torchvision NAME`, or pass an ekg "
+                              "checkpoint")
     blocks = {(int(m.group(1)), int(m.group(2))) for k in state if (m := _AKA_BLOCK.match(k))}
     n = max((j for _, j in blocks), default=-1) + 1
     num_classes = int(state["linear.weight"].shape[0])

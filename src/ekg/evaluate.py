@@ -11,7 +11,7 @@ import contextlib
 import numbers
 import statistics
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

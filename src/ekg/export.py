@@ -35,15 +35,17 @@ class ExportResult:
 
 
 def format_for(path: str | Path, fmt: str | None = None) -> str:
+    suffix = Path(path).suffix.lower()
+    implied = "onnx" if suffix == ".onnx" else "torchscript" if suffix in (".pt", ".ts", ".torchscript") else None
     if fmt is not None:
         if fmt not in FORMATS:
             raise EkgError(f"`format` must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if implied is not None and implied != fmt:
+            raise EkgError(f"`format` {fmt} contradicts the name {Path(path).name!r}, which says {implied}: "
+                           f"name the file for {fmt} (or leave out `format`)")
         return fmt
-    suffix = Path(path).suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in (".pt", ".ts", ".torchscript"):
-        return "torchscript"
+    if implied is not None:
+        return implied
     raise EkgError(f"cannot tell the export format from {Path(path).name!r}: name the file *.onnx or *.ts, "
                    "or pass `format` onnx|torchscript")
 

@@ -343,6 +343,8 @@ class LandscapeConfig:
     def validate(self) -> None:
         if self.images < 1:
             raise EkgError(f"`images` must be at least 1, got {self.images}")
+        if self.batch_size < 1:
+            raise EkgError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if self.batch_size < 2 and self.bn == "batch":
             raise EkgError("`batch_size` must be at least 2 with `bn` batch (BN needs batch statistics)")
         if self.bn not in BN_MODES:
@@ -353,8 +355,10 @@ class LandscapeConfig:
         for name in ("surface_1d", "surface_2d"):
             if getattr(self, name) < 0 or getattr(self, name) == 1:
                 raise EkgError(f"`{name}` must be 0 (none) or at least 2, got {getattr(self, name)}")
-        if not self.surface_range > 0:
-            raise EkgError(f"`surface_range` must be positive, got {self.surface_range}")
+        if not 0 < self.surface_range < math.inf:
+            raise EkgError(f"`surface_range` must be a positive finite number, got {self.surface_range}")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise EkgError(f"`seed` must be a whole number from 0 to 2**32-1, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -482,6 +486,9 @@ def landscape(model: Any, data: Any, out: str | Path, *, config: LandscapeConfig
     ckpt = as_checkpoint(model, splits, normalization=normalization)
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
+    if cfg.images > len(splits.train):
+        raise EkgError(f"`images` {cfg.images} is more than the {len(splits.train)} training images of the data: "
+                       f"measure on at most {len(splits.train)}")
     device = resolve_device(cfg.device)
     net = copy.deepcopy(ckpt.model).to(device)
     if cfg.channels_last:

@@ -8,6 +8,7 @@ allowed and a network exists. Every file found or fetched is MD5-checked.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,15 @@ def resolve_model(spec: str | os.PathLike, *, cache_dir: Path | None = None, dow
     path = Path(spec)
     if str(spec) not in PRETRAINED:
         if not path.exists():
-            raise CheckpointError(
-                f"model file {path} does not exist (nor is it a pretrained name: {', '.join(PRETRAINED)})"
-            )
+            names = ", ".join(PRETRAINED)
+            if len(path.parts) == 1 and not path.suffix:  # meant as a name
+                close = difflib.get_close_matches(str(spec), PRETRAINED, n=1)
+                raise CheckpointError(
+                    f"{spec} is neither a model file nor a pretrained name"
+                    + (f" (did you mean {close[0]}?)" if close else "")
+                    + f": give a checkpoint's path or one of {names} (see `ekg models`)"
+                )
+            raise CheckpointError(f"model file {path} does not exist (nor is it a pretrained name: {names})")
         return path
     entry = PRETRAINED[str(spec)]
     cache_dir = cache_dir or default_cache_dir()

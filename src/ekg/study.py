@@ -204,6 +204,12 @@ class StudyConfig:
             raise EkgError(f"`swap` must be two fractions 0 <= low <= high <= 1, got {lo} {hi}")
         if self.finetune_epochs < 1:
             raise EkgError(f"`finetune_epochs` must be at least 1, got {self.finetune_epochs}")
+        if not 0 < self.finetune_lr < math.inf:
+            raise EkgError(f"`finetune_lr` must be a positive finite number, got {self.finetune_lr}")
+        if self.limit_train is not None and self.limit_train < 1:
+            raise EkgError(f"`limit_train` must be at least 1 (or absent for every image), got {self.limit_train}")
+        if self.bootstrap < 0:
+            raise EkgError(f"`bootstrap` must be 0 (no intervals) or more resamples, got {self.bootstrap}")
         self.landscape.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +242,12 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
     cfg.validate()
     if not runs:
         raise EkgError("give at least one pruning run (`runs`)")
+    seen: set[Path] = set()
+    for r in runs:
+        key = Path(r).resolve()
+        if key in seen:
+            raise EkgError(f"`runs` names {r} twice: give each pruning run once")
+        seen.add(key)
     out = Path(out)
     saved_cfg = out / "study_config.json"
     record = {"runs": [str(r) for r in runs], **cfg.to_dict()}
@@ -248,15 +260,17 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
     splits = as_splits(data, progress=progress, classes=classes)
     factory = None if model is None else module_factory(model)
     device = resolve_device(cfg.landscape.device)
+    read = [_run_subnetwork(Path(r), factory) for r in runs]  # each run read and checked before anything is written
+    for r, (base, *_) in zip(runs, read):
+        if base.num_classes != splits.num_classes:
+            raise EkgError(f"{r} predicts {base.num_classes} classes but the data has {splits.num_classes}: "
+                           "study runs of a model of the data's classes")
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved_cfg, record)
 
     subnets: list[tuple[SubNetwork, Any, Any]] = []
-    for ri, r in enumerate(runs):
+    for ri, (r, (base, graph, kept, criterion)) in enumerate(zip(runs, read)):
         run = Path(r)
-        base, graph, kept, criterion = _run_subnetwork(run, factory)
-        if base.num_classes != splits.num_classes:
-            raise EkgError(f"{run} predicts {base.num_classes} classes but the data has {splits.num_classes}")
         channels = {g.index: g.channels for g in graph.groups}
         label = run.name
         subnets.append((SubNetwork(label, criterion, str(run), kept), base, graph))

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from ..errors import EkgError
 from . import convert, export, finetune, info, landscape, models, prune, run, study, test, train
 from .errors import flag_text
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's status for a command line it cannot parse
 EXIT_INTERRUPTED = 130
 
 # in the order `ekg --help` lists them
@@ -29,10 +31,23 @@ COMMANDS = (test, info, convert, train, finetune, prune, run, export, landscape,
 DISTRIBUTED = ("train", "finetune", "prune", "run")
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (an invalid choice, a bad number, a missing flag) are one line,
+    like every other ekg error, with the command's --help named instead of its usage printed.
+    Its subparsers are Parsers too (argparse makes them of the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        message = " ".join(message.split())
+        m = re.fullmatch(r"argument (--[\w-]+)(?:/[-\w]+)*: expected (?:one|\d+) arguments?", message)
+        if m:  # e.g. --wd -1e-4: argparse takes a value that starts with '-' for a flag
+            message += f"; write a value that starts with '-' as {m.group(1)}=VALUE"
+        self.exit(EXIT_USAGE, f"ekg: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="ekg", description="Filter pruning of pretrained CNNs with EKG.")
+    parser = Parser(prog="ekg", description="Filter pruning of pretrained CNNs with EKG.")
     parser.add_argument("--version", action="version", version=f"ekg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
@@ -40,11 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..distributed import Dist, init_distributed, shutdown
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named with the command they were given to, not the top-level parser
+            _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, --version (0) or a command line argparse refused (one line printed)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     args.dist = Dist()
     try:
         if args.command in DISTRIBUTED:

@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 from typing import Any, Callable
+
+from ..errors import EkgError
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 0..2**32-1
 
 
 def default_of(func: Callable[..., Any], name: str) -> Any:
@@ -196,6 +201,42 @@ def add_landscape_args(p: argparse.ArgumentParser, *, surfaces: bool, defaults: 
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# ----------------------------------------------------------------------------- checks of flags
+
+def check_finite(flag: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise EkgError(f"{flag} must be a finite number, got {value}")
+
+
+def check_seed(flag: str, value: int | None) -> None:
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise EkgError(f"{flag} must be a whole number from 0 to 2**32-1, got {value}")
+
+
+def check_training_flags(args: argparse.Namespace) -> None:
+    """What the trainer's config leaves to the command line (after TrainConfig.validate): finite
+    numbers, a weight decay and warm-up of 0 or more, a warm-up no longer than the training, a seed
+    numpy takes."""
+    for flag, value in (("--lr", args.lr), ("--wd", args.wd), ("--warmup", args.warmup),
+                        ("--temperature", getattr(args, "temperature", None))):
+        check_finite(flag, value)
+    if args.wd < 0:
+        raise EkgError(f"--wd (the weight decay) must be 0 or more, got {args.wd:g}")
+    if args.warmup < 0:
+        raise EkgError(f"--warmup must be 0 or more epochs, got {args.warmup:g}")
+    if args.warmup > args.epochs:
+        raise EkgError(f"--warmup {args.warmup:g} is longer than the {args.epochs} epochs of training: warm up for "
+                       "at most --epochs")
+    check_seed("--seed", args.seed)
+
+
+def check_amp(args: argparse.Namespace) -> None:
+    """--amp against --device, before any work (`ekg run` uses it only for the fine-tuning)."""
+    from ..runtime import resolve_amp, resolve_device
+
+    resolve_amp(args.amp, resolve_device(args.device))
+
+
 # ----------------------------------------------------------------------------- configs from flags
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,6 +247,9 @@ def search_config(args: argparse.Namespace) -> Any:
     """The SearchConfig of `ekg prune` / `ekg run` (the flags of add_budget_args), validated."""
     from ..search import SearchConfig
 
+    check_finite("--keep", args.keep)
+    check_finite("--search-cache-gb", args.search_cache_gb)
+    check_seed("--search-seed", args.search_seed)
     cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
                        device=args.device, seed=args.search_seed, val_per_class=args.val_per_class,
@@ -246,10 +290,24 @@ def open_data(args: argparse.Namespace, ckpt: Any = None) -> Any:
     if args.data_mode != "memory":
         from ..data import StreamConfig
 
-        size = args.image_size or (int(ckpt.input_size[-1]) if ckpt is not None else StreamConfig().image_size)
+        size = args.image_size if args.image_size is not None else (
+            int(ckpt.input_size[-1]) if ckpt is not None else StreamConfig().image_size)
         stream = StreamConfig(image_size=size, resize=args.resize, workers=args.workers)
     return load_data(args.data, download=args.download, progress=sys.stderr.isatty(), mode=args.data_mode,
                      stream=stream)
+
+
+def check_fits(args: argparse.Namespace, ckpt: Any, data: Any, *, splits: Any = ("train", "test")) -> None:
+    """The model's classes (and its input size: that of the images of ``splits``) against the --data
+    splits, named the same way by every command before any work."""
+    if ckpt.num_classes != data.num_classes:
+        raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data ({data.name}, {args.data}) has "
+                       f"{data.num_classes}: use a checkpoint trained on this dataset (or data with its classes)")
+    for split in (getattr(data, s) for s in splits):
+        if tuple(split.image_size) != tuple(ckpt.input_size):
+            raise EkgError(f"the model expects {tuple(ckpt.input_size)} inputs but the images of {args.data} are "
+                           f"{tuple(split.image_size)}: " + ("crop them to its size with --image-size" if data.streamed
+                                                             else "give it images of its size"))
 
 
 def say(args: argparse.Namespace, text: str, end: str = "\n") -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EkgError
-from .common import add_data_args, add_landscape_args, add_model_arg, landscape_config, open_data, open_model
+from .common import (add_data_args, add_landscape_args, add_model_arg, check_fits, landscape_config, open_data,
+                     open_model)
 
 
 def add_parser(sub: Any) -> None:
@@ -33,6 +34,7 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         raise EkgError(f"{out / 'landscape.json'} exists; add --force to measure again or choose another --out")
     ckpt = open_model(args)
     data = open_data(args, ckpt)
+    check_fits(args, ckpt, data, splits=())
     rec = landscape(ckpt, data, out, config=cfg, progress=not args.quiet)
     print(f"lambda_max {rec['lambda_max']:.4g}  lambda_min {rec['lambda_min']:.4g}  "
           f"|lambda_min|/lambda_max {rec['neg_ratio']:.4f}  trace {rec['trace']:.4g} (± {rec['trace_stderr']:.2g})  "

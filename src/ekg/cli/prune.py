@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..errors import EkgError
-from .common import add_budget_args, add_restart_arg, open_data, open_model, say, search_config
+from .common import add_budget_args, add_restart_arg, check_fits, open_data, open_model, say, search_config
 
 
 def add_parser(sub: Any) -> None:
@@ -31,6 +31,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise EkgError("--resume continues the run in --out and --restart starts it over: give only one")
     ckpt = open_model(args)
     data = open_data(args, ckpt)
+    check_fits(args, ckpt, data)
     res = prune(ckpt, data, args.keep, out=args.out, config=cfg, resume=args.resume, restart=args.restart,
                 progress=not args.quiet, dist=args.dist)
     say(args, f"pruned model: {RunDir(res.run_dir).pruned}  ({res.checkpoint.arch})")

@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from ..errors import EkgError
-from .common import add_data_args, add_device_arg, add_model_arg, default_of, open_data, open_model, print_json
+from .common import (add_data_args, add_device_arg, add_model_arg, check_fits, default_of, open_data, open_model,
+                     print_json)
 
 
 def add_parser(sub: Any) -> None:
@@ -46,6 +47,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise EkgError("--latency-rounds sets the rounds of a --latency-baseline comparison; add --latency-baseline")
     if args.latency_rounds is not None and args.latency_rounds < 1:
         raise EkgError(f"--latency-rounds must be at least 1, got {args.latency_rounds}")
+    if args.batch_size < 1:
+        raise EkgError(f"--batch-size must be at least 1, got {args.batch_size}")
     if any(b < 1 for b in args.latency_batch):
         raise EkgError(f"--latency-batch sizes must be at least 1, got {' '.join(map(str, args.latency_batch))}")
     ckpt = open_model(args)
@@ -56,15 +59,8 @@ def cmd_test(args: argparse.Namespace) -> int:
             raise EkgError(f"--latency-baseline expects {tuple(baseline.input_size)} inputs but --model expects "
                            f"{tuple(ckpt.input_size)}: compare models of one input size")
     data = open_data(args, ckpt)
-    if ckpt.num_classes != data.num_classes:
-        raise EkgError(
-            f"the model predicts {ckpt.num_classes} classes but the data ({data.name}, {args.data}) has "
-            f"{data.num_classes}: use a checkpoint trained on this dataset"
-        )
+    check_fits(args, ckpt, data, splits=[args.split])
     split = data.test if args.split == "test" else data.train
-    if tuple(split.image_size) != tuple(ckpt.input_size):
-        raise EkgError(f"the model expects {tuple(ckpt.input_size)} inputs but the images are "
-                       f"{tuple(split.image_size)}" + (" (set --image-size)" if data.streamed else ""))
     device = resolve_device(args.device)
     model = ckpt.model.to(device)
     norm = get_normalization(ckpt.normalization)

@@ -37,7 +37,7 @@ class AugmentConfig:
         if self.pad_mode not in PAD_MODES:
             raise EkgError(f"unknown pad_mode {self.pad_mode!r}: choose 'reflect' or 'zeros'")
         if not isinstance(self.pad, int) or self.pad < 0:
-            raise EkgError(f"pad must be a non-negative integer, got {self.pad!r}")
+            raise EkgError(f"`pad` must be a whole number of 0 or more, got {self.pad!r}")
         for name in ("brightness", "contrast", "saturation"):
             value = getattr(self, name)
             if not 0 <= value <= 1:

@@ -39,7 +39,7 @@ def iterate_batches(data: ImageSet | FolderSet, batch_size: int, *, shuffle: boo
     seed, the colour jitter (if ``augment.jitter``) on the device; ``augment.pad`` is not used.
     """
     if batch_size < 1:
-        raise EkgError(f"batch_size must be at least 1, got {batch_size}")
+        raise EkgError(f"`batch_size` must be at least 1, got {batch_size}")
     target = torch.device(device) if device is not None else data.device
     gen_device = generator.device if generator is not None else torch.device("cpu")
     n = len(data)

@@ -73,18 +73,18 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 1:
-            raise DataError(f"the image size must be a positive integer, got {self.image_size!r}")
+            raise DataError(f"`image_size` must be a whole number of at least 1, got {self.image_size!r}")
         if self.resize is not None and (not isinstance(self.resize, int) or self.resize < 0):
-            raise DataError(f"the resize must be a non-negative integer (0: none), got {self.resize!r}")
+            raise DataError(f"`resize` must be a whole number of 0 (none) or more, got {self.resize!r}")
         if self.resize and self.resize < self.image_size:
-            raise DataError(f"the evaluation resize {self.resize} is smaller than the crop {self.image_size}: "
-                            "the centre crop would pad with black")
+            raise DataError(f"`resize` {self.resize} is smaller than the crop `image_size` {self.image_size}: "
+                            "the centre crop would pad with black; resize to at least the crop (or 0: no resize)")
         lo, hi = (float(v) for v in self.scale)
         if not 0 < lo <= hi <= 1:
             raise DataError(f"the crop scale must satisfy 0 < low <= high <= 1, got {self.scale}")
         object.__setattr__(self, "scale", (lo, hi))
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
-            raise DataError(f"the loader workers must be a non-negative integer, got {self.workers!r}")
+            raise DataError(f"`workers` (DataLoader worker processes) must be a whole number of 0 or more, got {self.workers!r}")
 
     @property
     def eval_resize(self) -> int:
