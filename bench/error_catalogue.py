@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from _common import shared_data_root  # noqa: E402
+from conftest import make_finetuned, make_pruned_run  # noqa: E402
 from test_bad_input import CASES, Case, md_cell, prepare  # noqa: E402
 
 from ekg.cli import main  # noqa: E402
@@ -31,11 +32,29 @@ from ekg.cli import main  # noqa: E402
 COMMAND = "PYTHONPATH=src python bench/error_catalogue.py"
 
 
-def run_case(case: Case, shared: Path) -> tuple[int, str]:
+class Runs:
+    """The finished runs some cases copy (tests/conftest.py's ``pruned_run`` and ``finetuned``),
+    made once, on first use, under ``root``."""
+
+    def __init__(self, root: Path, shared: Path) -> None:
+        self.root, self.shared, self.made = root, shared, {}
+
+    def __call__(self, name: str) -> Path:
+        if name not in self.made:
+            if name == "pruned_run":
+                self.made[name] = make_pruned_run(self.root / "RUN", self.shared)
+            elif name == "finetuned":
+                self.made[name] = make_finetuned(self.root / "ft", self("pruned_run"), self.shared)
+            else:
+                raise KeyError(name)
+        return self.made[name]
+
+
+def run_case(case: Case, shared: Path, runs: Runs) -> tuple[int, str]:
     """``case``'s exit status and what it printed on stderr, paths replaced by placeholders."""
     with tempfile.TemporaryDirectory() as td, tempfile.TemporaryDirectory() as cache:
         tmp = Path(td).resolve()
-        argv, _, _ = prepare(case, tmp, shared)
+        argv, _, _ = prepare(case, tmp, shared, runs)
         err = io.StringIO()
         os.environ["EKG_CACHE"] = cache  # decoded class-folder trees are cached there, not in ~/.cache/ekg
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -56,8 +75,10 @@ def command_of(case: Case) -> str:
 
 def catalogue(shared: Path) -> tuple[str, list[str]]:
     rows, problems = [], []
-    for case in CASES:
-        status, text = run_case(case, shared)
+    with tempfile.TemporaryDirectory() as root:
+        runs = Runs(Path(root), shared)
+        results = [run_case(case, shared, runs) for case in CASES]
+    for case, (status, text) in zip(CASES, results):
         if status == 0 or "\n" in text or not text.startswith("ekg: error: "):
             problems.append(f"{case.name}: status {status}, stderr {text!r}")
         message = text.removeprefix("ekg: error: ")

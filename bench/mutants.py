@@ -60,6 +60,12 @@ TEMP = R + "test_the_kd_temperature_is_4_for_cifar_and_10_for_1000_classes"
 EVAL = R + "test_ekg_test_and_evaluate_use_running_statistics_by_default"
 SEARCH_BN = "tests/test_search_bn.py::test_the_searcher_sets_bn_whatever_mode_the_caller_left[eval]"  # main's, if present
 RULES = "tests/test_search_rules.py::"
+SAFE = "tests/test_run_safety.py::"
+LOCK = SAFE + "test_a_second_process_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over"
+REENTRANT = SAFE + "test_the_lock_is_reentrant_in_one_process_and_leaves_nothing_behind"
+FULL_BANK = SAFE + "test_the_bank_on_a_full_disk_is_refused_before_any_teacher_runs_and_builds_afterwards"
+FLOOR = "tests/test_prune.py::test_the_floor_of_the_budget_is_every_group_at_one_channel"
+BAD = "tests/test_bad_input.py::test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing["
 
 
 @dataclass(frozen=True)
@@ -343,7 +349,7 @@ MUTANTS: list[Mutant] = [
       "kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=cfg.temperature)",
       "kd = kd_loss(views, y, teachers, mode=cfg.kd, temperature=1.0)", (KDSTEP,)),
     M("kd-temperature-always-4", "T = 10 for 1000-class data", "ekg/train.py",
-      "temperature=default_temperature(data.num_classes))", "temperature=default_temperature(10))", (TEMP,)),
+      "temperature=default_temperature(num_classes))", "temperature=default_temperature(10))", (TEMP,)),
     M("kd-temperature-threshold", "T = 10 for 1000-class data", "ekg/train.py",
       "return 10.0 if num_classes >= 1000 else 4.0", "return 10.0 if num_classes > 1000 else 4.0", (TEMP,)),
     M("kd-t-squared", "T·KL, not T²·KL", "ekg/distill.py",
@@ -363,6 +369,18 @@ MUTANTS: list[Mutant] = [
     M("plain-ft-summed-ce", "plain fine-tuning: mean CE", "ekg/train.py",
       "        return F.cross_entropy(logits.float(), y), logits, None",
       '        return F.cross_entropy(logits.float(), y, reduction="sum") / 64, logits, None', (PLAIN,)),
+    # the guards of a run (issue 16): not the method's rules, but each with a test that must catch a break
+    M("lock-shared", "a second process on a run directory is refused", "ekg/lock.py",
+      "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)", (LOCK,)),
+    M("lock-inner-release", "the lock is re-entrant: the inner release keeps it", "ekg/lock.py",
+      "    if entry[1]:\n        return\n", "", (REENTRANT,)),
+    M("floor-two-channels", "the budget's floor: every prunable group at one channel", "ekg/search/searcher.py",
+      "        widths[g.index] = 1\n", "        widths[g.index] = 2\n", (FLOOR,)),
+    M("student-any-tensors", "a bank's student is a sub-network of its teachers' network", "ekg/bank.py",
+      'wrong = [f"{k} is not in the pruned network" for k in own if k not in teacher]', "wrong = []",
+      (BAD + "finetune: a ResNet-32 with a ResNet-20 run's bank]",)),
+    M("bank-sparse", "the bank's arrays are preallocated (a full disk fails before any teacher)", "ekg/bank.py",
+      "                _preallocate(path)\n", "", (FULL_BANK,)),
 ]
 
 

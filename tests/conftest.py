@@ -172,18 +172,40 @@ def random_splits(name: str = "imagefolder", size: int = 16, per_class: int = 2)
     return DataSplits(name, ImageSet(images, labels, classes), ImageSet(images, labels, classes), "random")
 
 
-@pytest.fixture(scope="session")
-def pruned_run(tmp_path_factory, shared_data, exact):
-    """An `ekg prune` run directory: the real ResNet-20 pruned to keep 0.85 on the exact subset (no
-    adaptation epoch). Tests that build a bank or fine-tune in it share it; copy it to write elsewhere."""
+def make_pruned_run(run: Path, shared: Path) -> Path:
+    """The real ResNet-20 pruned to keep 0.85 on the exact subset (no adaptation epoch) into ``run``."""
     from ekg.checkpoint import load_checkpoint
+    from ekg.data import load_data
     from ekg.pruning import prune
     from ekg.search import SearchConfig
 
-    run = tmp_path_factory.mktemp("prune") / "RUN"
-    src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
-    prune(load_checkpoint(src), exact, 0.85, out=run, config=SearchConfig(adapt=False), progress=False)
+    src = shared / "pretrained/akamaster/resnet20-12fca82f.th"
+    prune(load_checkpoint(src), load_data(shared / "cifar10/exact-subset", progress=False), 0.85, out=run,
+          config=SearchConfig(adapt=False), progress=False)
     return run
+
+
+def make_finetuned(out: Path, pruned: Path, shared: Path) -> Path:
+    """A 1-epoch plain fine-tuning of ``pruned``'s model into ``out`` (its last.pt is what --resume reads)."""
+    from ekg.cli import main
+
+    assert main(["finetune", "--model", str(pruned / "pruned.pt"), "--data", str(shared / "cifar10/exact-subset"),
+                 "--kd", "none", "--out", str(out), "--epochs", "1", "--limit-train", "128", "--batch-size", "64",
+                 "--limit-test", "64", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def pruned_run(tmp_path_factory, shared_data):
+    """An `ekg prune` run directory (:func:`make_pruned_run`). Tests that build a bank or fine-tune in
+    it share it; copy it to write elsewhere."""
+    return make_pruned_run(tmp_path_factory.mktemp("prune") / "RUN", shared_data)
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory, pruned_run, shared_data):
+    """A training run directory (:func:`make_finetuned`); copy it to write elsewhere."""
+    return make_finetuned(tmp_path_factory.mktemp("ft") / "ft", pruned_run, shared_data)
 
 
 def fake_history(net, losses, per: int = 8, **extra):

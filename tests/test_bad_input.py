@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import string
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -120,10 +121,22 @@ class Inputs(dict):
     """The placeholders of the table, each made on first use: ``inputs["truncated_th"]`` is the
     path of a half-length copy of the real ResNet-20 .th under ``tmp``."""
 
-    def __init__(self, tmp: Path, shared: Path):
+    def __init__(self, tmp: Path, shared: Path, runs: Callable[[str], Path] | None = None):
         super().__init__()
         self.tmp, self.shared = tmp, shared
         aka = shared / "pretrained/akamaster"
+
+        def run(name: str, damage: str | None = None, how: Callable[[Path], object] = _cut) -> Path:
+            """A copy of a finished run (``pruned_run``: a prune; ``finetuned``: a 1-epoch fine-tuning),
+            its file ``damage`` damaged by ``how``."""
+            if runs is None:
+                raise RuntimeError("this case needs finished runs: pass `runs` to prepare()")
+            dst = tmp / f"{name}{'-' + damage.replace('.', '-') if damage else ''}"
+            shutil.copytree(runs(name), dst, ignore=shutil.ignore_patterns("bank", "ft", "finetune", "run.json"))
+            if damage:
+                how(dst / damage)
+            return dst
+
         self.makers = {
             "tmp": lambda: tmp,
             "model": lambda: aka / "resnet20-12fca82f.th",
@@ -169,6 +182,17 @@ class Inputs(dict):
             "tree_extra_test_class": lambda: _extra_test_class_tree(tmp / "extra-test-class"),
             # run directories and banks that are not
             "run_file": lambda: _write(tmp / "run.txt", "not a run\n"),
+            # finished runs, whole or with one of their own files damaged
+            "run": lambda: run("pruned_run"),
+            "run_cut_state": lambda: run("pruned_run", "search_state.pt"),
+            "run_cut_adapted": lambda: run("pruned_run", "adapted.pt"),
+            "run_cut_history": lambda: run("pruned_run", "history.pt"),
+            "run_bad_config": lambda: run("pruned_run", "config.json", _not_json),
+            "run_bad_bank": lambda: run("pruned_run", "bank.json", _not_json),
+            "ft": lambda: run("finetuned"),
+            "ft_cut_last": lambda: run("finetuned", "last.pt"),
+            "ft_empty_last": lambda: run("finetuned", "last.pt", lambda p: p.write_bytes(b"")),
+            "ft_foreign_last": lambda: run("finetuned", "last.pt", lambda p: _torch_save(p, {"epoch": 1})),
         }
 
     def __missing__(self, key: str) -> str:
@@ -178,6 +202,14 @@ class Inputs(dict):
 
     def format(self, template: str) -> str:
         return string.Formatter().vformat(template, (), self)
+
+
+def _cut(path: Path) -> Path:
+    return _truncated(path, path)
+
+
+def _not_json(path: Path) -> Path:
+    return _write(path, '{"search": {"keep": 0.85,')
 
 
 def _mkdir(path: Path) -> Path:
@@ -480,6 +512,74 @@ CASES += [
     Case("ekg: an unknown command", "tset", "tset"),
 ]
 
+R20 = "--model {model} --data {data} --quiet"
+FT = "--epochs 1 --limit-train 128 --batch-size 64 --limit-test 64"
+CASES += [
+    # ------------------------------------------------------------------ outputs that cannot be written
+    Case("prune: --out under /proc", f"prune {R20} --out /proc/ekg-test/run", "/proc/ekg-test/run cannot be created"),
+    Case("run: --out under /proc", f"run {R20} --out /proc/ekg-test/run", "/proc/ekg-test/run cannot be created"),
+    Case("finetune: --out under /proc", f"finetune {R20} --kd none --out /proc/ekg-test/ft {FT}",
+         "/proc/ekg-test/ft cannot be created"),
+    Case("train: --out under /proc", "train --arch resnet20 --data {data} --out /proc/ekg-test/t",
+         "/proc/ekg-test/t cannot be created"),
+    Case("landscape: --out under /proc", f"landscape {R20} --out /proc/ekg-test/l", "/proc/ekg-test/l cannot be created"),
+    Case("study: --out under /proc", f"study --runs {{run}} {D} {Q} --out /proc/ekg-test/s",
+         "/proc/ekg-test/s cannot be created"),
+    Case("export: --out under /proc", "export --model {model} --out /proc/ekg-test/m.onnx",
+         "/proc/ekg-test/m.onnx cannot be created"),
+    Case("convert: --out under /proc", "convert {model} --out /proc/ekg-test/m.pt", "/proc/ekg-test/m.pt cannot be created"),
+    Case("prune: --out is an existing file", f"prune {R20} --out {{run_file}}", "{run_file} is a file, not a folder"),
+    Case("run: --out is an existing file", f"run {R20} --out {{run_file}}", "{run_file} is a file, not a folder"),
+    Case("finetune: --out is an existing file", f"finetune {R20} --kd none --out {{run_file}} {FT}",
+         "{run_file} is a file, not a folder"),
+    Case("train: --out is an existing file", "train --arch resnet20 --data {data} --out {run_file}",
+         "{run_file} is a file, not a folder"),
+    Case("landscape: --out is an existing file", f"landscape {R20} --out {{run_file}}", "{run_file} is a file, not a folder"),
+    Case("study: --out is an existing file", f"study --runs {{run}} {D} {Q} --out {{run_file}}",
+         "{run_file} is a file, not a folder"),
+    Case("prune: --out below an existing file", f"prune {R20} --out {{run_file}}/run",
+         "cannot be created: {run_file} is a file, not a folder"),
+    Case("export: --out is an existing folder", "export --model {model} --out {emptydir}", "{emptydir} is a folder"),
+    Case("convert: --out is an existing folder", "convert {model} --out {emptydir}", "{emptydir} is a folder"),
+    # ------------------------------------------------------------------ a run directory's own files, damaged
+    Case("prune --resume: search_state.pt truncated", f"prune {R20} --out {{run_cut_state}} --keep 0.85 --no-adapt --resume",
+         "{run_cut_state}/search_state.pt is damaged (truncated", "{run_cut_state}"),
+    Case("prune --resume: adapted.pt truncated", f"prune {R20} --out {{run_cut_adapted}} --keep 0.85 --no-adapt --resume",
+         "{run_cut_adapted}/adapted.pt is damaged (truncated", "{run_cut_adapted}"),
+    Case("prune --resume: config.json not JSON", f"prune {R20} --out {{run_bad_config}} --keep 0.85 --no-adapt --resume",
+         "{run_bad_config}/config.json is damaged (not valid JSON", "{run_bad_config}"),
+    Case("run: adopting a prune run whose config.json is not JSON", f"run {R20} --out {{run_bad_config}} --keep 0.85",
+         "{run_bad_config}/config.json is damaged (not valid JSON", "{run_bad_config}"),
+    Case("finetune --bank: history.pt truncated", f"finetune {R20} --bank {{run_cut_history}} {FT}",
+         "{run_cut_history}/history.pt is damaged (truncated", "{run_cut_history}"),
+    Case("finetune --bank: adapted.pt truncated", f"finetune {R20} --bank {{run_cut_adapted}} {FT}",
+         "{run_cut_adapted}/adapted.pt is damaged (truncated", "{run_cut_adapted}"),
+    Case("finetune --bank: a bank.json that is not JSON", f"finetune {R20} --bank {{run_bad_bank}} {FT}",
+         "{run_bad_bank}/bank.json is damaged (not valid JSON", "{run_bad_bank}"),
+    Case("finetune --resume: last.pt truncated", f"finetune {R20} --kd none --out {{ft_cut_last}} {FT} --resume",
+         "{ft_cut_last}/last.pt is damaged (truncated", "{ft_cut_last}"),
+    Case("finetune --resume: last.pt empty", f"finetune {R20} --kd none --out {{ft_empty_last}} {FT} --resume",
+         "{ft_empty_last}/last.pt is damaged (it is empty)", "{ft_empty_last}"),
+    Case("finetune --resume: last.pt is not a training state", f"finetune {R20} --kd none --out {{ft_foreign_last}} "
+         f"{FT} --resume", "{ft_foreign_last}/last.pt is not the state of an ekg training run", "{ft_foreign_last}"),
+    Case("study: a run whose search_state.pt is truncated", f"study --runs {{run_cut_state}} {D} {Q} {OUT}",
+         "{run_cut_state}/search_state.pt is damaged (truncated"),
+    # ------------------------------------------------------------------ the memory bank, the model, the budget
+    Case("finetune: a ResNet-32 with a ResNet-20 run's bank", f"finetune --model {{model32}} {D} {Q} --bank {{run}} {FT}",
+         "the memory bank of {run} was built from sub-networks of another network than {model32}", "{run}"),
+    Case("finetune --resume with another model", f"finetune --model {{model32}} {D} {Q} --kd none --out {{ft}} {FT} "
+         "--resume", "{ft}/last.pt was saved by a training run of another model", "{ft}"),
+    Case("prune: --keep 0.01, below what one channel per group leaves", f"prune {R20} {OUT} --keep 0.01",
+         "cannot reach --keep 0.01: with every prunable channel group at one channel"),
+    Case("prune: --keep 0.04 --method uniform", f"prune {R20} {OUT} --keep 0.04 --method uniform",
+         "cannot reach --keep 0.04: with every prunable channel group at one channel"),
+    Case("run: --keep 0.01", f"run {R20} {OUT} --keep 0.01", "cannot reach --keep 0.01"),
+    Case("run: on a prune run of another --keep", f"run {R20} --out {{run}} --keep 0.5 --no-adapt",
+         "keep: 0.85 saved, 0.5 requested", "{run}"),
+    Case("prune: --resume and --restart together", f"prune {R20} --out {{run}} --resume --restart",
+         "--resume continues the run in --out and --restart starts it over", "{run}"),
+]
+
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     if not folder.exists():
@@ -487,9 +587,11 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*")}
 
 
-def prepare(case: Case, tmp: Path, shared: Path) -> tuple[list[str], Path, str]:
-    """``case``'s argv, the folder that must not change and the text, its inputs made under ``tmp``."""
-    inputs = Inputs(tmp, shared)
+def prepare(case: Case, tmp: Path, shared: Path, runs: Callable[[str], Path] | None = None
+            ) -> tuple[list[str], Path, str]:
+    """``case``'s argv, the folder that must not change and the text, its inputs made under ``tmp``;
+    ``runs(name)``: the finished run ``pruned_run`` or ``finetuned`` (see conftest.py) a case copies."""
+    inputs = Inputs(tmp, shared, runs)
     argv = [inputs.format(word) for word in case.argv.split()]
     return argv, Path(inputs.format(case.folder)), inputs.format(case.text)
 
@@ -519,9 +621,9 @@ def md_cell(text: str) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_NAMES)
 def test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing(case, tmp_path, tmp_path_factory, shared_data,
-                                                                     capsys, monkeypatch):
+                                                                     capsys, monkeypatch, request):
     monkeypatch.setenv("EKG_CACHE", str(tmp_path_factory.mktemp("cache")))  # decoded trees are cached, not in ~
-    argv, folder, text = prepare(case, tmp_path, shared_data)
+    argv, folder, text = prepare(case, tmp_path, shared_data, runs=request.getfixturevalue)
     before = _snapshot(folder)
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()

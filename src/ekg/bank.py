@@ -129,6 +129,17 @@ def check_topk(topk: int | None, num_classes: int | None = None) -> None:
                        f"use at most {num_classes} (or leave it out for a dense bank)")
 
 
+def check_bank_args(kd: str, teachers: int | None, topk: int | None) -> None:
+    """``teachers`` and ``topk`` shape the memory bank: valid, and not given when ``kd`` is none."""
+    check_teachers(teachers)
+    check_topk(topk)
+    if kd == "none":
+        for name, value in (("teachers", teachers), ("bank_topk", topk)):
+            if value is not None:
+                raise EkgError(f"`{name}` shapes the memory bank, which `kd` none does not use: leave out `{name}`, "
+                               "or distil with `kd` ensemble or single")
+
+
 def check_teachers(teachers: int | None) -> None:
     """Refuse a ``teachers`` count that is not a whole number of at least 1 (None: the method's 5)."""
     if teachers is None:

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import EkgError
-from .io import atomic_path, write_json
+from .io import atomic_path, check_output_file, write_json
 
 FORMATS = ("onnx", "torchscript")
 
@@ -54,6 +54,7 @@ def export(ckpt: Checkpoint, path: str | Path, fmt: str | None = None, *, atol: 
            seed: int = 0) -> ExportResult:
     """Export ``ckpt``'s model to ``path`` and check it against the PyTorch model."""
     path = Path(path)
+    check_output_file(path)
     fmt = format_for(path, fmt)
     model = ckpt.model.eval().cpu()
     gen = torch.Generator().manual_seed(seed)

@@ -59,7 +59,7 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
     memory bank's size and storage (see :func:`ekg.bank.bank_for_run`). ``input_size`` and
     ``normalization`` describe an ``nn.Module`` (as for :func:`ekg.prune`)."""
     dist = dist or Dist()
-    from .bank import bank_for_run, check_student, check_teachers, check_topk
+    from .bank import bank_for_run, check_bank_args, check_student, check_topk
 
     if config is not None and kd is not None and kd != config.kd:
         raise EkgError(f"`kd` is {kd!r} but the `config` says kd {config.kd!r}: state it once")
@@ -71,8 +71,7 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
             raise EkgError(f"`transform` must be a callable (images, generator) -> images, got {type(transform).__name__}")
         cfg = dataclasses.replace(cfg, transform=transform_name(transform))
     cfg.validate()
-    check_topk(bank_topk)
-    check_teachers(teachers)
+    check_bank_args(cfg.kd, teachers, bank_topk)
     if bank is None and isinstance(model, PruneResult):
         bank = model
     bank_dir = getattr(bank, "run_dir", bank)  # a PruneResult
@@ -85,6 +84,8 @@ def finetune(model: Checkpoint | str | Path | nn.Module, data: Any, *, bank: Any
     progress = progress and dist.is_main
     splits = as_splits(data, progress=progress, classes=classes)
     ckpt = as_checkpoint(model, splits, input_size=input_size, normalization=normalization)
+    if cfg.kd != "none":
+        check_topk(bank_topk, ckpt.num_classes)
     if jitter is None:
         cfg, note = fit_jitter(cfg, splits.train)
         dist.note(note)

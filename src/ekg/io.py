@@ -142,7 +142,9 @@ def load_torch(path: str | os.PathLike, remedy: str, *, map_location: Any = "cpu
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except OSError as e:
-        raise EkgError(f"{path} cannot be read ({e.strerror or e}); {remedy}") from None
+        if not os.access(path, os.R_OK) or path.is_dir():
+            raise EkgError(f"{path} cannot be read ({e.strerror or e}); {remedy}") from None
+        raise EkgError(f"{path} is damaged ({damage(path, e)}); {remedy}") from None  # torch's reader, on a cut file
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError,
             IndexError, TypeError, AttributeError, ImportError) as e:
         raise EkgError(f"{path} is damaged ({damage(path, e)}); {remedy}") from None
@@ -154,7 +156,7 @@ def damage(path: Path, e: BaseException) -> str:
     if size == 0:
         return "it is empty"
     text = str(e)
-    if isinstance(e, EOFError) or "central directory" in text or "failed reading" in text:
+    if isinstance(e, (EOFError, OSError)) or "central directory" in text or "failed reading" in text:
         return f"truncated: {size} bytes, cut short"
     if "weights_only" in text or "Unsupported global" in text:
         return "it holds objects ekg never writes"
@@ -200,12 +202,14 @@ def _probe(path: Path, *, folder: bool, target: Path | None = None) -> None:
     if base.exists() and not base.is_dir():
         raise OutputError(f"{target} cannot be created: {base} is a file, not a folder; choose another `out`")
     try:
+        times = os.stat(base)
         if folder:
             os.rmdir(tempfile.mkdtemp(prefix=".ekg-probe.", dir=base))
         else:
             fd, tmp = tempfile.mkstemp(prefix=".ekg-probe.", dir=base)
             os.close(fd)
             os.unlink(tmp)
+        os.utime(base, ns=(times.st_atime_ns, times.st_mtime_ns))  # the probe leaves no trace, not even a time
     except OSError as e:
         raise output_error(target, e) from None
 

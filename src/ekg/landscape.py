@@ -476,12 +476,13 @@ def landscape(model: Any, data: Any, out: str | Path, *, config: LandscapeConfig
 
     from .user_model import as_checkpoint
     from .data import as_splits, get_normalization
-    from .io import write_json
+    from .io import check_output_folder, write_json
     from .plots import plot_surface_1d, plot_surface_2d
     from .runtime import resolve_device
 
     cfg = config or LandscapeConfig()
     cfg.validate()
+    check_output_folder(out)
     splits = as_splits(data, progress=progress, classes=classes)
     ckpt = as_checkpoint(model, splits, normalization=normalization)
     if ckpt.num_classes != splits.num_classes:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bank import DEFAULT_TEACHERS, bank_for_run, check_teachers, check_topk
+from .bank import DEFAULT_TEACHERS, bank_for_run, check_bank_args, check_topk
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import DataSplits, as_splits, get_normalization
 from .errors import EkgError
@@ -35,6 +35,7 @@ from .lock import check_free, hold
 from .pruning import check_prunable, prune
 from .distributed import Dist
 from .rundir import RunDir, TrainDir, check_settings, prune_record, prune_settings, run_settings
+from .runtime import resolve_amp
 from .search import SearchConfig, with_keep
 from .train import finetune_config, fit_jitter, train
 from .user_model import AUTO, as_checkpoint, rebuilder
@@ -88,8 +89,7 @@ def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | Non
     progress = progress and dist.is_main
     if preset not in PRESETS:
         raise EkgError(f"`preset` must be one of {', '.join(PRESETS)}, got {preset!r}")
-    check_topk(bank_topk)
-    check_teachers(teachers)
+    check_bank_args(kd, teachers, bank_topk)
     overrides = {k: v for k, v in (("epochs", epochs), ("limit_train", limit_train), ("teachers", teachers),
                                    ("bank_topk", bank_topk)) if v is not None}
     p = dataclasses.replace(PRESETS[preset], **overrides)
@@ -97,6 +97,7 @@ def run(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | Non
     ft_cfg = finetune_config(kd, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, limit_train=p.limit_train,
                              device=device, **(speed or {}))
     ft_cfg.validate()  # a bad fine-tuning setting fails before the search, not after
+    resolve_amp(ft_cfg.amp, dist.device(device))
     out = Path(out)
     rd = RunDir(out)
     cfg = with_keep(search, keep)

@@ -41,7 +41,7 @@ from .graph import build_graph
 from .io import atomic_path, check_output_folder, save_torch, write_json
 from .lock import check_free, hold
 from .masks import MaskedNetwork
-from .rundir import RunDir, check_settings, load_artifact, prune_record, prune_settings
+from .rundir import ADAPTED, REMEDY, RunDir, check_settings, load_artifact, prune_record, prune_settings
 from .search import (SearchConfig, Searcher, SearchState, adapt, carve_search_sets, check_reachable, fit_search_sets,
                      with_keep)
 from .user_model import AUTO, as_checkpoint
@@ -92,6 +92,7 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     cfg.validate()
     if resume and restart:
         raise EkgError("`resume=True` continues the run in `out` and `restart=True` starts it over: give only one")
+    dist.device(cfg.device)  # an unknown or missing device, before any work
     out = Path(out)
     rd = RunDir(out)
     check_output_folder(out)
@@ -123,9 +124,12 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
         dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
         d_val, d_sub = explicit if explicit is not None else carve_search_sets(
             splits.train, val_per_class=sizes.val_per_class, sub_per_class=sizes.sub_per_class, seed=cfg.split_seed)
+        # what the run continues from is read before anything is written: a damaged file changes nothing
+        adapted = _adapted_weights(rd) if have_adapted else None
+        saved_state = SearchState.from_dict(load_artifact(rd.search_state)) if have_state else None
         if dist.is_main:
             write_json(rd.config, record)
-        state, net, net_model, val_batches = _search(ckpt, cfg, rd, d_val, d_sub, source, have_adapted, have_state,
+        state, net, net_model, val_batches = _search(ckpt, cfg, rd, d_val, d_sub, source, adapted, saved_state,
                                                      progress, dist)
         # the search left BN running statistics untouched: slim with them
         slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
@@ -155,17 +159,27 @@ def _check_folder(rd: RunDir, resume: bool, restart: bool) -> None:
                        "start over, or choose another `out`")
 
 
+def _adapted_weights(rd: RunDir) -> dict[str, torch.Tensor]:
+    """The state dict in ``adapted.pt`` (an ekg checkpoint); a damaged file is named with the remedy."""
+    saved = load_artifact(rd.adapted)
+    if not (isinstance(saved, dict) and isinstance(saved.get("state_dict"), dict)):
+        raise EkgError(f"{rd.adapted} is not an ekg checkpoint; {REMEDY[ADAPTED]}")
+    return saved["state_dict"]
+
+
 def _search(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, d_val: ImageSet, d_sub: ImageSet, source: str,
-            have_adapted: bool, have_state: bool, progress: bool, dist: Dist) -> tuple[Any, ...]:
-    """Phases 1 and 2 (resumed from ``adapted.pt`` and ``search_state.pt`` where they exist): the
-    final search state, the masked network, the adapted model and the D_val batches."""
+            adapted: dict[str, torch.Tensor] | None, saved_state: SearchState | None, progress: bool,
+            dist: Dist) -> tuple[Any, ...]:
+    """Phases 1 and 2, resumed from the ``adapted`` weights and the ``saved_state`` of the run
+    directory where it has them: the final search state, the masked network, the adapted model
+    and the D_val batches."""
     device = dist.device(cfg.device)
     net_model = copy.deepcopy(ckpt.model).to(device)
     for p in net_model.parameters():
         p.requires_grad_(False)
     norm = get_normalization(ckpt.normalization)
-    if have_adapted:  # its weights only: the architecture is the model's own
-        net_model.load_state_dict(load_artifact(rd.adapted, map_location=device)["state_dict"])
+    if adapted is not None:  # its weights only: the architecture is the model's own
+        net_model.load_state_dict(adapted)
     else:
         if cfg.adapt:
             _adaptation(net_model, d_sub.to(device), norm, cfg, dist)
@@ -183,8 +197,8 @@ def _search(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, d_val: ImageSet, d_
     searcher = Searcher(net, val_batches, cfg, dist=dist)
     if searcher.evaluator.note and dist.is_main:
         tqdm.write(f"note: {searcher.evaluator.note}")
-    if have_state:
-        state = SearchState.from_dict(load_artifact(rd.search_state))
+    if saved_state is not None:
+        state = saved_state
     else:
         state = searcher.initial_state()
         if dist.is_main:

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from .errors import EkgError
 from .landscape import LandscapeConfig
-from .rundir import FINETUNE, TrainDir, check_settings, decision_settings
+from .io import check_output_folder, read_json
+from .rundir import FINETUNE, TrainDir, check_settings, decision_settings, load_artifact
 
 METRICS = ("val_loss", "lambda_max", "neg_ratio", "trace")
 TARGET = "test_loss_after"
@@ -166,7 +167,7 @@ def _run_subnetwork(run: Path, factory: Any = None) -> tuple[Any, Any, dict[int,
 
     rd = _finished_run(run)
     base = load_checkpoint(rd.adapted, factory=factory)
-    state = SearchState.from_dict(torch.load(rd.search_state, map_location="cpu", weights_only=True))
+    state = SearchState.from_dict(load_artifact(rd.search_state))
     cfg = SearchConfig.from_dict(rd.prune_record()["search"])  # type: ignore[index]
     net = MaskedNetwork(base.model, input_size=tuple(base.input_size))
     if len(net.gates) != len(state.rates):
@@ -249,10 +250,13 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
             raise EkgError(f"`runs` names {r} twice: give each pruning run once")
         seen.add(key)
     out = Path(out)
+    check_output_folder(out)
     saved_cfg = out / "study_config.json"
     record = {"runs": [str(r) for r in runs], **cfg.to_dict()}
     if saved_cfg.exists():
-        check_settings(out, decision_settings("study", json.loads(saved_cfg.read_text())),
+        saved = read_json(saved_cfg, "delete it (and the study's other files) to start the study over, or choose "
+                                     "another `out`")
+        check_settings(out, decision_settings("study", saved),
                        decision_settings("study", record), what="a study",
                        fix="use the same settings to continue it, or choose another `out`")
     for r in runs:  # before anything is written

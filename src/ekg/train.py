@@ -47,7 +47,7 @@ from .data import (Augment, AugmentConfig, DataSplits, ImageSet, Transform, augm
                    get_normalization, iterate_batches)
 from .data.augment import transform_name
 from .distill import KD_MODES, kd_loss
-from .errors import EkgError
+from .errors import EkgError, check_finite, check_seed
 from .evaluate import evaluate
 from .io import append_line, atomic_path, check_output_folder, save_torch, write_json
 from .lock import check_free, hold
@@ -98,8 +98,16 @@ class TrainConfig:
                 raise EkgError(f"`{name}` must be at least 1 (or absent for every image), got {value}")
         if self.batch_size < 1:
             raise EkgError(f"`batch_size` must be at least 1, got {self.batch_size}")
+        for name in ("lr", "weight_decay", "warmup_epochs", "temperature"):
+            check_finite(name, getattr(self, name))
         if not self.lr > 0:
             raise EkgError(f"`lr` must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise EkgError(f"`weight_decay` must be 0 or more, got {self.weight_decay:g}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise EkgError(f"`warmup_epochs` must be 0 or more and at most `epochs` {self.epochs}, got "
+                           f"{self.warmup_epochs:g}")
+        check_seed("seed", self.seed)
         if self.schedule not in SCHEDULES:
             raise EkgError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.kd not in KD_MODES:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import sys
 from typing import Any, Callable
 
 from ..errors import EkgError
-
-SEED_MAX = 2**32 - 1  # numpy's seeds are 0..2**32-1
 
 
 def default_of(func: Callable[..., Any], name: str) -> Any:
@@ -201,42 +198,6 @@ def add_landscape_args(p: argparse.ArgumentParser, *, surfaces: bool, defaults: 
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-# ----------------------------------------------------------------------------- checks of flags
-
-def check_finite(flag: str, value: float | None) -> None:
-    if value is not None and not math.isfinite(value):
-        raise EkgError(f"{flag} must be a finite number, got {value}")
-
-
-def check_seed(flag: str, value: int | None) -> None:
-    if value is not None and not 0 <= value <= SEED_MAX:
-        raise EkgError(f"{flag} must be a whole number from 0 to 2**32-1, got {value}")
-
-
-def check_training_flags(args: argparse.Namespace) -> None:
-    """What the trainer's config leaves to the command line (after TrainConfig.validate): finite
-    numbers, a weight decay and warm-up of 0 or more, a warm-up no longer than the training, a seed
-    numpy takes."""
-    for flag, value in (("--lr", args.lr), ("--wd", args.wd), ("--warmup", args.warmup),
-                        ("--temperature", getattr(args, "temperature", None))):
-        check_finite(flag, value)
-    if args.wd < 0:
-        raise EkgError(f"--wd (the weight decay) must be 0 or more, got {args.wd:g}")
-    if args.warmup < 0:
-        raise EkgError(f"--warmup must be 0 or more epochs, got {args.warmup:g}")
-    if args.warmup > args.epochs:
-        raise EkgError(f"--warmup {args.warmup:g} is longer than the {args.epochs} epochs of training: warm up for "
-                       "at most --epochs")
-    check_seed("--seed", args.seed)
-
-
-def check_amp(args: argparse.Namespace) -> None:
-    """--amp against --device, before any work (`ekg run` uses it only for the fine-tuning)."""
-    from ..runtime import resolve_amp, resolve_device
-
-    resolve_amp(args.amp, resolve_device(args.device))
-
-
 # ----------------------------------------------------------------------------- configs from flags
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,9 +208,6 @@ def search_config(args: argparse.Namespace) -> Any:
     """The SearchConfig of `ekg prune` / `ekg run` (the flags of add_budget_args), validated."""
     from ..search import SearchConfig
 
-    check_finite("--keep", args.keep)
-    check_finite("--search-cache-gb", args.search_cache_gb)
-    check_seed("--search-seed", args.search_seed)
     cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
                        device=args.device, seed=args.search_seed, val_per_class=args.val_per_class,

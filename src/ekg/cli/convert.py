@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EkgError
+from ..io import check_output_file
 
 
 def add_parser(sub: Any) -> None:
@@ -58,6 +59,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if Path(args.out).resolve() == src.resolve():
         raise EkgError("--out must differ from the source file")
+    check_output_file(args.out)
     _check_torchvision_flags(args)
     if args.torchvision:
         from ..checkpoint import import_torchvision

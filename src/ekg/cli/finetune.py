@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import EkgError
 from .common import (add_bank_topk_arg, add_data_args, add_device_arg, add_model_arg, add_training_args, check_fits,
-                     check_training_flags, open_data, open_model, say, speed)
+                     open_data, open_model, say, speed)
 
 
 def add_parser(sub: Any) -> None:
@@ -57,35 +56,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           lr=args.lr, weight_decay=args.wd, schedule=args.schedule, warmup_epochs=args.warmup,
                           augment=aug, seed=args.seed, device=args.device, limit_train=args.limit_train,
                           limit_test=args.limit_test, temperature=args.temperature, **speed(args))
-    cfg.validate()
-    check_training_flags(args)
-    _check_bank_flags(args)
-    if args.kd != "none" and args.bank is None:  # before the model and the data are read
-        raise EkgError(f"--kd {args.kd} needs --bank RUN (an `ekg prune` run directory, or a bank folder); "
-                       "use --kd none to fine-tune without the memory bank")
-    if args.out is None and args.bank is None:
-        raise EkgError("--out is required when there is no --bank")
     ckpt = open_model(args)
-    if args.kd != "none":
-        from ..bank import check_topk
-
-        check_topk(args.bank_topk, ckpt.num_classes)
     data = open_data(args, ckpt)
     check_fits(args, ckpt, data, splits=())
     res = finetune(ckpt, data, bank=args.bank, out=args.out, config=cfg, jitter=args.jitter, teachers=args.teachers,
                    bank_topk=args.bank_topk, resume=args.resume, progress=not args.quiet, dist=args.dist)
     say(args, f"fine-tuned model: {TrainDir(res.run_dir).model}")
     return 0
-
-
-def _check_bank_flags(args: argparse.Namespace) -> None:
-    """--teachers and --bank-topk shape the memory bank, which --kd none does not use."""
-    from ..bank import check_teachers, check_topk
-
-    check_teachers(args.teachers)
-    check_topk(args.bank_topk)
-    if args.kd == "none":
-        for flag, value in (("--teachers", args.teachers), ("--bank-topk", args.bank_topk)):
-            if value is not None:
-                raise EkgError(f"{flag} shapes the memory bank, which --kd none does not use: drop {flag}, or "
-                               "distil with --kd ensemble or single")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import (add_bank_topk_arg, add_budget_args, add_restart_arg, add_speed_args, check_amp, check_fits,
+from .common import (add_bank_topk_arg, add_budget_args, add_restart_arg, add_speed_args, check_fits,
                      default_of, open_data, open_model, say, search_config, speed)
-from .finetune import _check_bank_flags
 
 
 def add_parser(sub: Any) -> None:
@@ -42,8 +41,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..rundir import RunDir
 
     cfg = search_config(args)
-    _check_bank_flags(args)
-    check_amp(args)
     ckpt = open_model(args)
     data = open_data(args, ckpt)
     check_fits(args, ckpt, data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_data_args, add_device_arg, add_training_args, check_training_flags, open_data, say, speed
+from .common import add_data_args, add_device_arg, add_training_args, open_data, say, speed
 
 
 def add_parser(sub: Any) -> None:
@@ -33,7 +33,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                       normalization=args.normalization, augment=aug, seed=args.seed, device=args.device,
                       limit_train=args.limit_train, limit_test=args.limit_test, **speed(args))
     cfg.validate()
-    check_training_flags(args)
     from ..models import spec_for
 
     spec_for(cfg.arch)  # a bad --arch fails before the data is read

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..bn import BN_STATS
-from ..errors import EkgError
+from ..errors import EkgError, check_finite, check_seed
 
 IMPORTANCES = ("ekg", "taylor", "l1", "fpgm", "random")
 REWARDS = ("ensemble", "val-loss")
@@ -57,6 +57,10 @@ class SearchConfig:
             raise EkgError(f"`step` must lie in (0, 1], got {self.step}")
         if self.batch_size < 2:
             raise EkgError("`batch_size` must be at least 2 (BN uses batch statistics in the search)")
+        for name in ("step", "otsu_trim", "cache_gb", "adapt_lr", "adapt_momentum", "adapt_weight_decay"):
+            check_finite(name, getattr(self, name))
+        check_seed("seed", self.seed)
+        check_seed("split_seed", self.split_seed)
         if self.cache_gb is not None and self.cache_gb < 0:
             raise EkgError(f"`cache_gb` must be at least 0, got {self.cache_gb}")
         if self.val_per_class < 1 or self.sub_per_class < 0:
