@@ -349,3 +349,137 @@ class ChannelMean(nn.Module):
 def test_mean_over_channels_freezes_them():
     graph = build_graph(ChannelMean(), SMALL)
     assert not graph.groups[groups_by_producer(graph)["c"]].prunable
+
+
+# ----------------------------------------------------------------------------- the zoos' layers (issue 14)
+
+class NormAct(nn.BatchNorm2d):
+    """A norm-act layer like timm's ``BatchNormAct2d``: an assert on the input's rank, then
+    ``batch_norm`` called functionally on the module's own weight and statistics, then a ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected a 4-D input")
+        running = not self.training or self.track_running_stats
+        x = F.batch_norm(x, self.running_mean if running else None, self.running_var if running else None,
+                         self.weight, self.bias, self.training or self.running_mean is None, self.momentum, self.eps)
+        return self.act(x)
+
+
+class NormActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1), NormAct(8)
+        self.c2, self.n2 = nn.Conv2d(8, 12, 3, stride=2, padding=1), NormAct(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.n2(self.c2(self.n1(self.c1(x)))).mean((2, 3)))
+
+
+def test_a_norm_act_layer_is_the_batchnorm_of_its_group():
+    """A functional batch_norm on a BatchNorm module's own weights is that module's BN: its group
+    is prunable (the ReLU after it is the mask point) and slimming cuts the module."""
+    graph = build_graph(NormActNet(), SMALL)
+    by_producer = {p: g for g in graph.groups for p in g.producers}
+    for conv, norm in (("c1", "n1"), ("c2", "n2")):
+        g = by_producer[conv]
+        assert g.prunable, g.reason
+        assert g.norms == [norm] and len(g.mask_nodes) == 1
+    assert set(graph.norm_calls.values()) == {"n1", "n2"}
+    assert graph.cost(graph.full_widths()) == counted(NormActNet(), SMALL)
+
+
+def test_building_the_graph_leaves_a_training_model_bit_identical():
+    """Tracing in training mode used to run the norm-act layers' batch_norm with training=True and
+    update their running statistics (timm's efficientnet_lite0: 98 tensors changed)."""
+    torch.manual_seed(0)
+    model = NormActNet().train()
+    model.n2.eval()  # a mixed mode, restored module by module
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    graph = build_graph(model, SMALL)
+    after = model.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert [m.training for m in model.modules()] == modes
+    assert graph.prunable
+
+
+class Shift(nn.Module):
+    """Rolls the channels: no channel of the output is one channel of the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, 1, 1)
+
+
+class ForeignNorm(nn.Module):
+    """``batch_norm`` on tensors that are not a BatchNorm module's own."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, self.scale, None, True)
+
+
+class Opaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.body = nn.Sequential(nn.Identity(), Shift())
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.norm = ForeignNorm(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(F.relu(self.b1(self.c1(x))))
+        return self.fc(F.relu(self.norm(self.c2(x))).mean((2, 3)))
+
+
+def test_a_refusal_names_the_module_and_the_cause():
+    """Not fx's node names ("passes through getattr ('getattr_1')"): the layer whose forward does
+    it, by qualified name and type, and what it does."""
+    graph = build_graph(Opaque(), SMALL)
+    by_producer = {p: g for g in graph.groups for p in g.producers}
+    c1 = by_producer["c1"]
+    assert not c1.prunable
+    assert "roll()" in c1.reason and "Shift 'body.1'" in c1.reason and "test_graph.Shift" in c1.reason
+    c2 = by_producer["c2"]
+    assert not c2.prunable
+    assert "ForeignNorm 'norm'" in c2.reason and "calls batch_norm()" in c2.reason
+    assert "own weight, bias and running statistics" in c2.reason
+
+
+class ChannelsLastMLP(nn.Module):
+    """ConvNeXt's MLP: linear layers applied at every position of an ``(N, H, W, C)`` map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c1(x).permute(0, 2, 3, 1)
+        x = self.fc2(F.gelu(self.fc1(x))).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_linear_over_positions_counts_every_position():
+    """FLOPs of a linear on (N, H, W, C): H·W·in·out, as torch.utils.flop_counter counts (2 per
+    MAC); the graph's cost the same."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = ChannelsLastMLP().eval()
+    c = flops.count(model, SMALL)
+    assert {r.name: r.flops for r in c.layers if r.type == "linear"} == {"fc1": 64 * 8 * 16, "fc2": 64 * 16 * 8,
+                                                                          "head": 8 * 5}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *SMALL))
+    assert counter.get_total_flops() == 2 * c.flops
+    graph = build_graph(model, SMALL)
+    assert graph.cost(graph.full_widths()) == (c.flops, c.params)

@@ -2,7 +2,8 @@
 from the checkpoint file.
 
 A record names the *factory* that builds the unpruned model and the keyword arguments it was
-called with, plus the shape of every conv, linear and BatchNorm (channels, groups, features)::
+called with, plus the shape of every conv, linear and BatchNorm (channels, groups, features) and of
+every other parameter or buffer (a layer scale's ``gamma``, pruned with the channels it scales)::
 
     {"kind": "module", "factory": "torchvision:resnet18", "kwargs": {"num_classes": 10},
      "class": "torchvision.models.resnet.ResNet", "num_classes": 10, "pruned": true,
@@ -67,7 +68,8 @@ class ArchRecord:
 
 
 def module_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Name → widths of every Conv2d, Linear and BatchNorm of ``model``."""
+    """Name → widths of every Conv2d, Linear and BatchNorm of ``model``, and name → shape of every
+    parameter or buffer held by another module (``{"type": "tensor", "shape": [...]}``)."""
     shapes: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
@@ -76,6 +78,10 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
             shapes[name] = {"type": "linear", "in": m.in_features, "out": m.out_features}
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             shapes[name] = {"type": "bn", "features": m.num_features}
+        else:
+            for attr, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                if t is not None:
+                    shapes[f"{name}.{attr}" if name else attr] = {"type": "tensor", "shape": list(t.shape)}
     return shapes
 
 
@@ -145,8 +151,11 @@ def reshape(model: nn.Module, shapes: dict[str, dict[str, Any]], source: str = "
     """Give each named conv/linear/BN the recorded widths (fresh, uninitialised tensors)."""
     modules = dict(model.named_modules())
     for name, s in shapes.items():
-        m = modules.get(name)
         kind = s.get("type")
+        if kind == "tensor":
+            _reshape_tensor(model, name, s, source)
+            continue
+        m = modules.get(name)
         ok = (kind == "conv" and isinstance(m, nn.Conv2d)) or (kind == "linear" and isinstance(m, nn.Linear)) or \
             (kind == "bn" and isinstance(m, nn.modules.batchnorm._BatchNorm))
         if not ok:
@@ -161,6 +170,31 @@ def reshape(model: nn.Module, shapes: dict[str, dict[str, Any]], source: str = "
                 _reshape_bn(m, int(s["features"]))
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: the record of layer '{name}' is invalid ({type(e).__name__}: {e})") from None
+
+
+def _reshape_tensor(model: nn.Module, name: str, s: dict[str, Any], source: str) -> None:
+    """Give the parameter or buffer ``name`` the recorded shape (a fresh, uninitialised tensor)."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        m = model.get_submodule(owner)
+    except AttributeError:
+        m = None
+    t = getattr(m, attr, None) if m is not None and attr in {*m._parameters, *m._buffers} else None
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"{source} records a tensor '{name}' that the rebuilt model does not have")
+    try:
+        shape = tuple(int(n) for n in s["shape"])
+        if min(shape, default=1) < 0:
+            raise ValueError(f"shape {list(shape)}")
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: the record of tensor '{name}' is invalid ({type(e).__name__}: {e})") from None
+    if shape == tuple(t.shape):
+        return
+    new = torch.empty(shape, dtype=t.dtype, device=t.device)
+    if isinstance(t, nn.Parameter):
+        setattr(m, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        m._buffers[attr] = new
 
 
 def _param_like(p: nn.Parameter | None, *shape: int) -> nn.Parameter | None:

@@ -29,6 +29,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -90,7 +91,7 @@ class Checkpoint:
         return self.spec.to_dict() if self.is_resnet else self.record.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state = state_dict_copy(self.model.state_dict())
         return {
             "format": FORMAT,
             "version": RESNET_VERSION if self.is_resnet else VERSION,
@@ -111,6 +112,17 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     payload["meta"] = meta
     save_torch(payload, path)
     return path
+
+
+def state_dict_copy(state: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """A CPU copy of a state dict that keeps its ``_metadata`` (each module's version, which
+    modules such as torchvision's MNASNet read in ``_load_from_state_dict``); ``torch.save`` and
+    ``torch.load(weights_only=True)`` keep it too."""
+    out = OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())  # type: ignore[attr-defined]
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -135,8 +147,10 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
             + "; ".join(parts)
             + " — check `arch`, or convert the file with `ekg convert` without `arch` to detect it"
         )
-    full = dict(own)
+    full = OrderedDict(own)
     full.update({k: v.to(own[k].dtype) for k, v in state.items()})
+    # the versions the weights were saved with; a file without them (older ekg) has the model's own
+    full._metadata = getattr(state, "_metadata", None) or own._metadata  # type: ignore[attr-defined]
     model.load_state_dict(full)
 
 

@@ -2,7 +2,8 @@
 
 Convention (printed wherever a number is): **FLOPs = multiply-accumulates (MACs) of conv and linear
 layers** for one image at the model's input resolution — the field's usual "FLOPs". A conv
-contributes ``H_out·W_out·C_out·(C_in/groups)·k_h·k_w``, a linear ``in·out``. Biases, BN, ReLU,
+contributes ``H_out·W_out·C_out·(C_in/groups)·k_h·k_w``, a linear ``in·out`` at every position it is
+applied to (once for an ``(N, C)`` input, H·W times for ConvNeXt's MLP on ``(N, H, W, C)``). Biases, BN, ReLU,
 pooling and additions are not counted. With ``bn_ops=True`` 2 operations are added per BN output
 element, as the original EKG code counted, so its ratios can be matched.
 
@@ -74,8 +75,10 @@ def count(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32), *, b
                                (h, w), int(flops), count_params(m)))
 
     def linear_hook(m: nn.Linear, inp: Any, out: torch.Tensor) -> None:
-        rows.append(LayerCount(names[m], "linear", m.in_features, m.out_features, None, None, None,
-                               m.in_features * m.out_features, count_params(m)))
+        positions = out[0].numel() // m.out_features  # one image's rows: (C,) -> 1, (H, W, C) -> H·W
+        hw = tuple(out.shape[1:3]) if out.dim() == 4 else None
+        rows.append(LayerCount(names[m], "linear", m.in_features, m.out_features, None, None, hw,
+                               positions * m.in_features * m.out_features, count_params(m)))
 
     def bn_hook(m: nn.modules.batchnorm._BatchNorm, inp: Any, out: torch.Tensor) -> None:
         rows.append(LayerCount(names[m], "bn", m.num_features, m.num_features, None, None,

@@ -14,17 +14,27 @@ the rules below say how layers create, pass on or couple spaces:
 * a conv with a channel multiplier (groups = in, out = k·in) or any other grouped conv freezes the
   spaces it touches: its channel blocks cannot be cut consistently by one mask;
 * BatchNorm, activations, pooling, dropout, identity and flattening of ``(N, C, 1, 1)`` pass the
-  space through;
+  space through; so does a functional ``batch_norm`` on one BatchNorm module's own weight, bias and
+  running statistics (a norm-act layer, timm's ``BatchNormAct2d``): it is that module's BN;
+* multiplying (adding, dividing) a map by a tensor of the model's own with one entry per channel,
+  broadcast along the channels (layer scale: ``x * self.gamma.view(1, -1, 1, 1)``), passes the space
+  through, and the tensor is cut with it (one tensor applied to two spaces couples them);
 * flattening ``(N, C, H, W)`` to ``(N, C·H·W)`` passes the space through in *blocks* of H·W
   columns per channel (VGG's classifier reads 512·7·7 features): a linear layer reading it consumes
   whole blocks;
 * an addition (or any elementwise op of two tensors) *couples* its inputs' spaces: they become one
   group that must be pruned together (a residual stream);
 * a ``Linear`` on a 2-D input consumes its input's space and creates a new one (its output
-  features: prunable when an activation follows, as in VGG's hidden classifier layers);
+  features: prunable when an activation follows, as in VGG's hidden classifier layers); on an
+  ``(N, ..., C)`` input (ConvNeXt's channels-last MLP) it freezes both and costs one product per position;
+* arithmetic on numbers (``x.ndim == 4``, an assert) and shape queries touch no space;
 * anything else — a zero-padding shortcut, a reshape that splits channels, a concatenation, an
   unknown function or module — *freezes* the spaces it touches: they are kept whole, and the group
-  records why, naming the layer.
+  records why, naming the op and the module whose forward does it (qualified name and type).
+
+The model is traced and shape-propagated in inference mode (the search's: dropout off, BN on
+running statistics while tracing), and its buffers are restored afterwards: building the graph
+never changes the caller's model.
 
 A group's **mask points** are the activation outputs in its spaces (for a CIFAR ResNet: a block's
 inner ReLU, the stem's ReLU and every block's add+ReLU), where the EKG mask is applied and the
@@ -34,6 +44,7 @@ per-layer coefficients collected here.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -60,6 +71,12 @@ _FLATTENS: set[Any] = {torch.flatten, "flatten", "view", "reshape"}
 _REDUCTIONS = {"mean", "amax", "sum"}  # pass channels only when reducing dims other than 0 and 1
 _QUERY_METHODS = {"size", "dim", "numel"}  # return no tensor
 _JOIN_FUNCS: set[Any] = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd}
+# elementwise ops by which a model's own per-channel tensor may scale or shift a feature map (layer scale)
+_CHANNELWISE_FUNCS: set[Any] = {operator.add, operator.mul, operator.sub, operator.truediv, operator.iadd,
+                                operator.imul, torch.add, torch.mul, torch.sub, torch.div}
+_CHANNELWISE_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "div_"}
+_RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten"}  # of a model's own tensor
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
 @dataclass
@@ -74,6 +91,7 @@ class ChannelGroup:
     norms: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
     depthwise: list[str] = field(default_factory=list)   # depthwise convs inside the group (sliced on dim 0)
+    tensors: list[str] = field(default_factory=list)     # the model's own per-channel tensors (layer scale)
     mask_nodes: list[str] = field(default_factory=list)
     prunable: bool = True
     reason: str = ""
@@ -91,12 +109,12 @@ class LayerCost:
     input features per channel of its input group (``in_channels`` counts channels, not features)."""
 
     name: str
-    kind: str                 # conv, dwconv, linear or bn
+    kind: str                 # conv, dwconv, linear, bn or tensor (a per-channel parameter/buffer)
     in_group: int | None      # group index of its input channels (None: fixed)
     out_group: int | None
     in_channels: int
     out_channels: int
-    flops_per_pair: int       # FLOPs per (input channel, output channel) pair: H·W·k·k (1 for linear)
+    flops_per_pair: int       # FLOPs per (input channel, output channel) pair: H·W·k·k (positions for linear)
     params_per_pair: int
     bias: bool
     groups: int = 1           # a grouped conv connects cin·cout/groups pairs
@@ -143,6 +161,9 @@ class DependencyGraph:
     groups: list[ChannelGroup]
     layers: list[LayerCost]
     input_size: tuple[int, ...]
+    # node name -> the BatchNorm module a functional batch_norm call is (a norm-act layer's)
+    norm_calls: dict[str, str] = field(default_factory=dict)
+    fixed_params: int = 0     # parameters no group changes (those of no conv/linear/BN/per-channel tensor)
 
     @property
     def prunable(self) -> list[ChannelGroup]:
@@ -157,10 +178,13 @@ class DependencyGraph:
         Same convention as :func:`ekg.flops.count` (MACs of conv+linear; ``bn_ops`` adds 2 per BN
         output element), and equal to counting the slimmed model."""
         w = np.asarray(widths, dtype=np.int64)
-        flops = params = 0
+        flops, params = 0, self.fixed_params
         for layer in self.layers:
             cin = w[layer.in_group] if layer.in_group is not None else layer.in_channels
             cout = w[layer.out_group] if layer.out_group is not None else layer.out_channels
+            if layer.kind == "tensor":
+                params += layer.params_per_pair * cout
+                continue
             if layer.kind == "bn":
                 params += 2 * cout if layer.bias else 0
                 if bn_ops:
@@ -196,15 +220,26 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
     from .models import ZeroPadShortcut  # known custom leaf
 
     leaves = (ZeroPadShortcut,) + tuple(leaf_types)
+    # Traced and run in inference mode, the search's semantics (dropout off, no auxiliary heads),
+    # so that nothing the trace bakes in or runs updates BN statistics; the model's buffers are
+    # restored all the same: building the graph never changes the caller's model.
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
-        graph = _Tracer(leaves).trace(model)
-    except Exception as e:  # fx cannot trace data-dependent control flow
-        raise EkgError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
-                       "models with data-dependent control flow cannot be pruned") from None
-    gm = fx.GraphModule(model, graph)
-    p = next(model.parameters())
-    with inference_modes(model), torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=p.device, dtype=p.dtype))
+        with inference_modes(model):
+            try:
+                graph = _Tracer(leaves).trace(model)
+            except Exception as e:  # fx cannot trace data-dependent control flow
+                raise EkgError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
+                               "models with data-dependent control flow cannot be pruned") from None
+            gm = fx.GraphModule(model, graph)
+            p = next(model.parameters())
+            with torch.no_grad():
+                ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=p.device, dtype=p.dtype))
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in saved and saved[name].shape == b.shape:
+                    b.copy_(saved[name])
     modules = dict(gm.named_modules())
 
     uf = _UnionFind()
@@ -218,7 +253,12 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
     consumers: dict[int, list[str]] = {}
     depthwise: dict[int, list[str]] = {}
     acts: dict[int, list[str]] = {}
-    layer_refs: list[tuple[str, str, int | None, int | None, nn.Module, tuple[int, int], int]] = []
+    tensors: dict[int, list[str]] = {}
+    own: dict[str, str] = {}                    # node name -> the model's tensor it is (a get_attr, reshaped)
+    tensor_space: dict[str, int] = {}           # a per-channel tensor of the model's -> the space it scales
+    norm_calls: dict[str, str] = {}
+    param_names = {name for name, _ in model.named_parameters()}
+    layer_refs: list[tuple[str, str, int | None, int | None, Any, tuple[int, ...], int]] = []
 
     def new_space(channels: int) -> int:
         s = uf.new()
@@ -292,7 +332,10 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                 s = new_space(m.out_features)
                 writer[s] = f"linear layer '{node.target}'"
                 in_shape = shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+                positions = (1, 1)
                 if in_shape is not None and len(in_shape) != 2:
+                    # applied at every position of an (N, ..., C) tensor (ConvNeXt's channels-last MLP)
+                    positions = (int(np.prod(in_shape[1:-1])), 1)
                     why = f"linear layer '{node.target}' reads a {len(in_shape)}-D tensor"
                     freeze(src, why)
                     freeze(s, why)
@@ -301,7 +344,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                     producers.setdefault(s, []).append(node.target)
                 if src is not None:
                     consumers.setdefault(src, []).append(node.target)
-                layer_refs.append((node.target, "linear", src, s, m, (1, 1), in_block(node)))
+                layer_refs.append((node.target, "linear", src, s, m, positions, in_block(node)))
                 space[node.name] = s
             elif isinstance(m, _PASS_MODULES) and isinstance(node.args[0], fx.Node):
                 pass_through(node, node.args[0], isinstance(m, _ACT_MODULES))
@@ -310,8 +353,33 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                     layer_refs.append((node.target, "bn", src, src, m, out_shape[-2:], 1))
             else:
                 opaque(node, f"it passes through {type(m).__name__} '{node.target}', which ekg cannot prune through")
-        elif node.op in ("call_function", "call_method") and _is_query(node):
+        elif node.op in ("call_function", "call_method") and (_is_query(node) or (
+                out_shape is None and all(shape(a) is None for a in node.all_input_nodes))):
+            space[node.name] = None  # numbers (x.ndim == 4, an assert), not feature maps
+        elif node.op == "call_method" and node.target in _RESHAPES and isinstance(node.args[0], fx.Node) and \
+                node.args[0].name in own and all(shape(a) is None for a in node.all_input_nodes[1:]):
+            own[node.name] = own[node.args[0].name]  # self.gamma.view(1, -1, 1, 1)
             space[node.name] = None
+        elif node.op == "call_function" and node.target is F.batch_norm and \
+                (bn := _own_batch_norm(node, model)) is not None and isinstance(node.args[0], fx.Node):
+            # a norm-act layer (timm's BatchNormAct2d) calls batch_norm on its own weights: that BN
+            src = space.get(node.args[0].name)
+            pass_through(node, node.args[0], False)
+            norm_calls[node.name] = bn
+            if src is not None:
+                norms.setdefault(src, []).append(bn)
+                layer_refs.append((bn, "bn", src, src, model.get_submodule(bn), out_shape[-2:], 1))
+        elif node.op in ("call_function", "call_method") and \
+                (scaled := _channelwise(node, own, shape, space, block)) is not None:
+            x, name = scaled  # x * self.gamma: a per-channel tensor of the model's own scales x's channels
+            pass_through(node, x, False)
+            src = space.get(x.name)
+            if name is not None and src is not None and name in tensor_space:
+                uf.union(tensor_space[name], src)  # one tensor scaling two spaces cuts them alike
+            elif name is not None and src is not None:
+                tensor_space[name] = src
+                tensors.setdefault(src, []).append(name)
+                layer_refs.append((name, "tensor", None, src, name in param_names, (1, 1), 1))
         elif node.op in ("call_function", "call_method"):
             target = node.target
             tensor_args = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
@@ -338,17 +406,22 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             elif len(tensor_args) == 1 and not node.kwargs and out_shape == shape(tensor_args[0]) and \
                     target in (operator.mul, operator.truediv, torch.mul):  # scaling by a constant
                 pass_through(node, tensor_args[0], False)
+            elif node.op == "call_function" and target is F.batch_norm:
+                opaque(node, f"{_where(node, model)} calls batch_norm() on tensors that are not one BatchNorm "
+                             "module's own weight, bias and running statistics, which ekg cannot prune through")
             else:
-                name = getattr(target, "__name__", str(target))
-                opaque(node, f"it passes through {name} ('{node.name}'), which ekg cannot prune through")
+                opaque(node, f"it passes through {_op_name(node)} in {_where(node, model)}, "
+                             "which ekg cannot prune through")
         elif node.op == "output":
             for a in node.all_input_nodes:
                 s = space.get(a.name)
                 if s is not None:
                     by = writer.get(s)
                     freeze(s, "it is the model's output" + (f", written by {by}" if by else ""))
-        else:  # get_attr
+        else:  # get_attr: a parameter or buffer of the model's own
             space[node.name] = None
+            if out_shape is not None and sum(d != 1 for d in out_shape) <= 1:  # a number or one entry per channel
+                own[node.name] = str(node.target)
 
     # Collapse spaces into groups (roots of the union-find), in order of first appearance.
     root_of = {s: uf.find(s) for s in range(len(space_channels))}
@@ -366,6 +439,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             g.norms += norms.get(s, [])
             g.consumers += consumers.get(s, [])
             g.depthwise += depthwise.get(s, [])
+            g.tensors += tensors.get(s, [])
             g.mask_nodes += acts.get(s, [])
         reasons = [frozen[s] for s in members if s in frozen]
         g.name = g.producers[0] if g.producers else f"space{r}"
@@ -382,6 +456,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         groups.append(g)
 
     layers = []
+    counted: set[str] = set()  # parameters the layers' costs count
     for name, kind, gin, gout, m, hw, blk in layer_refs:
         gi = group_index[root_of[gin]] if gin is not None else None
         go = group_index[root_of[gout]] if gout is not None else None
@@ -390,19 +465,108 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             layers.append(LayerCost(name, kind, gi, go, m.in_channels, m.out_channels,
                                     int(hw[0] * hw[1] * kk), kk, m.bias is not None, m.groups))
         elif kind == "linear":
-            layers.append(LayerCost(name, kind, gi, go, m.in_features // blk, m.out_features, blk, blk,
+            layers.append(LayerCost(name, kind, gi, go, m.in_features // blk, m.out_features, blk * hw[0], blk,
                                     m.bias is not None, in_block=blk))
+        elif kind == "tensor":  # `m` says whether it is a parameter (a buffer has no params)
+            channels = space_channels[gout]
+            layers.append(LayerCost(name, kind, None, go, channels, channels, 0, int(m), False))
+            counted.add(name)
+            continue
         else:
             layers.append(LayerCost(name, kind, gi, go, m.num_features, m.num_features, int(hw[0] * hw[1]), 0,
                                     bool(m.affine)))  # for BN, `bias` records affine parameters
-    return DependencyGraph(gm=gm, groups=groups, layers=layers, input_size=tuple(input_size))
+        counted.update(f"{name}.{p}" if name else p for p in ("weight", "bias")
+                       if kind != "bn" or m.affine)
+    fixed = sum(p.numel() for n, p in model.named_parameters() if n not in counted)
+    return DependencyGraph(gm=gm, groups=groups, layers=layers, input_size=tuple(input_size),
+                           norm_calls=norm_calls, fixed_params=int(fixed))
 
 
 def _is_query(node: fx.Node) -> bool:
     """``x.size(0)``, ``x.dim()``, ``x.shape``: ops that return numbers, not feature maps."""
     if node.op == "call_method":
         return node.target in _QUERY_METHODS
-    return node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device")
+    return node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device", "ndim")
+
+
+def _own_batch_norm(node: fx.Node, model: nn.Module) -> str | None:
+    """The BatchNorm module whose own running statistics, weight and bias (and eps) a functional
+    ``batch_norm`` call reads — a norm-act layer such as timm's ``BatchNormAct2d`` — or None."""
+    try:
+        args = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        return None
+    names: dict[str, str | None] = {}
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        v = args.get(key)
+        if isinstance(v, fx.Node) and v.op == "get_attr":
+            names[key] = str(v.target)
+        elif v is None:
+            names[key] = None
+        else:
+            return None
+    owners = {n.rpartition(".")[0] for n in names.values() if n is not None}
+    if len(owners) != 1:
+        return None
+    owner = owners.pop()
+    try:
+        m = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or args.get("eps", 1e-5) != m.eps:
+        return None
+    for key, name in names.items():
+        if (name is None) != (getattr(m, key) is None) or (name is not None and name != _join(owner, key)):
+            return None
+    return owner
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _channelwise(node: fx.Node, own: dict[str, str], shape: Any, space: dict[str, int | None],
+                 block: dict[str, int]) -> tuple[fx.Node, str | None] | None:
+    """``x * t``, ``x + t``, ``x / t`` (or ``t * x``...) of a feature map ``x`` and a tensor of the
+    model's own ``t`` broadcast along x's channels (layer scale: ``(C, 1, 1)``, or ``(C,)`` viewed as
+    ``(1, C, 1, 1)``) or a single number: (x, the tensor's name; None for a single number), else None."""
+    is_op = node.target in _CHANNELWISE_FUNCS if node.op == "call_function" else node.target in _CHANNELWISE_METHODS
+    if not is_op or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    if b.name not in own and a.name in own and node.target in (operator.add, operator.mul, operator.iadd,
+                                                                 operator.imul, torch.add, torch.mul):
+        a, b = b, a  # t * x
+    if b.name not in own or a.name in own or space.get(a.name) is None or block.get(a.name, 1) > 1:
+        return None
+    xs, ts, out = shape(a), shape(b), shape(node)
+    if xs is None or ts is None or out != xs or len(xs) < 2 or len(ts) > len(xs):
+        return None
+    ts = (1,) * (len(xs) - len(ts)) + ts
+    if any(d != 1 for i, d in enumerate(ts) if i != 1) or ts[1] not in (1, xs[1]):
+        return None
+    return a, (own[b.name] if ts[1] > 1 else None)
+
+
+def _op_name(node: fx.Node) -> str:
+    """An op as a user reads it: ``batch_norm()``, ``.permute()``, ``.ndim``."""
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.target is getattr and len(node.args) > 1:
+        return f".{node.args[1]}"
+    return f"{getattr(node.target, '__name__', str(node.target))}()"
+
+
+def _where(node: fx.Node, model: nn.Module) -> str:
+    """The module whose forward made ``node``: its type and qualified name (fx's module stack)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return f"the forward of {type(model).__name__} (the model itself)"
+    path, cls = list(stack.values())[-1]
+    kind = cls if isinstance(cls, type) else type(model.get_submodule(path))
+    return f"the forward of {kind.__name__} '{path}' ({kind.__module__}.{kind.__qualname__})"
 
 
 def _reduces_spatial_only(node: fx.Node) -> bool:

@@ -12,8 +12,13 @@ mask does in the forward pass"):
    group) ``M`` masks its filters (dim 0); for a linear reading a flattened map, each input
    channel's mask entry covers its block of H·W columns.
 
-In-place operations of the model (``ReLU(inplace=True)``, ``out += identity``) run out of place in
-the masked network, so a value kept for re-use (the search's frontier) is never overwritten.
+In-place operations of the model (``ReLU(inplace=True)``, ``out += identity``, ``x.mul_(gamma)``)
+run out of place in the masked network, so a value kept for re-use (the search's frontier) is never
+overwritten. A ``view`` runs as ``reshape`` (the same values): the search's channels-last layout
+cannot *view* a spatial map as ``(N, C·H·W)``. The model's own tensors (``x * self.gamma``) are read
+from the wrapped model, and a functional ``batch_norm`` of a norm-act layer on its own statistics
+(timm's ``BatchNormAct2d``) runs as that module's BN, in the module's mode, so that the search's
+batch statistics (:func:`ekg.bn.batch_statistics_bn`) apply to it as to any BatchNorm.
 
 Each group's :class:`Gate` holds the channel scores, their ranks (0 = most important) and the
 kept fraction ``rate``; the mask keeps the channels ranked below ``max(C·rate, 1)``.
@@ -220,6 +225,29 @@ class MaskedLayer(nn.Module):
         return full.index_copy(1, m_out.kept_index, y)
 
 
+class ModuleBatchNorm(nn.Module):
+    """The BN of a BatchNorm module (a norm-act layer's, without its activation) in the module's
+    current mode: what its functional ``batch_norm`` call computes, following ``train()``/``eval()``."""
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.__dict__["norm"] = norm  # a plain attribute: the module is registered in the model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.modules.batchnorm._BatchNorm.forward(self.norm, x)
+
+
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}
+
+
+def _out_of_place_method(name: str) -> str:
+    """``mul_`` -> ``mul`` for a tensor's in-place method; other names unchanged."""
+    if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
+        return name[:-1]
+    return name
+
+
 class MaskedNetwork(nn.Module):
     """``model`` with a mask per prunable channel group (see the module doc)."""
 
@@ -247,8 +275,18 @@ class MaskedNetwork(nn.Module):
         layer_costs = {c.name: c for c in self.graph.layers if c.kind in ("conv", "dwconv", "linear")}
         for node in src.graph.nodes:
             new = graph.node_copy(node, lambda n: env[n])
-            if node.op == "call_function" and node.target is operator.iadd:
-                new.target = operator.add
+            if node.op == "call_function" and node.target in _OUT_OF_PLACE:
+                new.target = _OUT_OF_PLACE[node.target]
+            elif node.op == "call_method":
+                new.target = "reshape" if node.target == "view" else _out_of_place_method(node.target)
+            elif node.op == "get_attr":  # a parameter or buffer the model's forward reads itself
+                new.target = f"model.{node.target}"
+            if node.name in self.graph.norm_calls:
+                bn = self.graph.norm_calls[node.name]
+                name = "norm_" + bn.replace(".", "_")
+                if not hasattr(root, name):
+                    root.add_module(name, ModuleBatchNorm(self.model.get_submodule(bn)))
+                new.op, new.target, new.args, new.kwargs = "call_module", name, (env[node.args[0]],), {}
             if node.op == "call_module":
                 new.target = f"model.{node.target}"
                 module = self.model.get_submodule(node.target)

@@ -10,12 +10,15 @@ masked one (see the method doc, "What a mask does"):
   flattened ``(N, C, H, W)`` map keeps the H·W columns of each kept channel);
 * every depthwise conv inside a group keeps only the kept filters (dim 0 of its weight) and its
   ``groups``/``in_channels``/``out_channels`` become the kept count;
+* every per-channel tensor of the model's own that the forward applies to a group (layer scale,
+  ``x * self.gamma``) keeps only the kept channels' entries;
 * every conv/linear weight that lost channels on either side is rescaled to its original
   Frobenius norm — the norm-preserving rescale of the masked forward pass, baked in
   (``W_sliced * ||W_full|| / ||W_sliced||``; biases are not rescaled).
 
 Modules are changed in place on a deep copy, so subclasses (e.g. :class:`ekg.models.Conv2dSame`)
-keep their class and forward. A CIFAR ResNet also gets a :class:`ekg.models.ResNetSpec` with its
+keep their class and forward; the copy is in the standard memory format whatever layout the search
+ran in (a channels-last copy could not ``view`` a spatial map in the model's own forward). A CIFAR ResNet also gets a :class:`ekg.models.ResNetSpec` with its
 new widths, so it reloads from a checkpoint without the original network.
 
 :func:`check_equivalent` compares the slim model with a reference (the masked network) and raises
@@ -57,6 +60,7 @@ class _Plan:
     inputs: dict[str, _Cut] = field(default_factory=dict)
     norms: dict[str, _Cut] = field(default_factory=dict)
     depthwise: dict[str, _Cut] = field(default_factory=dict)
+    tensors: dict[str, _Cut] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -87,7 +91,7 @@ def slim_model(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.M
     graph that does not fit the model.
     """
     plan = _plan(graph, _normalise_keep(graph, keep))
-    slim = copy.deepcopy(model)
+    slim = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     modules = dict(slim.named_modules())
     for name in sorted(set(plan.outputs) | set(plan.inputs)):
         _slim_weighted(name, _module(modules, name), plan.outputs.get(name), plan.inputs.get(name))
@@ -95,6 +99,9 @@ def slim_model(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.M
         _slim_norm(name, _module(modules, name), cut)
     for name, cut in plan.depthwise.items():
         _slim_depthwise(name, _module(modules, name), cut)
+    for name, cut in plan.tensors.items():
+        owner, _, attr = name.rpartition(".")
+        _slim_tensor(name, _module(modules, owner), attr, cut)
     if isinstance(getattr(slim, "spec", None), ResNetSpec):
         slim.spec = resnet_spec_from_modules(slim)
     return slim
@@ -217,7 +224,7 @@ def _plan(graph: DependencyGraph, keep: Mapping[int, torch.Tensor]) -> _Plan:
         group = graph.groups[gi]
         cut = _Cut(index, group.channels)
         for side, names in ((plan.outputs, group.producers), (plan.norms, group.norms), (plan.inputs, group.consumers),
-                            (plan.depthwise, group.depthwise)):
+                            (plan.depthwise, group.depthwise), (plan.tensors, group.tensors)):
             for name in names:
                 if name in side:
                     raise EkgError(f"layer '{name}' appears in two channel groups on the same side — the graph "
@@ -300,6 +307,23 @@ def _slim_norm(name: str, m: nn.Module, cut: _Cut) -> None:
         if b is not None:
             setattr(m, attr, b[index].clone())
     m.num_features = int(index.numel())
+
+
+def _slim_tensor(name: str, m: nn.Module, attr: str, cut: _Cut) -> None:
+    """Keep the cut's entries of a per-channel parameter or buffer (its one dim of more than one
+    entry: ``(C,)``, ``(C, 1, 1)``, ``(1, C, 1, 1)``)."""
+    t = getattr(m, attr, None)
+    dims = [d for d, n in enumerate(t.shape) if n != 1] if isinstance(t, torch.Tensor) else []
+    if len(dims) != 1:
+        raise EkgError(f"'{name}' is not a per-channel tensor of the model; was the graph built from another model?")
+    index = _checked_index(name, t.shape[dims[0]], cut, "channel", t.device)
+    sliced = t.detach().index_select(dims[0], index).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(m, attr, nn.Parameter(sliced, requires_grad=t.requires_grad))
+    elif attr in m._buffers:
+        m._buffers[attr] = sliced
+    else:
+        setattr(m, attr, sliced)
 
 
 def _checked_index(name: str, width: int, cut: _Cut | None, side: str, device: torch.device) -> torch.Tensor | None:

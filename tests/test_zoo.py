@@ -1,0 +1,399 @@
+"""Any CNN of the zoos (issue 14): the layers torchvision's and timm's CNNs are built of, each
+defect found on them reproduced on a small model of plain torch, and the zoo models themselves
+where torchvision or timm is installed (those tests skip without them; CI runs them in the
+second venv).
+
+Small models, random weights and random BN statistics (a wrong channel shows in the output), 8×8
+or 32×32 inputs: each test runs in seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ekg import flops
+from ekg.arch import record_for
+from ekg.bn import batch_statistics_bn
+from ekg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ekg.data import get_normalization
+from ekg.errors import EkgError
+from ekg.graph import build_graph
+from ekg.masks import MaskedNetwork
+from ekg.search import SearchConfig, Searcher
+from ekg.slim import check_equivalent, slim_model
+
+SMALL = (3, 8, 8)
+NORMALIZATION = {"name": "cifar10", **get_normalization("cifar10").to_dict()}
+
+
+def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Random BN affine parameters and running statistics, and random per-channel scales."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 0.5)
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[2] in ("gamma", "layer_scale"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    return model
+
+
+def random_cut(net: MaskedNetwork, seed: int = 4) -> None:
+    """Random channels of every gate kept, at random rates in [0.3, 0.9]."""
+    gen = torch.Generator().manual_seed(seed)
+    for gate in net.gates:
+        gate.ranks = torch.randperm(gate.channels, generator=gen)
+    net.set_rates([0.3 + 0.6 * torch.rand(1, generator=gen).item() for _ in net.gates])
+
+
+def check_slim(model: nn.Module, input_size: tuple[int, ...], x: torch.Tensor) -> tuple[MaskedNetwork, nn.Module]:
+    """Build the masked network, cut it at random and slim it: slim == masked (both kinds of masked
+    layer), and the slim model's counted cost is the graph's."""
+    graph = build_graph(model, input_size)
+    assert graph.prunable
+    full = flops.count(model, input_size)
+    assert graph.cost(graph.full_widths()) == (full.flops, full.params)
+    net = MaskedNetwork(model, graph)
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))  # nothing masked yet: the model's own function
+    random_cut(net)
+    slim = slim_model(model, graph, net.kept_indices()).eval()
+    for sliced in (False, True):
+        net.set_sliced(sliced)
+        check_equivalent(net, slim, x)
+    net.set_sliced(False)
+    counted = flops.count(slim, input_size)
+    assert (counted.flops, counted.params) == graph.cost(net.widths())
+    return net, slim
+
+
+def random_data(size: int = 8, per_class: int = 2):
+    from conftest import random_splits
+
+    return random_splits("cifar10", size, per_class)
+
+
+# ----------------------------------------------------------------------------- layer scale (defect 1)
+
+class ScaledBlock(nn.Module):
+    """A residual unit whose branch is scaled per channel by a parameter of the block's own (layer
+    scale, ``x * self.gamma.view(1, -1, 1, 1)``); its inner channels are shifted by a buffer
+    ``(C, 1, 1)`` before their ReLU."""
+
+    def __init__(self, channels: int, inner: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(channels, inner, 3, padding=1), nn.BatchNorm2d(inner)
+        self.c2 = nn.Conv2d(inner, channels, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.1))
+        self.register_buffer("shift", torch.linspace(-0.2, 0.3, inner).view(inner, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b1(self.c1(x)) + self.shift)
+        return F.relu(x + self.c2(h) * self.gamma.view(1, -1, 1, 1))
+
+
+class LayerScaleNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.block = ScaledBlock(8, 6)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(F.relu(self.bs(self.stem(x)))).mean((2, 3)))
+
+
+def test_layer_scale_is_pruned_with_the_channels_it_scales(tmp_path):
+    """``x * self.gamma`` used to crash building the masked network ("'Module' object has no
+    attribute 'gamma'"); the per-channel tensors are now cut with their group, slim == masked."""
+    torch.manual_seed(0)
+    model = randomise(LayerScaleNet()).eval()
+    graph = build_graph(model, SMALL)
+    by_producer = {p: g for g in graph.groups for p in g.producers}
+    stream, inner = by_producer["block.c2"], by_producer["block.c1"]
+    assert stream.prunable and stream.tensors == ["block.gamma"] and "stem" in stream.producers
+    assert inner.prunable and inner.tensors == ["block.shift"]
+    x = torch.randn(4, *SMALL)
+    net, slim = check_slim(model, SMALL, x)
+    kept = net.kept_indices()
+    assert torch.equal(slim.block.gamma, model.block.gamma[kept[stream.index]])
+    assert torch.equal(slim.block.shift, model.block.shift[kept[inner.index]])
+    # the record keeps the cut tensors' shapes: the slim model reloads from its checkpoint
+    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=SMALL,
+                      record=record_for(slim, 10, factory="tests:LayerScaleNet", pruned=True))
+    back = load_checkpoint(save_checkpoint(ckpt, tmp_path / "slim.pt"), factory=LayerScaleNet).model.eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), slim(x))
+
+
+class SharedScale(nn.Module):
+    """One per-channel tensor scaling the outputs of two convs: their channels are cut alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6).view(6, 1, 1))
+        self.d1, self.d2 = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = F.relu(self.c1(x) * self.gamma), F.relu(self.c2(x) * self.gamma)
+        return self.fc(F.relu(self.d1(a) + self.d2(b)).mean((2, 3)))
+
+
+def test_a_tensor_scaling_two_convs_couples_them():
+    torch.manual_seed(0)
+    model = SharedScale().eval()
+    graph = build_graph(model, SMALL)
+    g = next(g for g in graph.groups if "c1" in g.producers)
+    assert g.prunable and g.producers == ["c1", "c2"] and g.tensors == ["gamma"]
+    _, slim = check_slim(model, SMALL, torch.randn(2, *SMALL))
+    assert slim.gamma.shape[0] == slim.c1.out_channels == slim.c2.out_channels < 6
+
+
+# ----------------------------------------------------------------------------- a view head (defect 2)
+
+class ViewHead(nn.Module):
+    """``x.view(N, -1)`` of a 2×2 map into the classifier (VGG/AlexNet-style heads)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 6, 3, stride=4, padding=1), nn.BatchNorm2d(6)
+        self.fc1, self.fc2 = nn.Linear(6 * 2 * 2, 12), nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+def test_a_view_head_searches_in_the_channels_last_layout():
+    """The default search (channels-last, kept-channels-only layers) used to fail on the view ("view
+    size is not compatible"); it now decides exactly as the plain layout does."""
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(6, *SMALL, generator=gen), torch.randint(0, 10, (6,), generator=gen))]
+    states = []
+    for sliced in (True, False):
+        torch.manual_seed(0)
+        model = randomise(ViewHead()).eval()
+        graph = build_graph(model, SMALL)
+        assert {layer.name: layer.in_block for layer in graph.layers}["fc1"] == 4
+        net = MaskedNetwork(model, graph)
+        cfg = SearchConfig(keep=0.6, batch_size=6, adapt=False, sliced=sliced)
+        with batch_statistics_bn(model):
+            searcher = Searcher(net, batches, cfg)
+            state = searcher.run(searcher.initial_state())
+        assert state.done
+        states.append((state.rates, [r.tolist() for r in state.ranks], [row["flops"] for row in state.log]))
+        slim = slim_model(model, graph, net.kept_indices()).eval()
+        assert all(p.is_contiguous() for p in slim.parameters())  # the model's own layout, not the search's
+        check_equivalent(net, slim, batches[0][0])
+    assert states[0] == states[1]
+
+
+def test_prune_a_view_head_with_the_default_config(tmp_path):
+    from ekg.pruning import prune
+
+    torch.manual_seed(0)
+    model = randomise(ViewHead())
+    cfg = SearchConfig(adapt=False, val_per_class=1, sub_per_class=1, batch_size=10)
+    res = prune(model, random_data(), 0.7, out=tmp_path / "run", config=cfg, progress=False)
+    assert res.flops <= 0.7 * flops.count(model, SMALL).flops
+    x = torch.randn(2, *SMALL)
+    with torch.no_grad():
+        res.model.eval()(x)  # the slim model runs its own view on a plain input
+
+
+# ----------------------------------------------------------------------------- versioned modules (defect 3)
+
+class Versioned(nn.Module):
+    """A model whose weights' layout depends on the version they were saved with, as torchvision's
+    MNASNet (``_version = 2``, read in ``_load_from_state_dict``)."""
+
+    _version = 2
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.b1(self.c1(x))).mean((2, 3)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError("version should be set to 1 or 2")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_a_checkpoint_keeps_the_module_versions(tmp_path):
+    """The state dict's ``_metadata`` (module versions) used to be dropped on save and load:
+    MNASNet checkpoints did not reload ("version should be set to 1 or 2")."""
+    torch.manual_seed(0)
+    model = randomise(Versioned()).eval()
+    ckpt = Checkpoint(model=model, normalization=NORMALIZATION, input_size=SMALL,
+                      record=record_for(model, 10, factory="tests:Versioned"))
+    path = save_checkpoint(ckpt, tmp_path / "v.pt")
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert saved._metadata[""]["version"] == 2
+    x = torch.randn(2, *SMALL)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path, factory=Versioned).model.eval()(x), model(x))
+    # a file written without them (an older ekg) is read with the rebuilt model's own versions
+    payload = ckpt.to_dict()
+    payload["state_dict"] = dict(payload["state_dict"])
+    torch.save(payload, tmp_path / "old.pt")
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / "old.pt", factory=Versioned).model.eval()(x), model(x))
+
+
+# ----------------------------------------------------------------------------- the caller's model (defect 4)
+
+from test_graph import NormAct  # noqa: E402  (timm's BatchNormAct2d, in plain torch)
+
+
+class NormActNet(nn.Module):
+    def __init__(self, num_classes: int = 10, roll: bool = False) -> None:
+        super().__init__()
+        self.roll = roll
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1), NormAct(8)
+        self.c2, self.n2 = nn.Conv2d(8, 12, 3, stride=2, padding=1), NormAct(12)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.n1(self.c1(x))
+        if self.roll:  # no channel can be cut through a roll of the channels
+            x = torch.roll(x, 1, 1)
+        x = self.n2(self.c2(x))
+        if self.roll:
+            x = torch.roll(x, 1, 1)
+        return self.fc(x.mean((2, 3)))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _changed(model: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+
+
+def test_prune_leaves_the_callers_model_bit_identical(tmp_path):
+    """``prune()`` on a model in training mode, refused or not: tracing it used to run its norm-act
+    layers with training=True and update their running statistics."""
+    from ekg.pruning import prune
+
+    cfg = SearchConfig(adapt=False, val_per_class=1, sub_per_class=1, batch_size=10)
+    torch.manual_seed(0)
+    refused = randomise(NormActNet(roll=True)).train()
+    before = _state(refused)
+    with pytest.raises(EkgError, match="no prunable channel group") as e:
+        prune(refused, random_data(), 0.7, out=tmp_path / "refused", config=cfg, progress=False)
+    assert _changed(refused, before) == [] and refused.training
+    assert "roll()" in str(e.value) and "NormActNet" in str(e.value)
+
+    model = randomise(NormActNet()).train()
+    before = _state(model)
+    res = prune(model, random_data(), 0.7, out=tmp_path / "run", config=cfg, progress=False)
+    assert _changed(model, before) == [] and all(m.training for m in model.modules())
+    assert res.flops <= 0.7 * flops.count(model, SMALL).flops
+    assert res.model.n1.num_features < 8 or res.model.n2.num_features < 12
+
+
+def test_norm_act_layers_run_in_their_modules_mode_in_the_masked_network():
+    """A norm-act layer's BN runs in the module's mode in the masked network: on batch statistics
+    under :func:`batch_statistics_bn`, as the search runs it, like any BatchNorm; slim == masked."""
+    torch.manual_seed(0)
+    model = randomise(NormActNet()).eval()
+    x = torch.randn(4, *SMALL)
+    net, slim = check_slim(model, SMALL, x)
+    before = _state(model)
+    with torch.no_grad():
+        running = net(x)
+        with batch_statistics_bn(model), batch_statistics_bn(slim):
+            batch = net(x)
+            check_equivalent(net, slim, x)
+    assert not torch.allclose(batch, running)
+    assert _changed(model, before) == []
+
+
+# ----------------------------------------------------------------------------- the zoos themselves
+
+CIFAR = (3, 32, 32)
+
+
+def timm_model(name: str, **kwargs) -> nn.Module:
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    torch.manual_seed(0)
+    return randomise(timm.create_model(name, pretrained=False, num_classes=10, **kwargs)).eval()
+
+
+def flop_counter(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """torch.utils.flop_counter's count for one image (2 per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *input_size))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "ghostnet_050", "rexnet_100"])
+def test_timm_models_with_norm_act_layers_slim_to_the_masked_network(name):
+    """timm's BatchNormAct2d and the tensors its forward reads itself: these models crashed
+    building the masked network (defect 1); now cut at random, slim == masked, FLOPs as counted by
+    torch.utils.flop_counter."""
+    model = timm_model(name)
+    x = torch.randn(2, *CIFAR, generator=torch.Generator().manual_seed(3))
+    _, slim = check_slim(model, CIFAR, x)
+    assert flop_counter(slim, CIFAR) == 2 * flops.count(slim, CIFAR).flops
+
+
+def test_tracing_timm_efficientnet_lite0_leaves_it_bit_identical():
+    """Defect 4 as found: 98 tensors of efficientnet_lite0 changed by building its graph in training mode."""
+    model = timm_model("efficientnet_lite0").train()
+    before = _state(model)
+    graph = build_graph(model, CIFAR)
+    assert _changed(model, before) == [] and all(m.training for m in model.modules())
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert {name for g in graph.groups for name in g.norms} == {n for n, m in model.named_modules() if m in bns}
+
+
+def test_convnext_mlp_flops_count_every_position():
+    """Defect 5 as found: ConvNeXt's MLP (linear layers on N×H×W×C) counted once per image."""
+    model = timm_model("convnext_atto", conv_mlp=False)
+    counted = flops.count(model, CIFAR)
+    assert flop_counter(model, CIFAR) == 2 * counted.flops
+    graph = build_graph(model, CIFAR)
+    assert graph.cost(graph.full_widths()) == (counted.flops, counted.params)
+
+
+def test_a_pruned_mnasnet_checkpoint_reloads_and_ekg_test_reads_it(tmp_path, make_cifar, capsys):
+    """Defect 3 as found: MNASNet's version (state-dict ``_metadata``) was dropped, so its
+    checkpoints did not reload and ``ekg test`` printed "internal error"."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+    from ekg.arch import torchvision_model
+    from ekg.cli import main
+
+    torch.manual_seed(0)
+    model = randomise(torchvision_model("mnasnet0_5", num_classes=10)).eval()
+    x = torch.randn(2, *CIFAR)
+    _, slim = check_slim(model, CIFAR, x)
+    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=CIFAR,
+                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
+    path = save_checkpoint(ckpt, tmp_path / "pruned.pt")
+    back = load_checkpoint(path)
+    assert back.arch == "torchvision:mnasnet0_5 (pruned)"
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), slim(x))
+    data = make_cifar(per_batch=4)
+    assert main(["test", "--model", str(path), "--data", str(data.folder.parent), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arch"] == "torchvision:mnasnet0_5 (pruned)" and out["flops"] == flops.count(slim, CIFAR).flops
