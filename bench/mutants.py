@@ -64,7 +64,7 @@ SAFE = "tests/test_run_safety.py::"
 LOCK = SAFE + "test_a_second_process_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over"
 REENTRANT = SAFE + "test_the_lock_is_reentrant_in_one_process_and_leaves_nothing_behind"
 FULL_BANK = SAFE + "test_the_bank_on_a_full_disk_is_refused_before_any_teacher_runs_and_builds_afterwards"
-FLOOR = "tests/test_prune.py::test_the_floor_of_the_budget_is_every_group_at_one_channel"
+FLOOR = "tests/test_search_rules.py::test_the_floor_of_the_budget_is_every_group_at_one_channel"
 BAD = "tests/test_bad_input.py::test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing["
 
 

@@ -150,24 +150,3 @@ def test_bad_budgets_and_unprunable_models(tmp_path, r20_a, exact, capsys, share
         prune(r20_a, exact, 0.02, out=tmp_path / "z", config=SearchConfig(adapt=False, method="uniform"),
               progress=False)
     assert not (tmp_path / "z").exists()  # refused from the graph, before the adaptation writes anything
-
-
-def test_the_floor_of_the_budget_is_every_group_at_one_channel(r20_a):
-    """check_reachable refuses exactly the budgets below the graph's floor, every prunable group at one
-    channel (for the uniform method too: its smallest rate, 1/C of the widest group, keeps one channel
-    of every group)."""
-    from ekg.graph import build_graph
-    from ekg.search import check_reachable, floor_ratio
-
-    graph = build_graph(r20_a.model, (3, 32, 32))
-    ones = graph.full_widths()
-    for g in graph.prunable:
-        ones[g.index] = 1
-    floor = graph.cost(ones)[0] / graph.cost(graph.full_widths())[0]
-    assert floor_ratio(graph, SearchConfig()) == pytest.approx(floor, rel=1e-12)
-    for method in ("greedy", "uniform"):
-        check_reachable(graph, SearchConfig(keep=floor, method=method))
-        with pytest.raises(EkgError, match="cannot reach"):
-            check_reachable(graph, SearchConfig(keep=floor * 0.999, method=method))
-    bn = floor_ratio(graph, SearchConfig(bn_ops=True))
-    assert bn != floor and bn == floor_ratio(graph, SearchConfig(compat="release"))

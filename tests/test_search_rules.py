@@ -885,3 +885,26 @@ def test_fast_evaluator_falls_back_when_its_cache_would_not_fit(fresh: MaskedNet
     assert not small.fast and "GiB of activations" in small.note
     with pytest.raises(EkgError, match="`cache_gb`"):
         SearchConfig(cache_gb=-1).validate()
+
+
+def test_the_floor_of_the_budget_is_every_group_at_one_channel(shared_data):
+    """check_reachable refuses exactly the budgets below the graph's floor, every prunable group at one
+    channel (for the uniform method too: its smallest rate, 1/C of the widest group, keeps one channel
+    of every group)."""
+    from ekg.checkpoint import load_checkpoint
+    from ekg.errors import EkgError
+    from ekg.graph import build_graph
+    from ekg.search import SearchConfig, check_reachable, floor_ratio
+
+    graph = build_graph(load_checkpoint(shared_data / "pretrained/akamaster/resnet20-12fca82f.th").model, (3, 32, 32))
+    ones = graph.full_widths()
+    for g in graph.prunable:
+        ones[g.index] = 1
+    floor = graph.cost(ones)[0] / graph.cost(graph.full_widths())[0]
+    assert floor_ratio(graph, SearchConfig()) == pytest.approx(floor, rel=1e-12)
+    for method in ("greedy", "uniform"):
+        check_reachable(graph, SearchConfig(keep=floor, method=method))
+        with pytest.raises(EkgError, match="cannot reach"):
+            check_reachable(graph, SearchConfig(keep=floor * 0.999, method=method))
+    bn = floor_ratio(graph, SearchConfig(bn_ops=True))
+    assert bn != floor and bn == floor_ratio(graph, SearchConfig(compat="release"))
