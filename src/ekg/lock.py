@@ -25,10 +25,13 @@ import fcntl
 import os
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import EkgError
 from .io import output_error
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 LOCK_NAME = ".ekg.lock"
 
@@ -37,7 +40,7 @@ _HELD: dict[str, list] = {}
 
 
 @contextlib.contextmanager
-def hold(folder: str | os.PathLike, dist=None) -> Iterator[Path]:
+def hold(folder: str | os.PathLike, dist: "Dist | None" = None) -> Iterator[Path]:
     """Hold ``folder``'s lock for the block (created if missing; see the module doc)."""
     folder = Path(folder)
     is_main = dist is None or dist.is_main
@@ -165,7 +168,7 @@ def _who(fd: int) -> str:
     return text or "PID unknown"
 
 
-def _agree(dist, refusal: EkgError | None) -> None:
+def _agree(dist: "Dist", refusal: EkgError | None) -> None:
     """Rank 0's outcome on every rank: its refusal is raised everywhere."""
     import torch
 
