@@ -602,6 +602,8 @@ def test_zoo_squeeze_and_excitation_blocks_are_pruned(name):
     before, now = SE_MODELS[name]
     print(f"{name}: {len(graph.prunable)} prunable groups of {len(graph.groups)} (before SE coupling: {before})")
     assert len(graph.prunable) == now
+    # torchvision's stochastic depth (EfficientNet's residual branches) scales whole samples
+    assert not any("stochastic_depth" in g.reason for g in graph.groups)
     by_producer = {p: g for g in graph.groups for p in g.producers}
     se = _se_convs(model)
     assert se
