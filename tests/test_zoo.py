@@ -397,3 +397,254 @@ def test_a_pruned_mnasnet_checkpoint_reloads_and_ekg_test_reads_it(tmp_path, mak
     assert main(["test", "--model", str(path), "--data", str(data.folder.parent), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["arch"] == "torchvision:mnasnet0_5 (pruned)" and out["flops"] == flops.count(slim, CIFAR).flops
+
+
+# ----------------------------------------------------------------------------- shared weights (defect 7)
+
+class SharedConv(nn.Module):
+    """One conv (and its BN) applied twice in a row: ``bn(conv(relu(bn(conv(x)))))``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head, self.bh = nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bs(self.stem(x)))
+        x = F.relu(self.bn(self.conv(F.relu(self.bn(self.conv(x))))))
+        return self.fc(F.relu(self.bh(self.head(x))).mean((2, 3)))
+
+
+class Unit(nn.Module):
+    """A residual unit, applied at two places of :class:`SharedUnit`."""
+
+    def __init__(self, channels: int, inner: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(channels, inner, 3, padding=1), nn.BatchNorm2d(inner)
+        self.c2, self.b2 = nn.Conv2d(inner, channels, 3, padding=1), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+class SharedUnit(nn.Module):
+    """One unit applied before and after a strided conv (the same weights at two resolutions)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.unit = Unit(8, 6)
+        self.down, self.bd = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.unit(F.relu(self.bs(self.stem(x))))
+        x = self.unit(F.relu(self.bd(self.down(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_module_called_twice_is_one_channel_group():
+    """Defect 7: each call of a shared module used to be a channel group of its own, and slimming
+    failed after the whole search ("appears in two channel groups ... this is a bug in ekg"). Its
+    calls now share their groups: the conv's input and output are the stem's channels, listed once;
+    its FLOPs count twice, its parameters once; slim == masked."""
+    torch.manual_seed(0)
+    model = randomise(SharedConv()).eval()
+    graph = build_graph(model, SMALL)
+    g = next(g for g in graph.groups if "conv" in g.producers)
+    assert g.prunable and g.producers == ["stem", "conv"] and g.norms == ["bs", "bn"] and g.consumers == ["conv", "head"]
+    assert [layer.shared for layer in graph.layers if layer.name == "conv"] == [False, True]
+    _, slim = check_slim(model, SMALL, torch.randn(4, *SMALL))
+    assert slim.conv.in_channels == slim.conv.out_channels == slim.stem.out_channels < 8
+    assert flop_counter(slim, SMALL) == 2 * flops.count(slim, SMALL).flops
+
+
+def test_a_block_applied_at_two_places_shares_its_groups():
+    torch.manual_seed(0)
+    model = randomise(SharedUnit()).eval()
+    graph = build_graph(model, SMALL)
+    stream = next(g for g in graph.groups if "stem" in g.producers)
+    inner = next(g for g in graph.groups if "unit.c1" in g.producers)
+    assert stream.prunable and stream.producers == ["stem", "unit.c2", "down"]
+    assert inner.prunable and inner.producers == ["unit.c1"] and len(inner.mask_nodes) == 2
+    _, slim = check_slim(model, SMALL, torch.randn(4, *SMALL))
+    assert flop_counter(slim, SMALL) == 2 * flops.count(slim, SMALL).flops
+
+
+@pytest.mark.parametrize("factory", [SharedConv, SharedUnit])
+def test_prune_a_model_with_shared_weights(tmp_path, factory):
+    """Defect 7 as found: ekg.prune end to end on a model with a module called twice."""
+    from ekg.pruning import prune
+
+    torch.manual_seed(0)
+    model = randomise(factory())
+    cfg = SearchConfig(adapt=False, val_per_class=1, sub_per_class=1, batch_size=10)
+    res = prune(model, random_data(), 0.7, out=tmp_path / "run", config=cfg, progress=False)
+    assert res.flops <= 0.7 * flops.count(model, SMALL).flops  # slim == masked was checked on the way
+    assert res.flops == flops.count(res.model, SMALL).flops and res.slim_max_diff < 1e-4
+
+
+class SharedLinear(nn.Module):
+    """One linear layer reading a flattened 2×2 map at one call and pooled features at another:
+    no channel mask cuts its columns for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 2, 3, stride=4, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.c1(x)).flatten(1)
+        b = F.relu(self.c2(x)).mean((2, 3))
+        return self.fc(a) + self.fc(b)
+
+
+def test_a_shared_layer_that_cannot_be_cut_alike_is_refused_naming_it():
+    graph = build_graph(SharedLinear().eval(), SMALL)
+    for name in ("c1", "c2"):
+        g = next(g for g in graph.groups if name in g.producers)
+        assert not g.prunable
+        assert g.reason.startswith("Linear 'fc' is called 2 times in forward: shared weights"), g.reason
+
+
+# ----------------------------------------------------------------------------- squeeze-and-excitation
+
+class SEUnit(nn.Module):
+    """An inverted residual with squeeze-and-excitation (MobileNet-V3, EfficientNet): expand,
+    depthwise, ``x * gate(pool(x))``, then a one-channel spatial gate, project, add. The SE gate is
+    timm's hard sigmoid ``relu6(x + 3) / 6``."""
+
+    def __init__(self, channels: int, expanded: int, squeezed: int) -> None:
+        super().__init__()
+        self.expand, self.be = nn.Conv2d(channels, expanded, 1, bias=False), nn.BatchNorm2d(expanded)
+        self.dw = nn.Conv2d(expanded, expanded, 3, padding=1, groups=expanded, bias=False)
+        self.bd = nn.BatchNorm2d(expanded)
+        self.reduce, self.se_expand = nn.Conv2d(expanded, squeezed, 1), nn.Conv2d(squeezed, expanded, 1)
+        self.spatial = nn.Conv2d(expanded, 1, 3, padding=1)
+        self.project, self.bp = nn.Conv2d(expanded, channels, 1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.hardswish(self.bd(self.dw(F.hardswish(self.be(self.expand(x))))))
+        s = self.se_expand(F.relu(self.reduce(F.adaptive_avg_pool2d(h, 1))))
+        h = h * (F.relu6(s + 3.0) / 6.0)
+        h = h * torch.sigmoid(self.spatial(h))
+        return x + self.bp(self.project(h))
+
+
+class SENet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.unit = SEUnit(8, 16, 4)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.unit(F.hardswish(self.bs(self.stem(x)))).mean((2, 3)))
+
+
+def test_squeeze_and_excitation_prunes_the_expanded_channels_and_its_reduction():
+    """``x * gate(pool(x))`` used to freeze the expanded channels (the mul of two maps of different
+    shapes, and the sigmoid); the SE's last conv now writes the expanded channels with the expand
+    conv (one group), its reduction is a group of its own, a one-channel spatial gate scales every
+    channel alike; slim == masked, the graph's cost is what ekg.flops and torch count."""
+    torch.manual_seed(0)
+    model = randomise(SENet()).eval()
+    graph = build_graph(model, SMALL)
+    by_producer = {p: g for g in graph.groups for p in g.producers}
+    expanded, squeezed = by_producer["unit.expand"], by_producer["unit.reduce"]
+    assert expanded.prunable and expanded.producers == ["unit.expand", "unit.se_expand"]
+    assert expanded.depthwise == ["unit.dw"] and expanded.consumers == ["unit.reduce", "unit.spatial", "unit.project"]
+    assert squeezed.prunable and squeezed.consumers == ["unit.se_expand"] and squeezed.channels == 4
+    assert by_producer["stem"].prunable and by_producer["stem"] is by_producer["unit.project"]
+    assert not by_producer["unit.spatial"].prunable  # one channel
+    assert len(graph.prunable) == 3
+    x = torch.randn(4, *SMALL)
+    net, slim = check_slim(model, SMALL, x)
+    kept = net.kept_indices()
+    assert slim.unit.se_expand.out_channels == slim.unit.dw.out_channels == len(kept[expanded.index]) < 16
+    assert slim.unit.reduce.out_channels == len(kept[squeezed.index]) < 4
+    assert flop_counter(slim, SMALL) == 2 * flops.count(slim, SMALL).flops
+    assert flop_counter(model, SMALL) == 2 * graph.cost(graph.full_widths())[0]
+
+
+def _se_convs(model: nn.Module) -> list[tuple[str, str]]:
+    """(reduce, expand) conv names of every SE block (torchvision's SqueezeExcitation: fc1/fc2;
+    timm's SqueezeExcite: conv_reduce/conv_expand)."""
+    out = []
+    for name, m in model.named_modules():
+        for reduce, expand in (("fc1", "fc2"), ("conv_reduce", "conv_expand")):
+            if isinstance(getattr(m, reduce, None), nn.Conv2d) and isinstance(getattr(m, expand, None), nn.Conv2d):
+                out.append((f"{name}.{reduce}", f"{name}.{expand}"))
+    return out
+
+
+# prunable groups at 32×32: before (the SE froze its block's expanded channels) and now
+SE_MODELS = {"torchvision:efficientnet_b0": (17, 33), "torchvision:mobilenet_v3_small": (13, 22),
+             "timm:mobilenetv3_small_050": (12, 21)}
+
+
+@pytest.mark.parametrize("name", list(SE_MODELS))
+def test_zoo_squeeze_and_excitation_blocks_are_pruned(name):
+    """Every SE block's expanded channels and its reduction are prunable groups; cut at random the
+    torchvision models slim to the masked network (timm's: test_timm_models_with_norm_act_layers_...)."""
+    lib, _, arch = name.partition(":")
+    if lib == "timm":
+        model = timm_model(arch)
+    else:
+        pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+        from ekg.arch import torchvision_model
+
+        torch.manual_seed(0)
+        model = randomise(torchvision_model(arch, num_classes=10)).eval()
+    graph = build_graph(model, CIFAR)
+    before, now = SE_MODELS[name]
+    print(f"{name}: {len(graph.prunable)} prunable groups of {len(graph.groups)} (before SE coupling: {before})")
+    assert len(graph.prunable) == now
+    # torchvision's stochastic depth (EfficientNet's residual branches) scales whole samples
+    assert not any("stochastic_depth" in g.reason for g in graph.groups)
+    by_producer = {p: g for g in graph.groups for p in g.producers}
+    se = _se_convs(model)
+    assert se
+    for reduce, expand in se:
+        assert by_producer[reduce].prunable and by_producer[reduce].producers == [reduce]
+        block = by_producer[expand]
+        assert block.prunable and len(block.producers) >= 2 and block.depthwise, (expand, block.reason)
+    if lib != "timm":
+        _, slim = check_slim(model, CIFAR, torch.randn(2, *CIFAR, generator=torch.Generator().manual_seed(3)))
+        assert flop_counter(slim, CIFAR) == 2 * flops.count(slim, CIFAR).flops
+
+
+# ----------------------------------------------------------------------------- refused before any work (defects 6, 8)
+
+def test_a_budget_below_efficientnet_b0s_floor_is_refused_before_any_work(tmp_path):
+    """Defect 8 as found: efficientnet_b0 at keep 0.5 was refused only after adaptation and 81 s of
+    search (its floor was 0.878 while SE blocks froze the expanded channels); the graph's floor now
+    refuses a keep below it before anything is written."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+    from ekg.arch import torchvision_model
+    from ekg.pruning import prune
+    from ekg.search.searcher import floor_ratio
+
+    torch.manual_seed(0)
+    model = torchvision_model("efficientnet_b0", num_classes=10)
+    floor = floor_ratio(build_graph(model, CIFAR), SearchConfig())
+    print(f"efficientnet_b0 at 32x32: floor {floor:.4f}")
+    assert 0 < floor < 0.05
+    out = tmp_path / "run"
+    with pytest.raises(EkgError, match=f"cannot reach `keep` {floor / 2}.*{floor:.4f}"):
+        prune(model, random_data(32, 1), floor / 2, out=out, config=SearchConfig(), progress=False)
+    assert not out.exists()
+
+
+def test_an_input_size_other_than_the_images_is_refused_before_any_work(tmp_path):
+    """Defect 6: ``input_size`` (3, 64, 64) for 32×32 images used to build the graph at one size
+    and search at the other, ending in a raw shape error."""
+    from ekg.pruning import prune
+
+    out = tmp_path / "run"
+    with pytest.raises(EkgError, match=r"\(3, 64, 64\) inputs but the images are \(3, 32, 32\)"):
+        prune(SharedConv(), random_data(32, 1), 0.7, out=out, input_size=(3, 64, 64),
+              config=SearchConfig(adapt=False), progress=False)
+    assert not out.exists()

@@ -23,7 +23,19 @@ the rules below say how layers create, pass on or couple spaces:
   columns per channel (VGG's classifier reads 512·7·7 features): a linear layer reading it consumes
   whole blocks;
 * an addition (or any elementwise op of two tensors) *couples* its inputs' spaces: they become one
-  group that must be pruned together (a residual stream);
+  group that must be pruned together (a residual stream). So does a product (sum) of two maps of
+  equal channel counts broadcast over the other dims: ``x * gate(pool(x))``, a squeeze-and-excitation
+  block, makes the SE's last conv a producer of the block's expanded channels, and the SE's
+  reduction (its first conv's output) is a group of its own; a one-channel map broadcast along the
+  channels (a spatial gate) scales every channel alike and passes the other map's space on;
+* a sigmoid (a gate), a number applied to every element (``x + 3``, ``x / 6``: timm's hard sigmoid)
+  and torchvision's ``stochastic_depth`` (it scales whole samples) pass the space through; they are
+  no mask points;
+* a module called more than once (shared weights: ``self.conv(self.conv(x))``, one block applied at
+  two places) is one set of weights: the inputs of all its calls are one space, and so are their
+  outputs, so every call is cut alike; each call costs its FLOPs, its parameters count once. Where
+  its calls cannot be cut alike (a linear reading a flattened map at one call and features at
+  another) their spaces are frozen, naming the module ("called 2 times in forward: shared weights");
 * a ``Linear`` on a 2-D input consumes its input's space and creates a new one (its output
   features: prunable when an activation follows, as in VGG's hidden classifier layers); on an
   ``(N, ..., C)`` input (ConvNeXt's channels-last MLP) it freezes both and costs one product per position;
@@ -60,17 +72,22 @@ from .bn import inference_modes
 from .errors import EkgError
 
 _PASS_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Identity,
-                 nn.Dropout, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+                 nn.Dropout, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d,
+                 nn.Sigmoid, nn.Hardsigmoid)  # a gate's sigmoid passes channels but is no mask point
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU)
 _ACT_FUNCS: set[Any] = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu}
 _PASS_FUNCS: set[Any] = _ACT_FUNCS | {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d,
-                                      F.dropout, torch.flatten}
+                                      F.dropout, torch.flatten, torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _ACT_METHODS = {"relu", "relu_"}
-_PASS_METHODS = _ACT_METHODS | {"flatten", "view", "reshape", "contiguous"}
+_PASS_METHODS = _ACT_METHODS | {"flatten", "view", "reshape", "contiguous", "sigmoid", "sigmoid_"}
 _FLATTENS: set[Any] = {torch.flatten, "flatten", "view", "reshape"}
 _REDUCTIONS = {"mean", "amax", "sum"}  # pass channels only when reducing dims other than 0 and 1
 _QUERY_METHODS = {"size", "dim", "numel"}  # return no tensor
-_JOIN_FUNCS: set[Any] = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd}
+_JOIN_FUNCS: set[Any] = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd, operator.imul}
+_JOIN_METHODS = {"add", "mul", "add_", "mul_"}
+# a number applied to every element: x * 0.5, x / 6, x + 3 (timm's hard sigmoid), 1 - x
+_CONSTANT_FUNCS: set[Any] = {operator.mul, operator.truediv, torch.mul, operator.add, operator.sub, torch.add,
+                             torch.sub, operator.iadd, operator.imul}
 # elementwise ops by which a model's own per-channel tensor may scale or shift a feature map (layer scale)
 _CHANNELWISE_FUNCS: set[Any] = {operator.add, operator.mul, operator.sub, operator.truediv, operator.iadd,
                                 operator.imul, torch.add, torch.mul, torch.sub, torch.div}
@@ -106,7 +123,8 @@ class LayerCost:
 
     A depthwise conv (``dwconv``) has ``in_group == out_group`` and connects one input channel to
     each output channel. A linear reading a flattened ``(N, C, H, W)`` map has ``in_block = H·W``
-    input features per channel of its input group (``in_channels`` counts channels, not features)."""
+    input features per channel of its input group (``in_channels`` counts channels, not features).
+    A module called twice (shared weights) has one row per call; the later ones are ``shared``."""
 
     name: str
     kind: str                 # conv, dwconv, linear, bn or tensor (a per-channel parameter/buffer)
@@ -119,6 +137,7 @@ class LayerCost:
     bias: bool
     groups: int = 1           # a grouped conv connects cin·cout/groups pairs
     in_block: int = 1         # input features per input channel (linear after a spatial flatten)
+    shared: bool = False      # a later call of a module called before: its FLOPs again, no parameters
 
 
 class _UnionFind:
@@ -186,13 +205,14 @@ class DependencyGraph:
                 params += layer.params_per_pair * cout
                 continue
             if layer.kind == "bn":
-                params += 2 * cout if layer.bias else 0
+                params += 2 * cout if layer.bias and not layer.shared else 0
                 if bn_ops:
                     flops += 2 * layer.flops_per_pair * cout
                 continue
             pairs = cout if layer.kind == "dwconv" else cin * cout // layer.groups
             flops += layer.flops_per_pair * pairs
-            params += layer.params_per_pair * pairs + (cout if layer.bias else 0)
+            if not layer.shared:
+                params += layer.params_per_pair * pairs + (cout if layer.bias else 0)
         return int(flops), int(params)
 
 
@@ -299,6 +319,37 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         elif is_act and src is not None:  # a mask needs one entry per channel: not on flattened blocks
             acts.setdefault(src, []).append(node.name)
 
+    # A module called more than once (shared weights: ``self.conv(self.conv(x))``, one block applied
+    # at two places) is one set of weights: its inputs at every call are one space, and so are its
+    # outputs; its later calls cost FLOPs but no parameters of their own.
+    first_call: dict[str, tuple[int | None, int | None, int]] = {}
+    shared_refs: set[int] = set()   # indices into layer_refs of the later calls of a module
+
+    def called(name: str, m: nn.Module, src: int | None, out: int | None, blk: int) -> None:
+        if not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
+            return  # nothing of its own to cut (a BN without affine parameters or statistics)
+        if name not in first_call:
+            first_call[name] = (src, out, blk)
+            return
+        shared_refs.add(len(layer_refs) - 1)
+        src0, out0, blk0 = first_call[name]
+        why = f"{type(m).__name__} '{name}' is called {calls_of[name]} times in forward: shared weights"
+        if blk != blk0:
+            for s in (src, src0):
+                freeze(s, f"{why}, read as {blk0} and {blk} columns per channel")
+        for a, b in ((src, src0), (out, out0)):
+            if a is not None and b is not None:
+                uf.union(a, b)
+            elif a is not None or b is not None:
+                freeze(a if a is not None else b, f"{why}, on a feature map at one call and not at another")
+
+    calls_of: dict[str, int] = {}  # how often each module is called (for messages)
+    for node in gm.graph.nodes:
+        name = str(node.target) if node.op == "call_module" else \
+            _own_batch_norm(node, model) if node.op == "call_function" and node.target is F.batch_norm else None
+        if name is not None:
+            calls_of[name] = calls_of.get(name, 0) + 1
+
     for node in gm.graph.nodes:
         out_shape = shape(node)
         if node.op == "placeholder":
@@ -308,6 +359,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         elif node.op == "call_module":
             m = modules[node.target]
             src = in_space(node)
+            refs_before = len(layer_refs)
             if isinstance(m, nn.Conv2d) and _conv_kind(m) == "depthwise" and src is not None:
                 depthwise.setdefault(src, []).append(node.target)
                 layer_refs.append((node.target, "dwconv", src, src, m, out_shape[-2:], 1))
@@ -353,6 +405,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                     layer_refs.append((node.target, "bn", src, src, m, out_shape[-2:], 1))
             else:
                 opaque(node, f"it passes through {type(m).__name__} '{node.target}', which ekg cannot prune through")
+            if len(layer_refs) > refs_before:
+                called(node.target, m, src, space.get(node.name), in_block(node))
         elif node.op in ("call_function", "call_method") and (_is_query(node) or (
                 out_shape is None and all(shape(a) is None for a in node.all_input_nodes))):
             space[node.name] = None  # numbers (x.ndim == 4, an assert), not feature maps
@@ -369,6 +423,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             if src is not None:
                 norms.setdefault(src, []).append(bn)
                 layer_refs.append((bn, "bn", src, src, model.get_submodule(bn), out_shape[-2:], 1))
+                called(bn, model.get_submodule(bn), src, src, 1)
         elif node.op in ("call_function", "call_method") and \
                 (scaled := _channelwise(node, own, shape, space, block)) is not None:
             x, name = scaled  # x * self.gamma: a per-channel tensor of the model's own scales x's channels
@@ -386,6 +441,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             is_pass = (target in _PASS_FUNCS if node.op == "call_function" else target in _PASS_METHODS) or \
                 (node.op == "call_method" and target in _REDUCTIONS and _reduces_spatial_only(node))
             is_act = target in _ACT_FUNCS if node.op == "call_function" else target in _ACT_METHODS
+            is_join = target in _JOIN_FUNCS if node.op == "call_function" else target in _JOIN_METHODS
+            is_pass = is_pass or (node.op == "call_function" and _is_stochastic_depth(target))
             src_shape = shape(tensor_args[0]) if tensor_args else None
             if is_pass and len(tensor_args) == 1 and _keeps_channels(src_shape, out_shape):
                 pass_through(node, tensor_args[0], is_act)
@@ -393,7 +450,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                     _flattens_channels(src_shape, out_shape) and block.get(tensor_args[0].name, 1) == 1:
                 space[node.name] = space.get(tensor_args[0].name)
                 block[node.name] = int(np.prod(src_shape[2:]))
-            elif node.op == "call_function" and target in _JOIN_FUNCS and len(tensor_args) == 2 and \
+            elif is_join and len(tensor_args) == 2 and \
                     shape(tensor_args[0]) == shape(tensor_args[1]) == out_shape and \
                     block.get(tensor_args[0].name, 1) == block.get(tensor_args[1].name, 1):
                 a, b = (space.get(t.name) for t in tensor_args)
@@ -403,8 +460,15 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                     space[node.name] = a if b is None else b
                 else:
                     space[node.name] = uf.union(a, b)
+            elif is_join and len(tensor_args) == 2 and \
+                    (joined := _broadcast_join(*tensor_args, out_shape, shape, space, block)) is not None:
+                # x * gate(pool(x)) (squeeze-and-excitation): the maps' channels are one space;
+                # a one-channel map (a spatial gate) is broadcast along the other's channels
+                a, b = (space[t.name] for t in joined)
+                space[node.name] = uf.union(a, b)
             elif len(tensor_args) == 1 and not node.kwargs and out_shape == shape(tensor_args[0]) and \
-                    target in (operator.mul, operator.truediv, torch.mul):  # scaling by a constant
+                    (target in _CONSTANT_FUNCS if node.op == "call_function" else
+                     target in _CHANNELWISE_METHODS):  # a number applied to every element
                 pass_through(node, tensor_args[0], False)
             elif node.op == "call_function" and target is F.batch_norm:
                 opaque(node, f"{_where(node, model)} calls batch_norm() on tensors that are not one BatchNorm "
@@ -441,6 +505,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             g.depthwise += depthwise.get(s, [])
             g.tensors += tensors.get(s, [])
             g.mask_nodes += acts.get(s, [])
+        for names in (g.producers, g.norms, g.consumers, g.depthwise):
+            names[:] = dict.fromkeys(names)  # a module called twice is listed once
         reasons = [frozen[s] for s in members if s in frozen]
         g.name = g.producers[0] if g.producers else f"space{r}"
         if len(g.producers) > 1:
@@ -457,7 +523,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
 
     layers = []
     counted: set[str] = set()  # parameters the layers' costs count
-    for name, kind, gin, gout, m, hw, blk in layer_refs:
+    for ref, (name, kind, gin, gout, m, hw, blk) in enumerate(layer_refs):
         gi = group_index[root_of[gin]] if gin is not None else None
         go = group_index[root_of[gout]] if gout is not None else None
         if kind in ("conv", "dwconv"):
@@ -475,11 +541,19 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         else:
             layers.append(LayerCost(name, kind, gi, go, m.num_features, m.num_features, int(hw[0] * hw[1]), 0,
                                     bool(m.affine)))  # for BN, `bias` records affine parameters
+        layers[-1].shared = ref in shared_refs
         counted.update(f"{name}.{p}" if name else p for p in ("weight", "bias")
                        if kind != "bn" or m.affine)
     fixed = sum(p.numel() for n, p in model.named_parameters() if n not in counted)
     return DependencyGraph(gm=gm, groups=groups, layers=layers, input_size=tuple(input_size),
                            norm_calls=norm_calls, fixed_params=int(fixed))
+
+
+def _is_stochastic_depth(target: Any) -> bool:
+    """torchvision's ``stochastic_depth`` (EfficientNet's residual branches): it scales whole
+    samples (off in inference mode, in which the graph is traced), never single channels."""
+    return getattr(target, "__name__", None) == "stochastic_depth" and \
+        str(getattr(target, "__module__", "")).startswith("torchvision.ops")
 
 
 def _is_query(node: fx.Node) -> bool:
@@ -548,6 +622,30 @@ def _channelwise(node: fx.Node, own: dict[str, str], shape: Any, space: dict[str
     if any(d != 1 for i, d in enumerate(ts) if i != 1) or ts[1] not in (1, xs[1]):
         return None
     return a, (own[b.name] if ts[1] > 1 else None)
+
+
+def _broadcast_join(a: fx.Node, b: fx.Node, out: tuple[int, ...] | None, shape: Any, space: dict[str, int | None],
+                    block: dict[str, int]) -> tuple[fx.Node, fx.Node] | None:
+    """An elementwise op of two feature maps of different shapes, broadcast to ``out`` over the
+    dims after the channels (the gate of a squeeze-and-excitation block: ``(N, C, 1, 1)`` times
+    ``(N, C, H, W)``): the two maps whose spaces the output's is the union of — both if their
+    channel counts are equal (their channels must be cut alike), the wider one twice if the other
+    has one channel (it scales every channel alike) — else None. Both must be feature maps of the
+    batch (not flattened into blocks)."""
+    sa, sb = space.get(a.name), space.get(b.name)
+    xa, xb = shape(a), shape(b)
+    if sa is None or sb is None or xa is None or xb is None or out is None or block.get(a.name, 1) > 1 or \
+            block.get(b.name, 1) > 1 or not len(xa) == len(xb) == len(out) or len(out) < 3 or \
+            not xa[0] == xb[0] == out[0]:
+        return None
+    if any(d != max(da, db) or min(da, db) not in (1, d) for da, db, d in zip(xa[2:], xb[2:], out[2:])):
+        return None
+    if xa[1] == xb[1] == out[1]:
+        return a, b
+    if sorted((xa[1], xb[1])) == [1, out[1]]:
+        wide = a if xa[1] == out[1] else b
+        return wide, wide
+    return None
 
 
 def _op_name(node: fx.Node) -> str:

@@ -302,8 +302,9 @@ class MaskedNetwork(nn.Module):
                     mo = self.masks[group_of_index[c.out_group]] if c.out_group in group_of_index else None
                     if mi is not None or mo is not None:
                         name = "masked_" + node.target.replace(".", "_")
-                        root.add_module(name, MaskedLayer(module, mi, mo, depthwise=c.kind == "dwconv",
-                                                          in_block=c.in_block))
+                        if not hasattr(root, name):  # a module called twice is one masked layer
+                            root.add_module(name, MaskedLayer(module, mi, mo, depthwise=c.kind == "dwconv",
+                                                              in_block=c.in_block))
                         new.target = name
             if node.name in mask_at:
                 i = mask_at[node.name]
