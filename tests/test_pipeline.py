@@ -41,8 +41,8 @@ def test_ekg_run_end_to_end_and_rerun_skips_finished_phases(tmp_path, shared_dat
     capsys.readouterr()
     assert stamps == {p: (run_dir / p).stat().st_mtime_ns for p in stamps}
     # other settings in the same directory are refused
-    assert main(args[:-1] + ["--kd", "none", "--quiet"]) == 1
-    assert "other settings" in capsys.readouterr().err
+    assert main(args[:-3] + ["--kd", "none", "--quiet"]) == 1  # without --teachers, which --kd none refuses
+    assert "other settings (kd: ensemble saved, none requested" in capsys.readouterr().err
 
 
 def test_summary_shows_gpu_latency_when_measured():
