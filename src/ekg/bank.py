@@ -451,7 +451,7 @@ def check_student(run: str | os.PathLike, model: torch.nn.Module, source: str) -
         return
     own = model_shapes(model)
     wrong = [f"{k} is not in the pruned network" for k in own if k not in teacher]
-    wrong += [f"{k} is missing" for k in teacher if k not in own]
+    wrong += [f"{k} of the pruned network is not in the model" for k in teacher if k not in own]
     wrong += [f"{k} is {tuple(own[k])}, wider than the pruned network's {tuple(teacher[k])}" for k in own
               if k in teacher and (len(own[k]) != len(teacher[k]) or any(a > b for a, b in zip(own[k], teacher[k])))]
     if wrong:

@@ -252,8 +252,8 @@ def check_train_dir(cfg: TrainConfig, out: str | Path, resume: bool, model: torc
 def _check_fits(saved: dict[str, torch.Tensor], model: torch.nn.Module, path: Path) -> None:
     """The saved weights of a training run are those of ``model``'s architecture and widths."""
     own = model.state_dict()
-    wrong = [f"{k} is not in the model" for k in saved if k not in own]
-    wrong += [f"{k} is missing" for k in own if k not in saved]
+    wrong = [f"{k} is saved but not in the model" for k in saved if k not in own]
+    wrong += [f"{k} is in the model but not saved" for k in own if k not in saved]
     wrong += [f"{k} is {tuple(saved[k].shape)} saved, {tuple(own[k].shape)} now" for k in own
               if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
     if wrong:
