@@ -360,6 +360,9 @@ CASES += [
     Case("convert: --num-classes 0", "convert {foreign_pt} --out {tmp}/out.pt --torchvision resnet18 --num-classes 0", "--num-classes"),
     Case("convert: --input-size with a zero", "convert {foreign_pt} --out {tmp}/out.pt --torchvision resnet18 --input-size 3 0 224", "--input-size"),
     Case("convert: --normalization unknown", "convert {foreign_pt} --out {tmp}/out.pt --torchvision resnet18 --normalization imagenette", "imagenette"),
+    Case("convert: --timm with --torchvision", "convert {foreign_pt} --out {tmp}/out.pt --timm resnet18 --torchvision resnet18",
+         "--torchvision and --timm"),
+    Case("convert: --arch with --timm", "convert {model} --out {tmp}/out.pt --timm resnet18 --arch resnet20", "--timm"),
     Case("convert: no --out", "convert {model}", "--out"),
     # train
     Case("train: --arch unknown", f"train --arch resnet21 {D} {OUT}", "resnet21"),

@@ -648,3 +648,157 @@ def test_an_input_size_other_than_the_images_is_refused_before_any_work(tmp_path
         prune(SharedConv(), random_data(32, 1), 0.7, out=out, input_size=(3, 64, 64),
               config=SearchConfig(adapt=False), progress=False)
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- timm checkpoints (deliverable 3)
+
+def test_convert_timm_weights_prune_and_reload_with_every_command(tmp_path, make_cifar, capsys, monkeypatch):
+    """`ekg convert --timm` records ``timm:NAME``; the pruned checkpoint records it with every
+    width, reloads with no factory, and `ekg test`, `ekg info`, `ekg export` and `ekg finetune`
+    read it with no code of the user's."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    from ekg.cli import main
+    from ekg.pruning import prune
+    from ekg.user_model import rebuilder
+
+    torch.manual_seed(0)
+    model = randomise(timm.create_model("resnet18", pretrained=False, num_classes=10)).eval()
+    src = tmp_path / "r18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, src)
+    out = tmp_path / "r18.pt"
+    assert main(["convert", str(src), "--timm", "resnet18", "--input-size", "3", "32", "32",
+                 "--normalization", "cifar10", "--out", str(out)]) == 0
+    assert "timm:resnet18, 10 classes" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert ckpt.arch == "timm:resnet18" and ckpt.record.kwargs == {"num_classes": 10}
+    assert ckpt.input_size == CIFAR and ckpt.normalization["name"] == "cifar10" and rebuilder(ckpt) is None
+    x = torch.randn(2, *CIFAR, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ckpt.model.eval()(x), model(x))
+    # without --input-size and --normalization: the model's pretrained_cfg (224×224, ImageNet's constants)
+    assert main(["convert", str(src), "--timm", "resnet18", "--out", str(tmp_path / "r18_224.pt")]) == 0
+    capsys.readouterr()
+    default = load_checkpoint(tmp_path / "r18_224.pt")
+    assert default.input_size == (3, 224, 224) and default.normalization["name"] == "imagenet"
+
+    run = tmp_path / "run"
+    cfg = SearchConfig(adapt=False, val_per_class=1, sub_per_class=1, batch_size=10, sliced=False)
+    data = random_data(32, 13)  # 130 images: one batch of the quick preset's fine-tuning (ekg.run below)
+    res = prune(ckpt, data, 0.7, out=run, config=cfg, progress=False)
+    assert res.flops <= 0.7 * flops.count(model, CIFAR).flops
+    back = load_checkpoint(run / "pruned.pt")
+    assert back.arch == "timm:resnet18 (pruned)" and back.record.kwargs == {"num_classes": 10}
+    assert back.input_size == CIFAR and rebuilder(back) is None
+    widths = {n: (m.in_channels, m.out_channels) for n, m in back.model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert widths == {n: (m.in_channels, m.out_channels) for n, m in res.model.named_modules()
+                      if isinstance(m, nn.Conv2d)}
+    assert widths != {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), res.model.eval()(x))
+
+    pruned = str(run / "pruned.pt")
+    folder = str(make_cifar(per_batch=4).folder.parent)
+    assert main(["test", "--model", pruned, "--data", folder, "--json"]) == 0
+    tested = json.loads(capsys.readouterr().out)
+    assert tested["arch"] == "timm:resnet18 (pruned)" and tested["flops"] == res.flops
+    assert main(["info", "--model", pruned, "--json"]) == 0
+    assert "timm:resnet18 (pruned)" in capsys.readouterr().out
+    import importlib.util
+
+    exported = tmp_path / ("m.onnx" if importlib.util.find_spec("onnx") else "m.ts")
+    assert main(["export", "--model", pruned, "--out", str(exported)]) == 0 and exported.exists()
+    capsys.readouterr()
+    assert main(["finetune", "--model", pruned, "--data", folder, "--kd", "none", "--epochs", "1", "--batch-size", "10",
+                 "--out", str(tmp_path / "ft"), "--quiet"]) == 0
+    tuned = load_checkpoint(tmp_path / "ft" / "model.pt")
+    assert tuned.arch == back.arch and tuned.input_size == CIFAR
+    # ekg.run adopts the prune run: it reloads pruned.pt, fine-tunes and compares with no factory
+    import functools
+
+    from ekg import pipeline
+    from ekg.rundir import RunDir
+
+    monkeypatch.setattr(pipeline, "compare_latency", functools.partial(pipeline.compare_latency, rounds=1,
+                                                                       iters_per_round=1, warmup=0))  # seconds, not 20
+    summary = pipeline.run(ckpt, data, 0.7, out=run, preset="quick", kd="none", epochs=1, search=cfg,
+                           progress=False, latency_batches=(1,))
+    assert summary["pruned"]["flops"] == res.flops
+    assert load_checkpoint(RunDir(run).final).arch == "timm:resnet18 (pruned)"
+
+
+def test_timm_factory_names_and_arguments_are_checked():
+    """Only names of timm's own registry are built (close names suggested); arguments timm
+    rejects, and `pretrained` (ekg downloads nothing), are one-line errors."""
+    pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    from ekg.arch import TIMM, ZOOS, timm_model, zoo_of
+
+    assert zoo_of("timm:resnet18") == TIMM and zoo_of("torchvision:resnet18") in ZOOS and zoo_of("pkg.mod:f") is None
+    model = timm_model("mobilenetv3_small_050", num_classes=10)
+    assert record_for(model, 10).factory == "timm:mobilenetv3_small_050"
+    with pytest.raises(EkgError, match=r"timm has no model 'mobilenetv3_small' \(did you mean mobilenetv3_small_"):
+        timm_model("mobilenetv3_small")
+    with pytest.raises(EkgError, match="timm has no model 'hf-hub:timm/resnet18'"):
+        timm_model("hf-hub:timm/resnet18")
+    with pytest.raises(EkgError, match=r"timm cannot build resnet18 with \{'bogus': 1\}: TypeError"):
+        timm_model("resnet18", bogus=1)
+    with pytest.raises(EkgError, match="pretrained=False"):
+        timm_model("resnet18", pretrained=True)
+
+
+def test_convert_timm_refusals_are_one_line(tmp_path, capsys):
+    """An unknown timm name, --timm with --torchvision, and weights of another model: one line each,
+    nothing written."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    from ekg.cli import main
+
+    src = tmp_path / "w.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=10).state_dict(), src)
+    out = tmp_path / "out.pt"
+    for argv, text in [(["--timm", "resnet81"], "timm has no model 'resnet81' (did you mean resnet18"),
+                       (["--timm", "resnet18", "--torchvision", "resnet18"], "--torchvision and --timm both"),
+                       (["--timm", "resnet34"], "do not fit"),
+                       (["--timm", "resnet18", "--arch", "resnet20"], "with --timm the architecture is timm's")]:
+        assert main(["convert", str(src), *argv, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("ekg: error:") and text in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_timm_missing_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    """Without timm (simulated): `ekg convert --timm` and loading a ``timm:NAME`` checkpoint say
+    to install it. Runs with or without timm installed."""
+    import sys
+
+    from ekg.cli import main
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
+    model = SharedConv()
+    src = tmp_path / "w.pth"
+    torch.save(model.state_dict(), src)
+    assert main(["convert", str(src), "--timm", "resnet18", "--out", str(tmp_path / "out.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ekg: error: timm is needed for timm:resnet18") and "pip install timm" in err
+    assert "'zoo' extra" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out.pt").exists()
+    ckpt = Checkpoint(model=model, normalization=NORMALIZATION, input_size=SMALL,
+                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(model, 10, factory="timm:resnet18"))
+    path = save_checkpoint(ckpt, tmp_path / "m.pt")
+    with pytest.raises(EkgError, match=r"timm is needed for timm:resnet18 .*pip install timm"):
+        load_checkpoint(path)
+    assert main(["info", "--model", str(path)]) == 1
+    assert "pip install timm" in capsys.readouterr().err
+
+
+def test_convert_defaults_come_from_the_pretrained_cfg():
+    """A model's ``pretrained_cfg`` (timm's) gives the input size and normalisation (ImageNet's
+    constants are named by their preset, others recorded as they are); without one, ImageNet's."""
+    from ekg.checkpoint import _zoo_defaults
+
+    model = SharedConv()
+    assert _zoo_defaults(model, {}) == ((3, 224, 224), {"name": "imagenet", **get_normalization("imagenet").to_dict()})
+    model.pretrained_cfg = {"input_size": (3, 299, 299), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    size, norm = _zoo_defaults(model, {})
+    assert size == (3, 299, 299) and norm == {"name": "pretrained_cfg", "mean": [127.5] * 3, "std": [127.5] * 3}
+    model.pretrained_cfg = {"input_size": (3, 256, 256), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    size, norm = _zoo_defaults(model, {})
+    assert size == (3, 256, 256) and norm["name"] == "imagenet"
+    assert _zoo_defaults(model, {"in_chans": 1})[0] == (1, 256, 256)  # the channels follow in_chans

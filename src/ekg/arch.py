@@ -12,8 +12,10 @@ every other parameter or buffer (a layer scale's ``gamma``, pruned with the chan
 Loading builds the model from the factory, gives each recorded module its recorded widths (empty
 tensors of the new shapes), then loads the state dict, which checks every shape. Factories:
 
-* ``torchvision:NAME`` — ``torchvision.models.get_model(NAME, weights=None, **kwargs)``; rebuilt
-  automatically (torchvision's own registry: no name from the file is imported);
+* ``torchvision:NAME`` — ``torchvision.models.get_model(NAME, weights=None, **kwargs)`` and
+  ``timm:NAME`` — ``timm.create_model(NAME, pretrained=False, **kwargs)``: the built-in zoos
+  (:data:`ZOOS`), rebuilt automatically (only names the zoo's own registry knows: nothing named in
+  the file is imported; timm is optional, the ``zoo`` extra);
 * anything else (a user's ``package.module:callable``, or no factory for a plain module) is only
   recorded: ekg never imports a module named in a file, so the caller passes the callable
   (``load_checkpoint(path, factory=make_net)``), which is called with the recorded kwargs.
@@ -31,7 +33,8 @@ from .bn import inference_modes
 from .errors import CheckpointError, EkgError
 
 TORCHVISION = "torchvision:"
-FACTORY_ATTR = "ekg_factory"  # (factory, kwargs) set on a model by torchvision_model()
+TIMM = "timm:"
+FACTORY_ATTR = "ekg_factory"  # (factory, kwargs) set on a model by torchvision_model() / timm_model()
 
 _KWARG_TYPES = (bool, int, float, str, type(None))
 
@@ -87,8 +90,8 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def record_for(model: nn.Module, num_classes: int, *, factory: str | None = None,
                kwargs: dict[str, Any] | None = None, pruned: bool = False) -> ArchRecord:
-    """The record of ``model``. ``factory``/``kwargs`` default to what :func:`torchvision_model`
-    attached to it; kwargs must be plain values (bool, int, float, str, None)."""
+    """The record of ``model``. ``factory``/``kwargs`` default to what :func:`torchvision_model` or
+    :func:`timm_model` attached to it; kwargs must be plain values (bool, int, float, str, None)."""
     if factory is None and hasattr(model, FACTORY_ATTR):
         factory, kwargs = getattr(model, FACTORY_ATTR)
     kwargs = dict(kwargs or {})
@@ -96,7 +99,7 @@ def record_for(model: nn.Module, num_classes: int, *, factory: str | None = None
         if not isinstance(v, _KWARG_TYPES):
             raise EkgError(f"factory argument {k}={v!r} cannot be recorded: only bool, int, float, str and None are")
     if factory is not None and ":" not in factory:
-        raise EkgError(f"a factory is 'torchvision:NAME' or 'package.module:callable', got {factory!r}")
+        raise EkgError(f"a factory is 'torchvision:NAME', 'timm:NAME' or 'package.module:callable', got {factory!r}")
     cls = type(model)
     return ArchRecord(factory=factory, kwargs=kwargs, shapes=module_shapes(model), num_classes=int(num_classes),
                       class_name=f"{cls.__module__}.{cls.__qualname__}", pruned=pruned)
@@ -106,9 +109,29 @@ def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
     """``torchvision.models.get_model(name, weights=None, **kwargs)``, tagged with its factory so
     that ekg checkpoints of it (and of its pruned versions) reload by name. No weights are
     downloaded: load your own with ``load_state_dict``."""
-    model = _torchvision_build(name, kwargs)
-    setattr(model, FACTORY_ATTR, (TORCHVISION + name, dict(kwargs)))
+    return zoo_model(TORCHVISION, name, **kwargs)
+
+
+def timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)``, tagged with its factory so that ekg
+    checkpoints of it (and of its pruned versions) reload by name. No weights are downloaded: load
+    your own with ``load_state_dict``. Needs timm (ekg's ``zoo`` extra)."""
+    return zoo_model(TIMM, name, **kwargs)
+
+
+def zoo_model(zoo: str, name: str, **kwargs: Any) -> nn.Module:
+    """Model ``name`` of the built-in zoo ``zoo`` (``"torchvision:"`` or ``"timm:"``, see
+    :data:`ZOOS`) with random weights, tagged with its factory ``zoo + name`` and ``kwargs``."""
+    if zoo not in ZOOS:
+        raise EkgError(f"unknown model zoo {zoo!r}: choose one of {', '.join(ZOOS)}")
+    model = ZOOS[zoo](name, dict(kwargs))
+    setattr(model, FACTORY_ATTR, (zoo + name, dict(kwargs)))
     return model
+
+
+def zoo_of(factory: str | None) -> str | None:
+    """The built-in zoo (a key of :data:`ZOOS`) a recorded factory names, or None (a user's)."""
+    return next((zoo for zoo in ZOOS if factory is not None and factory.startswith(zoo)), None)
 
 
 def _torchvision_build(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -118,25 +141,53 @@ def _torchvision_build(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise EkgError(f"torchvision is needed for {TORCHVISION}{name} but cannot be imported ({e}); "
                        "install ekg's 'vision' extra") from None
     if name not in tv.list_models():
-        raise EkgError(f"torchvision has no model {name!r}")
+        raise EkgError(f"torchvision has no model {name!r}{_close_names(name, tv.list_models())}")
     try:
         return tv.get_model(name, weights=None, **kwargs)
     except (TypeError, ValueError) as e:
         raise EkgError(f"torchvision cannot build {name} with {kwargs}: {e}") from None
 
 
+def _timm_build(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError as e:
+        raise EkgError(f"timm is needed for {TIMM}{name} but cannot be imported ({' '.join(str(e).split())}): "
+                       "pip install timm (ekg's 'zoo' extra)") from None
+    if not isinstance(name, str) or not timm.is_model(name):  # timm's own registry only: no hub or file names
+        raise EkgError(f"timm has no model {name!r}{_close_names(str(name), timm.list_models())}")
+    if "pretrained" in kwargs:
+        raise EkgError(f"{TIMM}{name} is built with pretrained=False (ekg downloads nothing): drop `pretrained` and "
+                       "load your weights (`ekg convert WEIGHTS --timm NAME`)")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as e:  # timm checks with asserts too
+        raise EkgError(f"timm cannot build {name} with {kwargs}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+
+
+def _close_names(name: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+# zoo prefix of a recorded factory → the builder of its models (name, kwargs) with random weights
+ZOOS: dict[str, Callable[[str, dict[str, Any]], nn.Module]] = {TORCHVISION: _torchvision_build, TIMM: _timm_build}
+
+
 def rebuild(record: ArchRecord, factory: Callable[..., nn.Module] | None = None, source: str = "the checkpoint") -> nn.Module:
     """The model the record describes, with the recorded widths and uninitialised weights (load
-    the state dict next). ``factory`` replaces the recorded factory (needed for anything but
-    torchvision)."""
+    the state dict next). ``factory`` replaces the recorded factory (needed for anything but the
+    built-in zoos, torchvision and timm)."""
     if factory is not None:
         try:
             model = factory(**record.kwargs)
         except TypeError as e:
             raise CheckpointError(f"the factory given for {source} cannot take its recorded arguments "
                                   f"{record.kwargs}: {e}") from None
-    elif record.factory is not None and record.factory.startswith(TORCHVISION):
-        model = _torchvision_build(record.factory[len(TORCHVISION):], record.kwargs)
+    elif (zoo := zoo_of(record.factory)) is not None:
+        model = ZOOS[zoo](record.factory[len(zoo):], dict(record.kwargs))  # type: ignore[index]
     else:
         what = f"built by {record.factory!r}" if record.factory else f"a {record.class_name or 'custom model'}"
         raise CheckpointError(f"the model in {source} is {what}; ekg does not import code named in a file: pass "

@@ -391,7 +391,30 @@ def import_torchvision(path: str | Path, name: str, *, input_size: tuple[int, in
     ``state_dict`` or ``model`` key and with DDP's ``module.`` prefix) as an ekg checkpoint of
     ``torchvision:NAME``. ``num_classes`` and other factory arguments come in ``kwargs``; when
     ``num_classes`` is not given it is read from the weights' last linear layer."""
-    from .arch import classifier_outputs, record_for, torchvision_model
+    from .arch import TORCHVISION
+
+    return import_zoo(path, TORCHVISION, name, input_size=input_size, normalization=normalization, **kwargs)
+
+
+def import_timm(path: str | Path, name: str, *, input_size: tuple[int, int, int] | None = None,
+                normalization: str | None = None, **kwargs: Any) -> Checkpoint:
+    """A timm model's weights (a state dict, as for :func:`import_torchvision`) as an ekg checkpoint
+    of ``timm:NAME``, built with ``timm.create_model(NAME, pretrained=False, **kwargs)``.
+    ``input_size`` and ``normalization`` default to the model's ``pretrained_cfg`` (its
+    ``input_size``, ``mean`` and ``std``; the channels follow ``in_chans``), else ImageNet's."""
+    from .arch import TIMM
+
+    return import_zoo(path, TIMM, name, input_size=input_size, normalization=normalization, **kwargs)
+
+
+def import_zoo(path: str | Path, zoo: str, name: str, *, input_size: tuple[int, int, int] | None = None,
+               normalization: str | None = None, **kwargs: Any) -> Checkpoint:
+    """The weights of model ``name`` of the built-in zoo ``zoo`` (``"torchvision:"`` or ``"timm:"``)
+    as an ekg checkpoint recording ``zoo + name`` and ``kwargs``. The state dict is read first (a
+    file that is not one is refused before the zoo is imported). ``input_size`` and
+    ``normalization`` (a preset name) default to the model's own ``pretrained_cfg`` where it has one
+    (timm's), else to ImageNet's (3×224×224, the ``imagenet`` preset)."""
+    from .arch import classifier_outputs, record_for, zoo_model
 
     path = Path(path)
     if not path.exists():
@@ -406,10 +429,45 @@ def import_torchvision(path: str | Path, name: str, *, input_size: tuple[int, in
         linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
         if linears:
             kwargs["num_classes"] = int(linears[-1].shape[0])
-    model = torchvision_model(name, **kwargs)
+    model = zoo_model(zoo, name, **kwargs)
     load_state_dict_checked(model, state, str(path))
-    num_classes = classifier_outputs(model, tuple(input_size))
-    return Checkpoint(model=model, normalization=_normalization(normalization), dataset=_dataset_record(num_classes),
-                      meta={"source": str(path), "imported_from": f"torchvision:{name}"},
-                      input_size=tuple(input_size), record=record_for(model, num_classes))  # type: ignore[arg-type]
+    size, norm = _zoo_defaults(model, kwargs)
+    size = tuple(input_size) if input_size is not None else size
+    norm = _normalization(normalization) if normalization is not None else norm
+    if len(norm["mean"]) not in (0, size[0]):
+        raise EkgError(f"the normalisation {norm['name']} has constants for {len(norm['mean'])} channels but "
+                       f"{zoo}{name} takes {size[0]}: give a normalisation for its inputs (`none` for images "
+                       "already normalised)")
+    num_classes = classifier_outputs(model, size)
+    return Checkpoint(model=model, normalization=norm, dataset=_dataset_record(num_classes),
+                      meta={"source": str(path), "imported_from": f"{zoo}{name}"},
+                      input_size=size, record=record_for(model, num_classes))  # type: ignore[arg-type]
 
+
+def _zoo_defaults(model: nn.Module, kwargs: dict[str, Any]) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """The input size and normalisation ``model``'s ``pretrained_cfg`` (timm's) gives, ImageNet's
+    (:data:`TORCHVISION_INPUT_SIZE`, :data:`TORCHVISION_NORMALIZATION`) where it gives none. Preset
+    constants are named by the preset; others are recorded as ``pretrained_cfg``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    size: tuple[int, ...] = TORCHVISION_INPUT_SIZE
+    try:
+        given = tuple(int(n) for n in cfg["input_size"])
+        if len(given) == 3 and min(given) >= 1:
+            size = given
+    except (KeyError, TypeError, ValueError):
+        pass
+    if isinstance(kwargs.get("in_chans"), int) and kwargs["in_chans"] >= 1:
+        size = (kwargs["in_chans"], *size[1:])
+    norm = _normalization(TORCHVISION_NORMALIZATION)
+    try:
+        mean, std = [tuple(255.0 * float(v) for v in cfg[k]) for k in ("mean", "std")]
+    except (KeyError, TypeError, ValueError):
+        return size, norm
+    if len(mean) == len(std) == size[0] and min(std) > 0:
+        from .data import NORMALIZATIONS
+
+        name = next((n for n, p in NORMALIZATIONS.items() if len(p.mean) == len(mean) and
+                     all(abs(a - b) < 1e-6 for a, b in zip((*p.mean, *p.std), (*mean, *std)))), "pretrained_cfg")
+        norm = {"name": name, "mean": list(mean), "std": list(std)} if name == "pretrained_cfg" else _normalization(name)
+    return size, norm

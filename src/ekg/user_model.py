@@ -85,9 +85,11 @@ def checkpoint_of_module(model: nn.Module, splits: Any, *, input_size: tuple[int
 def rebuilder(ckpt: Checkpoint) -> Callable[..., nn.Module] | None:
     """A ``factory`` that reloads files written from ``ckpt``'s model (its adapted, pruned and
     fine-tuned checkpoints): a copy of the model itself, which :func:`ekg.arch.rebuild` gives each
-    file's recorded widths. None when no factory is needed (registry and torchvision models)."""
+    file's recorded widths. None when no factory is needed (registry, torchvision and timm models)."""
+    from .arch import zoo_of
+
     record = ckpt.record
-    if record is None or (record.factory is not None and record.factory.startswith("torchvision:")):
+    if record is None or zoo_of(record.factory) is not None:
         return None
     return module_factory(ckpt.model)
 
