@@ -311,7 +311,9 @@ def test_prune_and_finetune_with_the_bank_on_a_streamed_tree(tree, shared_data, 
     assert res["n_images"] == 100 and res["top1"] > 20
     # a crop that does not fit the model is refused in one line
     assert main(["test", "--model", str(model), *data, "--image-size", "24"]) == 1
-    assert "set --image-size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the model expects (3, 32, 32) inputs but the images of" in err
+    assert "are (3, 24, 24): crop them to its size with --image-size" in err
 
 
 def test_adaptation_and_search_read_the_streamed_search_sets(tree, shared_data, tmp_path):
