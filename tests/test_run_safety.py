@@ -19,9 +19,18 @@ from pathlib import Path
 import pytest
 
 from ekg.cli import main
+from test_bad_input import _snapshot
 from ekg.errors import EkgError
 from ekg.lock import LOCK_NAME, hold, holder
 from ekg.rundir import RunDir
+
+def _one_line(capsys) -> str:
+    """The one ``ekg: error:`` line a refused command printed (no traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("ekg: error: "), err
+    return err
+
 
 HOLD = ("import sys, time\nfrom ekg.lock import hold\nwith hold(sys.argv[1]):\n"
         "    print('held', flush=True)\n    time.sleep(120)\n")
@@ -33,13 +42,6 @@ def _holder_process(folder: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout.readline().strip() == "held"
     return proc
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    assert err.startswith("ekg: error: "), err
-    return err
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -83,12 +85,6 @@ def test_the_lock_file_is_ekgs_own_and_clear_keeps_it_while_held(tmp_path):
         assert rd.unknown_entries() == []
         rd.clear()
         assert (rd.path / LOCK_NAME).exists()
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 def test_commands_on_a_folder_another_process_holds_are_refused_at_once(tmp_path, pruned_run, finetuned,

@@ -213,10 +213,9 @@ def train(cfg: TrainConfig, data: DataSplits, out: str | Path, *, resume: bool =
                        f"{dist.world_size} processes: each process runs batch-size/processes images per step")
     aug = _check_inputs(cfg, data, transform, bank)
     out = Path(out)
-    saved = check_train_dir(cfg, out, resume, init.model if init is not None else None)
-    with hold(out, dist):  # one process (one torchrun job) in the folder from here on
-        if saved is not None:  # read again under the lock: what the run is continued from
-            saved = check_train_dir(cfg, out, resume, init.model if init is not None else None, locked=True)
+    check_output_folder(out)  # before the lock makes the folder: "is a file", "read-only" name the cause
+    with hold(out, dist):  # one process (one torchrun job) in the folder from here on; refuses a second at once
+        saved = check_train_dir(cfg, out, resume, init.model if init is not None else None, locked=True)
         return _train(cfg, data, out, saved, progress and dist.is_main, on_epoch, init, bank, dist, aug)
 
 
@@ -226,7 +225,8 @@ def check_train_dir(cfg: TrainConfig, out: str | Path, resume: bool, model: torc
     before it builds a memory bank): ``out`` can be written and no other process works in it; a
     run there is only continued with ``resume``, whose saved ``last.pt`` must be readable, hold
     these settings and (with ``model``) the weights of this model. Returns the saved state (None
-    for a fresh run). ``cfg`` as :func:`train` runs it (:func:`with_temperature`)."""
+    for a fresh run). ``cfg`` as :func:`train` runs it (:func:`with_temperature`); ``locked``: the
+    caller holds the folder's lock (no early check for another process)."""
     rd = TrainDir(out)
     check_output_folder(rd.path)
     if not locked:
