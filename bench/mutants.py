@@ -64,6 +64,7 @@ SAFE = "tests/test_run_safety.py::"
 LOCK = SAFE + "test_a_second_process_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over"
 REENTRANT = SAFE + "test_the_lock_is_reentrant_in_one_process_and_leaves_nothing_behind"
 FULL_BANK = SAFE + "test_the_bank_on_a_full_disk_is_refused_before_any_teacher_runs_and_builds_afterwards"
+LN = "tests/test_layernorm.py::"
 FLOOR = "tests/test_search_rules.py::test_the_floor_of_the_budget_is_every_group_at_one_channel"
 BAD = "tests/test_bad_input.py::test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing["
 
@@ -172,6 +173,32 @@ MUTANTS: list[Mutant] = [
     M("slim-bn-statistics-of-other-channels", "slimming keeps the surviving channels' BN running statistics",
       "ekg/slim.py", "setattr(m, attr, b[index].clone())", "setattr(m, attr, b[: len(index)].clone())",
       ("tests/test_slim.py",)),
+    # ---------------------------------------------------------------- channels-last LayerNorm blocks (ConvNeXt)
+    M("ln-statistics-over-all-channels", "a masked LayerNorm normalises over the kept channels only", "ekg/masks.py",
+      "keep = mask.mask.to(x.dtype)", "keep = torch.ones_like(mask.mask).to(x.dtype)",
+      (LN + "test_the_masked_layer_norm_is_the_slim_layer_norm_for_random_cuts",
+       LN + "test_a_convnext_cut_at_random_slims_to_the_masked_network")),
+    M("ln-sliced-statistics-over-all-channels", "the search's sliced LayerNorm normalises over the kept channels only",
+      "ekg/masks.py", "y = F.layer_norm(x.index_select(-1, idx), (int(idx.numel()),), w, b, ln.eps)",
+      "y = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps).index_select(-1, idx)",
+      (LN + "test_the_masked_layer_norm_is_the_slim_layer_norm_for_random_cuts",
+       LN + "test_a_convnext_cut_at_random_slims_to_the_masked_network")),
+    M("ln-weight-not-cut-with-group", "slimming cuts a LayerNorm's weight and bias with its group's channels",
+      "ekg/slim.py", "nn.Parameter(p.detach().index_select(0, index).clone()",
+      "nn.Parameter(p.detach()[: len(index)].clone()",
+      (LN + "test_a_convnext_cut_at_random_slims_to_the_masked_network",)),
+    M("permute-channel-dim", "a permute moves the channels to the dim they are permuted to", "ekg/graph.py",
+      "dims[node.name] = perm.index(d)", "dims[node.name] = perm[d]",
+      (LN + "test_convnext_groups_follow_the_channels_through_permutes_and_layer_norms",)),
+    M("ln-stream-adds-only", "a LayerNorm'd stream is masked at its block inputs (stem, downsampling) too",
+      "ekg/graph.py", "points.add(fork)", "pass",
+      (LN + "test_convnext_groups_follow_the_channels_through_permutes_and_layer_norms",)),
+    M("mask-point-channel-dim", "a mask point masks the channel dim (the last one of channels-last values)",
+      "ekg/masks.py", "shape[dim] = -1", "shape[1] = -1",
+      (LN + "test_a_convnext_cut_at_random_slims_to_the_masked_network",)),
+    M("sliced-linear-channel-dim", "a sliced linear layer reads its kept inputs from the last dim", "ekg/masks.py",
+      "x = x.index_select(self.dim, cols)", "x = x.index_select(1, cols)",
+      (LN + "test_a_convnext_cut_at_random_slims_to_the_masked_network",)),
     # ---------------------------------------------------------------- BN modes
     M("search-bn-running", "the search runs BN on batch statistics", "ekg/search/searcher.py",
       "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',

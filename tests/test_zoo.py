@@ -32,7 +32,8 @@ NORMALIZATION = {"name": "cifar10", **get_normalization("cifar10").to_dict()}
 
 
 def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Random BN affine parameters and running statistics, and random per-channel scales."""
+    """Random BN affine parameters and running statistics, LayerNorm affine parameters and
+    per-channel scales."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -40,6 +41,9 @@ def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
                 m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.bias.copy_(torch.rand(m.num_features, generator=gen) * 0.5)
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:  # ConvNeXt's
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
         for name, p in model.named_parameters():
             if name.rpartition(".")[2] in ("gamma", "layer_scale"):
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
@@ -373,6 +377,79 @@ def test_convnext_mlp_flops_count_every_position():
     assert flop_counter(model, CIFAR) == 2 * counted.flops
     graph = build_graph(model, CIFAR)
     assert graph.cost(graph.full_widths()) == (counted.flops, counted.params)
+
+
+# prunable groups of all, and the FLOPs floor, at 32×32: before (every permute froze the spaces it
+# touched) and now (channels-last LayerNorm blocks, tests/test_layernorm.py)
+CONVNEXTS = {"torchvision:convnext_tiny": ((0, 94, 1.0), (21, 25, 0.0016)),
+             "timm:convnext_atto": ((12, 70, 0.1218), (15, 19, 0.0044)),
+             "timm:convnext_nano": ((14, 78, 0.0818), (17, 21, 0.0017))}
+
+
+def zoo_convnext(name: str, **kwargs) -> nn.Module:
+    """``torchvision:NAME`` or ``timm:NAME`` built by ekg (tagged with its factory), randomised."""
+    from ekg.arch import zoo_model
+
+    lib, _, arch = name.partition(":")
+    if lib == "timm":
+        pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    else:
+        pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+    torch.manual_seed(0)
+    return randomise(zoo_model(lib + ":", arch, num_classes=10, **kwargs)).eval()
+
+
+@pytest.mark.parametrize("name", list(CONVNEXTS))
+def test_zoo_convnexts_prune_their_streams_and_mlps(name):
+    """Every stage's stream (LayerNorms, depthwise convs, layer scales, the MLPs' linear layers or
+    1×1 convs) and every block's 4C hidden channels are prunable groups; what stays whole is the
+    input, the logits and the last stage's stream (read through ``nn.Flatten``)."""
+    from ekg.search.searcher import floor_ratio
+
+    model = zoo_convnext(name)
+    graph = build_graph(model, CIFAR)
+    before, (prunable, groups, floor) = CONVNEXTS[name]
+    got = floor_ratio(graph, SearchConfig())
+    print(f"{name}: {len(graph.prunable)} prunable groups of {len(graph.groups)}, floor {got:.4f} (before: {before})")
+    assert (len(graph.prunable), len(graph.groups)) == (prunable, groups) and got == pytest.approx(floor, abs=1e-4)
+    lns = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert {n for g in graph.groups for n in g.norms} == lns
+    frozen = [g for g in graph.groups if not g.prunable]
+    assert all("Flatten" in g.reason or "model's" in g.reason for g in frozen), [g.reason for g in frozen]
+
+
+@pytest.mark.parametrize("name,kwargs", [("torchvision:convnext_tiny", {}), ("timm:convnext_atto", {}),
+                                         ("timm:convnext_atto", {"conv_mlp": False})])
+def test_zoo_convnexts_cut_at_random_slim_to_the_masked_network(name, kwargs):
+    """Cut at random: slim == masked (LayerNorms over the kept channels), FLOPs as counted by
+    torch.utils.flop_counter."""
+    model = zoo_convnext(name, **kwargs)
+    x = torch.randn(2, *CIFAR, generator=torch.Generator().manual_seed(3))
+    net, slim = check_slim(model, CIFAR, x)
+    assert flop_counter(slim, CIFAR) == 2 * flops.count(slim, CIFAR).flops
+    cut = [n for n, m in slim.named_modules() if isinstance(m, nn.LayerNorm) and
+           m.normalized_shape != model.get_submodule(n).normalized_shape]
+    assert cut and all(slim.get_submodule(n).weight.shape == slim.get_submodule(n).normalized_shape for n in cut)
+
+
+@pytest.mark.parametrize("name", ["torchvision:convnext_tiny", "timm:convnext_atto"])
+def test_a_pruned_convnext_checkpoint_reloads_and_ekg_test_reads_it(name, tmp_path, make_cifar, capsys):
+    from ekg.cli import main
+
+    model = zoo_convnext(name)
+    x = torch.randn(2, *CIFAR, generator=torch.Generator().manual_seed(3))
+    _, slim = check_slim(model, CIFAR, x)
+    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=CIFAR,
+                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
+    path = save_checkpoint(ckpt, tmp_path / "pruned.pt")
+    back = load_checkpoint(path)
+    assert back.arch == f"{name} (pruned)"
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), slim(x))
+    data = make_cifar(per_batch=4)
+    assert main(["test", "--model", str(path), "--data", str(data.folder.parent), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arch"] == f"{name} (pruned)" and out["flops"] == flops.count(slim, CIFAR).flops
 
 
 def test_a_pruned_mnasnet_checkpoint_reloads_and_ekg_test_reads_it(tmp_path, make_cifar, capsys):

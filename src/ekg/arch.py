@@ -2,8 +2,9 @@
 from the checkpoint file.
 
 A record names the *factory* that builds the unpruned model and the keyword arguments it was
-called with, plus the shape of every conv, linear and BatchNorm (channels, groups, features) and of
-every other parameter or buffer (a layer scale's ``gamma``, pruned with the channels it scales)::
+called with, plus the shape of every conv, linear, BatchNorm and LayerNorm (channels, groups,
+features, normalized shape) and of every other parameter or buffer (a layer scale's ``gamma``,
+pruned with the channels it scales)::
 
     {"kind": "module", "factory": "torchvision:resnet18", "kwargs": {"num_classes": 10},
      "class": "torchvision.models.resnet.ResNet", "num_classes": 10, "pruned": true,
@@ -71,8 +72,10 @@ class ArchRecord:
 
 
 def module_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Name → widths of every Conv2d, Linear and BatchNorm of ``model``, and name → shape of every
-    parameter or buffer held by another module (``{"type": "tensor", "shape": [...]}``)."""
+    """Name → widths of every Conv2d, Linear and BatchNorm of ``model``, the normalized shape of
+    every LayerNorm (``{"type": "ln", "shape": [C]}``: ConvNeXt's, pruned with their channels), and
+    name → shape of every other parameter or buffer held by another module
+    (``{"type": "tensor", "shape": [...]}``)."""
     shapes: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
@@ -82,8 +85,12 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             shapes[name] = {"type": "bn", "features": m.num_features}
         else:
+            own = ()
+            if isinstance(m, nn.LayerNorm):  # its normalized shape, with its weight and bias
+                shapes[name] = {"type": "ln", "shape": list(m.normalized_shape)}
+                own = ("weight", "bias")
             for attr, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-                if t is not None:
+                if t is not None and attr not in own:
                     shapes[f"{name}.{attr}" if name else attr] = {"type": "tensor", "shape": list(t.shape)}
     return shapes
 
@@ -199,7 +206,7 @@ def rebuild(record: ArchRecord, factory: Callable[..., nn.Module] | None = None,
 
 
 def reshape(model: nn.Module, shapes: dict[str, dict[str, Any]], source: str = "the checkpoint") -> None:
-    """Give each named conv/linear/BN the recorded widths (fresh, uninitialised tensors)."""
+    """Give each named conv/linear/BN/LayerNorm the recorded widths (fresh, uninitialised tensors)."""
     modules = dict(model.named_modules())
     for name, s in shapes.items():
         kind = s.get("type")
@@ -208,7 +215,8 @@ def reshape(model: nn.Module, shapes: dict[str, dict[str, Any]], source: str = "
             continue
         m = modules.get(name)
         ok = (kind == "conv" and isinstance(m, nn.Conv2d)) or (kind == "linear" and isinstance(m, nn.Linear)) or \
-            (kind == "bn" and isinstance(m, nn.modules.batchnorm._BatchNorm))
+            (kind == "bn" and isinstance(m, nn.modules.batchnorm._BatchNorm)) or \
+            (kind == "ln" and isinstance(m, nn.LayerNorm))
         if not ok:
             raise CheckpointError(f"{source} records a {kind} layer '{name}' that the rebuilt model does not have "
                                   f"(it has {type(m).__name__ if m is not None else 'nothing'} there)")
@@ -217,6 +225,8 @@ def reshape(model: nn.Module, shapes: dict[str, dict[str, Any]], source: str = "
                 _reshape_conv(m, int(s["in"]), int(s["out"]), int(s["groups"]))
             elif kind == "linear":
                 _reshape_linear(m, int(s["in"]), int(s["out"]))
+            elif kind == "ln":
+                _reshape_layer_norm(m, [int(n) for n in s["shape"]])
             else:
                 _reshape_bn(m, int(s["features"]))
         except (KeyError, ValueError, TypeError) as e:
@@ -288,6 +298,16 @@ def _reshape_bn(m: nn.modules.batchnorm._BatchNorm, features: int) -> None:
         b = getattr(m, attr)
         if b is not None:
             setattr(m, attr, torch.empty(features, dtype=b.dtype, device=b.device))
+
+
+def _reshape_layer_norm(m: nn.LayerNorm, shape: list[int]) -> None:
+    if not shape or min(shape) < 1:
+        raise ValueError(f"normalized shape {shape}")
+    if tuple(shape) == tuple(m.normalized_shape):
+        return
+    m.normalized_shape = tuple(shape)
+    m.weight = _param_like(m.weight, *shape)
+    m.bias = _param_like(m.bias, *shape)
 
 
 def classifier_outputs(model: nn.Module, input_size: tuple[int, ...]) -> int:

@@ -37,8 +37,20 @@ the rules below say how layers create, pass on or couple spaces:
   its calls cannot be cut alike (a linear reading a flattened map at one call and features at
   another) their spaces are frozen, naming the module ("called 2 times in forward: shared weights");
 * a ``Linear`` on a 2-D input consumes its input's space and creates a new one (its output
-  features: prunable when an activation follows, as in VGG's hidden classifier layers); on an
-  ``(N, ..., C)`` input (ConvNeXt's channels-last MLP) it freezes both and costs one product per position;
+  features: prunable when an activation follows, as in VGG's hidden classifier layers);
+* a permute moves a space's channels to another dim (``x.permute(0, 2, 3, 1)``: channels last;
+  one that moves the batch dim freezes them). On values whose channels are last, a ``Linear`` over
+  the last dim (ConvNeXt's channels-last MLP) consumes and creates spaces like a 1×1 conv and
+  costs one product per position; elementwise ops (activations, dropout, numbers), joins of two
+  such values and a per-channel tensor broadcast along the channels (``gamma * x``, ``gamma`` of
+  shape ``(C,)``) pass them as on ``(N, C, H, W)`` maps; anything else freezes them. A ``Linear``
+  on an ``(N, ..., C)`` input whose last dim is not a space's channels freezes both;
+* a LayerNorm over the channels — ``nn.LayerNorm((C,))`` on channels-last values, or a functional
+  ``layer_norm`` on one LayerNorm module's own weight, bias, shape and eps (torchvision's and
+  timm's ``LayerNorm2d``, timm's ``LayerNorm``) — passes the space and is cut with it like a BN
+  (its weight and bias; the masked network normalises over the kept channels only,
+  :class:`ekg.masks.MaskedLayerNorm`). A LayerNorm over other dims (``(C, H, W)``, or the width)
+  freezes what it touches;
 * arithmetic on numbers (``x.ndim == 4``, an assert) and shape queries touch no space;
 * anything else — a zero-padding shortcut, a reshape that splits channels, a concatenation, an
   unknown function or module — *freezes* the spaces it touches: they are kept whole, and the group
@@ -50,8 +62,12 @@ never changes the caller's model.
 
 A group's **mask points** are the activation outputs in its spaces (for a CIFAR ResNet: a block's
 inner ReLU, the stem's ReLU and every block's add+ReLU), where the EKG mask is applied and the
-Taylor scores are taken. The analytic FLOPs/params of any assignment of group widths follow from the
-per-layer coefficients collected here.
+Taylor scores are taken. A residual stream with no activation but a LayerNorm over its channels
+(ConvNeXt's) is masked where it leaves its units, as the method masks a ResNet's stream after the
+stem and after every block: at every residual addition's output and at every block input
+(the stem's or a downsampling's output; see :func:`_unit_outputs`). Other groups without an
+activation (MobileNet-V2's BN streams) have no mask point and are kept whole. The analytic
+FLOPs/params of any assignment of group widths follow from the per-layer coefficients collected here.
 """
 
 from __future__ import annotations
@@ -94,6 +110,11 @@ _CHANNELWISE_FUNCS: set[Any] = {operator.add, operator.mul, operator.sub, operat
 _CHANNELWISE_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "div_"}
 _RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten"}  # of a model's own tensor
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+_LAYER_NORM_SIGNATURE = inspect.signature(F.layer_norm)
+# ops that act on every element alike: they pass a space whatever dim its channels are in
+_ELEMENTWISE_MODULES = _ACT_MODULES + (nn.Identity, nn.Dropout, nn.Sigmoid, nn.Hardsigmoid)
+_ELEMENTWISE_FUNCS: set[Any] = _ACT_FUNCS | {F.dropout, torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_ELEMENTWISE_METHODS = _ACT_METHODS | {"contiguous", "sigmoid", "sigmoid_"}
 
 
 @dataclass
@@ -127,7 +148,7 @@ class LayerCost:
     A module called twice (shared weights) has one row per call; the later ones are ``shared``."""
 
     name: str
-    kind: str                 # conv, dwconv, linear, bn or tensor (a per-channel parameter/buffer)
+    kind: str                 # conv, dwconv, linear, bn, ln or tensor (a per-channel parameter/buffer)
     in_group: int | None      # group index of its input channels (None: fixed)
     out_group: int | None
     in_channels: int
@@ -182,6 +203,11 @@ class DependencyGraph:
     input_size: tuple[int, ...]
     # node name -> the BatchNorm module a functional batch_norm call is (a norm-act layer's)
     norm_calls: dict[str, str] = field(default_factory=dict)
+    # node name -> the LayerNorm module a LayerNorm over a group's channels is (a module call or a
+    # functional layer_norm on a LayerNorm's own weight and bias: LayerNorm2d)
+    layer_norms: dict[str, str] = field(default_factory=dict)
+    # node name -> the dim its channels are in, where it is not 1 (channels-last: after a permute)
+    channel_dims: dict[str, int] = field(default_factory=dict)
     fixed_params: int = 0     # parameters no group changes (those of no conv/linear/BN/per-channel tensor)
 
     @property
@@ -203,6 +229,9 @@ class DependencyGraph:
             cout = w[layer.out_group] if layer.out_group is not None else layer.out_channels
             if layer.kind == "tensor":
                 params += layer.params_per_pair * cout
+                continue
+            if layer.kind == "ln":  # a LayerNorm: its affine parameters, no FLOPs (nor BN ops)
+                params += layer.params_per_pair * cout if not layer.shared else 0
                 continue
             if layer.kind == "bn":
                 params += 2 * cout if layer.bias and not layer.shared else 0
@@ -277,6 +306,10 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
     own: dict[str, str] = {}                    # node name -> the model's tensor it is (a get_attr, reshaped)
     tensor_space: dict[str, int] = {}           # a per-channel tensor of the model's -> the space it scales
     norm_calls: dict[str, str] = {}
+    dims: dict[str, int] = {}                   # node name -> its channels' dim, where not 1 (channels-last)
+    layer_norms: dict[str, str] = {}            # node name -> the LayerNorm module it is
+    ln_names: set[str] = set()                  # LayerNorms over a group's channels
+    joins: list[fx.Node] = []                   # residual additions: elementwise joins coupling two spaces
     param_names = {name for name, _ in model.named_parameters()}
     layer_refs: list[tuple[str, str, int | None, int | None, Any, tuple[int, ...], int]] = []
 
@@ -313,6 +346,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
     def pass_through(node: fx.Node, src_node: fx.Node, is_act: bool) -> None:
         src = space.get(src_node.name)
         space[node.name] = src
+        if src_node.name in dims:
+            dims[node.name] = dims[src_node.name]
         b = block.get(src_node.name, 1)
         if b > 1:
             block[node.name] = b
@@ -343,6 +378,99 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             elif a is not None or b is not None:
                 freeze(a if a is not None else b, f"{why}, on a feature map at one call and not at another")
 
+    def channel_dim_rule(node: fx.Node) -> bool:
+        """The rules of the channel dim (ConvNeXt's channels-last blocks), True if ``node`` was
+        handled here: a permute moves a space's channels to another dim; a LayerNorm over the
+        channels (the last dim) is the group's norm; on a tensor whose channels are not in dim 1,
+        a linear layer over them creates a space like a 1×1 conv, elementwise ops and joins of
+        equal layouts pass it, a per-channel tensor broadcast along them scales it, and anything
+        else freezes it."""
+        if node.op not in ("call_module", "call_function", "call_method") or _is_query(node):
+            return False
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
+        out_shape = shape(node)
+        if (perm := _permutation(node)) is not None and len(tensor_args) == 1:
+            x = tensor_args[0]
+            src, d = space.get(x.name), dims.get(x.name, 1)
+            if src is not None and (perm[0] != 0 or block.get(x.name, 1) > 1 or d >= len(perm)):
+                opaque(node, f"it passes through a permute that moves the batch or flattened channels in "
+                             f"{_where(node, model)}, which ekg cannot prune through")
+                return True
+            space[node.name] = src
+            if src is not None and perm.index(d) != 1:
+                dims[node.name] = perm.index(d)
+            return True
+        if (ln := _own_layer_norm(node, model, modules)) is not None and tensor_args and \
+                (x := node.args[0]) is tensor_args[0] and (xs := shape(x)) is not None and \
+                dims.get(x.name, 1) == len(xs) - 1 >= 1 and block.get(x.name, 1) == 1 and out_shape == xs and \
+                tuple(model.get_submodule(ln).normalized_shape) == (xs[-1],):
+            # a LayerNorm over the channels: part of their group, like a BN (its statistics are over
+            # the kept channels in the masked network, see ekg.masks.MaskedLayerNorm)
+            src = space.get(x.name)
+            pass_through(node, x, False)
+            layer_norms[node.name] = ln
+            if src is not None:
+                norms.setdefault(src, []).append(ln)
+                ln_names.add(ln)
+                layer_refs.append((ln, "ln", src, src, model.get_submodule(ln), (1, 1), 1))
+                called(ln, model.get_submodule(ln), src, src, 1)
+            return True
+        last = [a for a in node.all_input_nodes if dims.get(a.name, 1) != 1]
+        if not last:
+            return False
+        d = dims[last[0].name]
+        target = node.target
+        m = modules[target] if node.op == "call_module" else None
+        if isinstance(m, nn.Linear) and len(tensor_args) == 1 and d == len(shape(tensor_args[0])) - 1 and \
+                block.get(tensor_args[0].name, 1) == 1 and (src := space.get(tensor_args[0].name)) is not None:
+            # over the last dim of (N, ..., C): a new space of its out features, channels last too
+            s = new_space(m.out_features)
+            writer[s] = f"linear layer '{target}'"
+            producers.setdefault(s, []).append(target)
+            consumers.setdefault(src, []).append(target)
+            layer_refs.append((target, "linear", src, s, m, (int(np.prod(shape(tensor_args[0])[1:-1])), 1), 1))
+            space[node.name] = s
+            dims[node.name] = len(out_shape) - 1
+            called(target, m, src, s, 1)
+            return True
+        if node.op == "call_module":
+            elementwise, is_act = isinstance(m, _ELEMENTWISE_MODULES), isinstance(m, _ACT_MODULES)
+        elif node.op == "call_function":
+            elementwise = target in _ELEMENTWISE_FUNCS or _is_stochastic_depth(target)
+            is_act = target in _ACT_FUNCS
+        else:
+            elementwise, is_act = target in _ELEMENTWISE_METHODS, target in _ACT_METHODS
+        if elementwise and len(tensor_args) == 1 and shape(tensor_args[0]) == out_shape:
+            pass_through(node, tensor_args[0], is_act)
+            return True
+        if (scaled := _channelwise(node, own, shape, space, block, dims)) is not None:
+            x, name = scaled  # x * self.gamma along the channels of x
+            pass_through(node, x, False)
+            src = space[x.name]
+            if name is not None and name in tensor_space:
+                uf.union(tensor_space[name], src)
+            elif name is not None:
+                tensor_space[name] = src
+                tensors.setdefault(src, []).append(name)
+                layer_refs.append((name, "tensor", None, src, name in param_names, (1, 1), 1))
+            return True
+        is_join = target in _JOIN_FUNCS if node.op == "call_function" else target in _JOIN_METHODS
+        if is_join and len(tensor_args) == 2 and shape(tensor_args[0]) == shape(tensor_args[1]) == out_shape and \
+                dims.get(tensor_args[0].name, 1) == dims.get(tensor_args[1].name, 1) and \
+                all(space.get(t.name) is not None and block.get(t.name, 1) == 1 for t in tensor_args):
+            space[node.name] = uf.union(space[tensor_args[0].name], space[tensor_args[1].name])
+            dims[node.name] = d
+            joins.append(node)
+            return True
+        if len(tensor_args) == 1 and not node.kwargs and out_shape == shape(tensor_args[0]) and \
+                (target in _CONSTANT_FUNCS if node.op == "call_function" else target in _CHANNELWISE_METHODS):
+            pass_through(node, tensor_args[0], False)  # a number applied to every element
+            return True
+        what = f"{type(m).__name__} '{target}'" if m is not None else f"{_op_name(node)} in {_where(node, model)}"
+        opaque(node, f"it passes through {what} on channels-last values (channels in dim {d}), "
+                     "which ekg cannot prune through")
+        return True
+
     calls_of: dict[str, int] = {}  # how often each module is called (for messages)
     for node in gm.graph.nodes:
         name = str(node.target) if node.op == "call_module" else \
@@ -356,6 +484,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             s = new_space(out_shape[1] if out_shape and len(out_shape) > 1 else 0)
             freeze(s, "it is the model's input")
             space[node.name] = s
+        elif channel_dim_rule(node):
+            pass  # a permute, a LayerNorm over the channels, or channels-last values (ConvNeXt)
         elif node.op == "call_module":
             m = modules[node.target]
             src = in_space(node)
@@ -460,6 +590,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                     space[node.name] = a if b is None else b
                 else:
                     space[node.name] = uf.union(a, b)
+                    joins.append(node)
             elif is_join and len(tensor_args) == 2 and \
                     (joined := _broadcast_join(*tensor_args, out_shape, shape, space, block)) is not None:
                 # x * gate(pool(x)) (squeeze-and-excitation): the maps' channels are one space;
@@ -511,6 +642,10 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
         g.name = g.producers[0] if g.producers else f"space{r}"
         if len(g.producers) > 1:
             g.name = f"stream:{g.producers[0]}"
+        if not g.mask_nodes and any(n in ln_names for n in g.norms):
+            # no activation on a LayerNorm'd stream (ConvNeXt): masked where it leaves its units
+            g.mask_nodes = _unit_outputs(joins, lambda n, r=r: space.get(n.name) is not None and
+                                         root_of[space[n.name]] == r and block.get(n.name, 1) == 1)
         if reasons:
             g.prunable, g.reason = False, reasons[0]
         elif not g.producers:
@@ -538,6 +673,10 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             layers.append(LayerCost(name, kind, None, go, channels, channels, 0, int(m), False))
             counted.add(name)
             continue
+        elif kind == "ln":  # its affine parameters, one each per channel (none without them)
+            channels = space_channels[gout]
+            affine = sum(getattr(m, p) is not None for p in ("weight", "bias"))
+            layers.append(LayerCost(name, kind, gi, go, channels, channels, 0, affine, False))
         else:
             layers.append(LayerCost(name, kind, gi, go, m.num_features, m.num_features, int(hw[0] * hw[1]), 0,
                                     bool(m.affine)))  # for BN, `bias` records affine parameters
@@ -546,7 +685,41 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                        if kind != "bn" or m.affine)
     fixed = sum(p.numel() for n, p in model.named_parameters() if n not in counted)
     return DependencyGraph(gm=gm, groups=groups, layers=layers, input_size=tuple(input_size),
-                           norm_calls=norm_calls, fixed_params=int(fixed))
+                           norm_calls=norm_calls, layer_norms=layer_norms, channel_dims=dims, fixed_params=int(fixed))
+
+
+def _unit_outputs(joins: list[fx.Node], in_group: Any) -> list[str]:
+    """The mask points of a residual stream with no activation (ConvNeXt's, normalised by
+    LayerNorms): where its channels leave a unit, as the method masks a ResNet's stream after the
+    stem and after every block's addition. They are the output of every residual addition of the
+    group and every block input the additions read (the map both sides of an addition descend
+    from: the stem's or a downsampling's output; the previous block's addition otherwise), in
+    forward order. ``in_group(node)`` tells whether a node's values are the group's channels."""
+    order = {n: k for k, n in enumerate(joins[0].graph.nodes)} if joins else {}
+    points: set[fx.Node] = set()
+    for j in joins:
+        if not in_group(j):
+            continue
+        points.add(j)
+        sides = [x for x in j.args if isinstance(x, fx.Node)]
+        if len(sides) != 2:
+            continue
+        common = _ancestors(sides[0]) & _ancestors(sides[1])
+        fork = max((n for n in common if in_group(n)), key=order.__getitem__, default=None)
+        if fork is not None:
+            points.add(fork)
+    return [n.name for n in sorted(points, key=order.__getitem__)]
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node its value is computed from."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def _is_stochastic_depth(target: Any) -> bool:
@@ -599,11 +772,61 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _permutation(node: fx.Node) -> list[int] | None:
+    """The dims of ``x.permute(0, 2, 3, 1)``, ``torch.permute(x, [0, 2, 3, 1])`` (torchvision's
+    ``Permute``), as non-negative ints, or None if ``node`` is no permute."""
+    if node.op == "call_method" and node.target == "permute":
+        rest = list(node.args[1:]) or [node.kwargs.get("dims")]
+    elif node.op == "call_function" and node.target is torch.permute:
+        rest = list(node.args[1:]) or [node.kwargs.get("dims")]
+    else:
+        return None
+    perm = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    if not perm or not all(isinstance(p, int) for p in perm):
+        return None
+    perm = [p % len(perm) for p in perm]
+    return perm if sorted(perm) == list(range(len(perm))) else None
+
+
+def _own_layer_norm(node: fx.Node, model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
+    """The ``nn.LayerNorm`` module ``node`` computes: a call of one whose forward is LayerNorm's
+    own, or a functional ``layer_norm`` on one LayerNorm module's own normalized shape, weight,
+    bias and eps (torchvision's and timm's ``LayerNorm2d``, timm's ``LayerNorm``); else None."""
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        ok = isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward and not node.kwargs
+        return str(node.target) if ok and len(node.args) == 1 else None
+    if node.op != "call_function" or node.target is not F.layer_norm:
+        return None
+    try:
+        args = _LAYER_NORM_SIGNATURE.bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        return None
+    names = {key: str(v.target) for key in ("weight", "bias")
+             if isinstance(v := args.get(key), fx.Node) and v.op == "get_attr"}
+    owners = {n.rpartition(".")[0] for n in names.values()}
+    if len(owners) != 1 or any(isinstance(args.get(k), fx.Node) and k not in names for k in ("weight", "bias")):
+        return None
+    owner = owners.pop()
+    try:
+        m = model.get_submodule(owner)  # the traced module holds only placeholders on a get_attr's path
+    except AttributeError:
+        return None
+    if not isinstance(m, nn.LayerNorm) or args.get("eps", 1e-5) != m.eps or \
+            tuple(args.get("normalized_shape", ())) != tuple(m.normalized_shape):
+        return None
+    for key in ("weight", "bias"):
+        if (key in names) != (getattr(m, key) is not None) or (key in names and names[key] != _join(owner, key)):
+            return None
+    return owner
+
+
 def _channelwise(node: fx.Node, own: dict[str, str], shape: Any, space: dict[str, int | None],
-                 block: dict[str, int]) -> tuple[fx.Node, str | None] | None:
+                 block: dict[str, int], dims: dict[str, int] | None = None) -> tuple[fx.Node, str | None] | None:
     """``x * t``, ``x + t``, ``x / t`` (or ``t * x``...) of a feature map ``x`` and a tensor of the
     model's own ``t`` broadcast along x's channels (layer scale: ``(C, 1, 1)``, or ``(C,)`` viewed as
-    ``(1, C, 1, 1)``) or a single number: (x, the tensor's name; None for a single number), else None."""
+    ``(1, C, 1, 1)``; ``(C,)`` on channels-last values, whose channels are in the dim ``dims``
+    records) or a single number: (x, the tensor's name; None for a single number), else None."""
     is_op = node.target in _CHANNELWISE_FUNCS if node.op == "call_function" else node.target in _CHANNELWISE_METHODS
     if not is_op or len(node.args) != 2 or node.kwargs:
         return None
@@ -619,9 +842,10 @@ def _channelwise(node: fx.Node, own: dict[str, str], shape: Any, space: dict[str
     if xs is None or ts is None or out != xs or len(xs) < 2 or len(ts) > len(xs):
         return None
     ts = (1,) * (len(xs) - len(ts)) + ts
-    if any(d != 1 for i, d in enumerate(ts) if i != 1) or ts[1] not in (1, xs[1]):
+    c = (dims or {}).get(a.name, 1)
+    if any(d != 1 for i, d in enumerate(ts) if i != c) or ts[c] not in (1, xs[c]):
         return None
-    return a, (own[b.name] if ts[1] > 1 else None)
+    return a, (own[b.name] if ts[c] > 1 else None)
 
 
 def _broadcast_join(a: fx.Node, b: fx.Node, out: tuple[int, ...] | None, shape: Any, space: dict[str, int | None],

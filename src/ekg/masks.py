@@ -12,6 +12,11 @@ mask does in the forward pass"):
    group) ``M`` masks its filters (dim 0); for a linear reading a flattened map, each input
    channel's mask entry covers its block of H·W columns.
 
+A mask point on channels-last values (ConvNeXt's MLP after a permute) masks their last dim, and a
+LayerNorm over a group's channels (:class:`MaskedLayerNorm`) normalises over the kept channels
+only — mean and variance over the kept subset, 0 at the masked ones — which is what the slim
+model's LayerNorm of the kept channels computes; with nothing masked it is the model's own call.
+
 In-place operations of the model (``ReLU(inplace=True)``, ``out += identity``, ``x.mul_(gamma)``)
 run out of place in the masked network, so a value kept for re-use (the search's frontier) is never
 overwritten. A ``view`` runs as ``reshape`` (the same values): the search's channels-last layout
@@ -36,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -89,24 +95,28 @@ class Gate:
 
 
 class _MaskPoint(torch.autograd.Function):
-    """y = x·m; backward passes the gradient straight through and (optionally) adds the Taylor
-    score |Σ g·y| over batch and spatial dims to ``score``."""
+    """y = x·m, the mask along the channel dim ``dim`` (1, or the last of channels-last values);
+    backward passes the gradient straight through and (optionally) adds the Taylor score |Σ g·y|
+    over the batch and spatial dims to ``score``."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
-        y = x * mask.view(1, -1, *([1] * (x.dim() - 2)))
-        ctx.score = score
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, score: torch.Tensor | None,
+                dim: int = 1) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        y = x * mask.view(shape)
+        ctx.score, ctx.dim = score, dim % x.dim()
         if score is not None:
             ctx.save_for_backward(y)
         return y
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         if ctx.score is not None:
             (y,) = ctx.saved_tensors
-            dims = [0, *range(2, g.dim())]
+            dims = [d for d in range(g.dim()) if d != ctx.dim]
             ctx.score.add_((g * y).sum(dims).abs().to(ctx.score.dtype))
-        return g, None, None
+        return g, None, None, None
 
 
 class GroupMask(nn.Module):
@@ -127,8 +137,8 @@ class GroupMask(nn.Module):
         self.partial = not bool(keep.all())
         self.kept_index = torch.nonzero(keep).flatten() if self.partial else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _MaskPoint.apply(x, self.mask, self.score if self.collect else None)
+    def forward(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return _MaskPoint.apply(x, self.mask, self.score if self.collect else None, dim)
 
 
 class MaskedLayer(nn.Module):
@@ -144,6 +154,7 @@ class MaskedLayer(nn.Module):
         self.sliced = False
         self.depthwise = depthwise  # one group on both sides; the mask cuts dim 0 of the weight only
         self.in_block = in_block    # input columns per input channel (linear after a spatial flatten)
+        self.dim = -1 if isinstance(layer, nn.Linear) else 1  # its channels' dim: a linear's are the last
         if depthwise:
             in_mask = None
         # Plain attributes, not submodules: the masks are registered once, under `gates`.
@@ -198,10 +209,10 @@ class MaskedLayer(nn.Module):
         if m_in is not None:
             cols = self._expand_index(m_in.kept_index)
             ws = ws.index_select(1, cols)
-            x = x.index_select(1, cols)
+            x = x.index_select(self.dim, cols)
         ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))
         y = functional_call(self.layer, {"weight": ws, "bias": b}, (x,))
-        return y if m_out is None else self._scatter(y, m_out, w.shape[0])
+        return y if m_out is None else self._scatter(y, m_out, w.shape[0], self.dim)
 
     def _sliced_depthwise(self, x: torch.Tensor, m_out: GroupMask) -> torch.Tensor:
         """A depthwise conv on its kept channels (``groups`` = kept count); a conv subclass with its
@@ -218,11 +229,48 @@ class MaskedLayer(nn.Module):
         return self._scatter(y, m_out, w.shape[0])
 
     @staticmethod
-    def _scatter(y: torch.Tensor, m_out: GroupMask, channels: int) -> torch.Tensor:
-        full = y.new_zeros((y.shape[0], channels, *y.shape[2:]))
-        if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last):
+    def _scatter(y: torch.Tensor, m_out: GroupMask, channels: int, dim: int = 1) -> torch.Tensor:
+        shape = list(y.shape)
+        shape[dim] = channels
+        full = y.new_zeros(shape)
+        if y.dim() == 4 and dim == 1 and y.is_contiguous(memory_format=torch.channels_last):
             full = full.contiguous(memory_format=torch.channels_last)
-        return full.index_copy(1, m_out.kept_index, y)
+        return full.index_copy(dim, m_out.kept_index, y)
+
+
+class MaskedLayerNorm(nn.Module):
+    """A LayerNorm over a group's channels (the last dim) whose statistics are over the kept
+    channels only, as in the slim model, where the LayerNorm has only those: with ``k`` kept
+    channels, ``mean = Σ_kept x / k``, ``var = Σ_kept (x − mean)² / k`` and the masked channels'
+    output is 0. With nothing masked it is the model's own ``F.layer_norm`` call. ``sliced``
+    computes it on the kept channels and scatters them into zeros (the same function)."""
+
+    def __init__(self, norm: nn.LayerNorm, mask: GroupMask) -> None:
+        super().__init__()
+        self.layer = norm
+        self.sliced = False
+        # plain attributes (the mask is registered under `gates`); the search's tails find it here
+        self.__dict__["in_mask"] = mask
+        self.__dict__["out_mask"] = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ln, mask = self.layer, self.__dict__["in_mask"]
+        if not mask.partial:
+            return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        if self.sliced:
+            idx = mask.kept_index
+            w = ln.weight.index_select(0, idx) if ln.weight is not None else None
+            b = ln.bias.index_select(0, idx) if ln.bias is not None else None
+            y = F.layer_norm(x.index_select(-1, idx), (int(idx.numel()),), w, b, ln.eps)
+            return y.new_zeros(x.shape).index_copy(-1, idx, y)
+        keep = mask.mask.to(x.dtype)
+        n = keep.sum()
+        mean = (x * keep).sum(-1, keepdim=True) / n
+        centred = (x - mean) * keep
+        y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / n + ln.eps)
+        if ln.weight is not None:
+            y = y * ln.weight
+        return y + ln.bias * keep if ln.bias is not None else y
 
 
 class ModuleBatchNorm(nn.Module):
@@ -273,6 +321,7 @@ class MaskedNetwork(nn.Module):
         root = nn.Module()
         root.model = self.model
         layer_costs = {c.name: c for c in self.graph.layers if c.kind in ("conv", "dwconv", "linear")}
+        norm_groups = {c.name: c.in_group for c in self.graph.layers if c.kind == "ln"}
         for node in src.graph.nodes:
             new = graph.node_copy(node, lambda n: env[n])
             if node.op == "call_function" and node.target in _OUT_OF_PLACE:
@@ -306,12 +355,20 @@ class MaskedNetwork(nn.Module):
                             root.add_module(name, MaskedLayer(module, mi, mo, depthwise=c.kind == "dwconv",
                                                               in_block=c.in_block))
                         new.target = name
+            if node.name in self.graph.layer_norms and \
+                    norm_groups.get(ln := self.graph.layer_norms[node.name]) in group_of_index:
+                name = "masked_" + ln.replace(".", "_")
+                if not hasattr(root, name):  # a module called twice is one masked layer
+                    mask = self.masks[group_of_index[norm_groups[ln]]]
+                    root.add_module(name, MaskedLayerNorm(self.model.get_submodule(ln), mask))
+                new.op, new.target, new.args, new.kwargs = "call_module", name, (env[node.args[0]],), {}
             if node.name in mask_at:
                 i = mask_at[node.name]
                 name = f"mask_{i}"
                 if not hasattr(root, name):
                     root.add_module(name, self.masks[i])
-                new = graph.call_module(name, (new,))
+                dim = self.graph.channel_dims.get(node.name, 1)  # channels-last values: their last dim
+                new = graph.call_module(name, (new,), {"dim": dim} if dim != 1 else {})
             env[node] = new
         return fx.GraphModule(root, graph)
 
@@ -327,7 +384,7 @@ class MaskedNetwork(nn.Module):
     def set_sliced(self, on: bool) -> None:
         """Compute masked layers on their kept channels only (same function, fewer FLOPs)."""
         for m in self.gm.modules():
-            if isinstance(m, MaskedLayer):
+            if isinstance(m, (MaskedLayer, MaskedLayerNorm)):
                 m.sliced = on
 
     def set_rates(self, rates: Sequence[float]) -> None:

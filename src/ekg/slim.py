@@ -6,6 +6,8 @@ masked one (see the method doc, "What a mask does"):
 
 * every conv producing a group keeps only the kept output channels (and bias entries);
 * every BN over a group keeps only those channels' affine parameters and running statistics;
+  every LayerNorm over a group's channels (ConvNeXt's) only their weight and bias, with
+  ``normalized_shape`` the kept count;
 * every conv/linear consuming a group keeps only the kept input channels (a linear reading a
   flattened ``(N, C, H, W)`` map keeps the H·W columns of each kept channel);
 * every depthwise conv inside a group keeps only the kept filters (dim 0 of its weight) and its
@@ -293,9 +295,12 @@ def _rescaled(sliced: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 def _slim_norm(name: str, m: nn.Module, cut: _Cut) -> None:
     """Keep only the cut's channels of a BatchNorm: affine parameters and running statistics
-    (``num_batches_tracked`` is kept as is)."""
+    (``num_batches_tracked`` is kept as is); of a LayerNorm, see :func:`_slim_layer_norm`."""
+    if isinstance(m, nn.LayerNorm):
+        _slim_layer_norm(name, m, cut)
+        return
     if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-        raise EkgError(f"layer '{name}' is a {type(m).__name__}, not a BatchNorm")
+        raise EkgError(f"layer '{name}' is a {type(m).__name__}, not a BatchNorm or LayerNorm")
     device = next(iter(m.state_dict().values()), torch.empty(0)).device
     index = _checked_index(name, m.num_features, cut, "feature", device)
     for attr in ("weight", "bias"):
@@ -307,6 +312,22 @@ def _slim_norm(name: str, m: nn.Module, cut: _Cut) -> None:
         if b is not None:
             setattr(m, attr, b[index].clone())
     m.num_features = int(index.numel())
+
+
+def _slim_layer_norm(name: str, m: nn.LayerNorm, cut: _Cut) -> None:
+    """Keep only the cut's channels of a LayerNorm over them: its weight and bias, and its
+    ``normalized_shape`` becomes the kept count (its statistics are then over the kept channels,
+    as the masked network's :class:`ekg.masks.MaskedLayerNorm` computes them)."""
+    if len(m.normalized_shape) != 1:
+        raise EkgError(f"layer '{name}' normalises over {tuple(m.normalized_shape)}, not one channel dim; "
+                       "was the graph built from another model?")
+    device = next(iter(m.state_dict().values()), torch.empty(0)).device
+    index = _checked_index(name, m.normalized_shape[0], cut, "feature", device)
+    for attr in ("weight", "bias"):
+        p = getattr(m, attr)
+        if p is not None:
+            setattr(m, attr, nn.Parameter(p.detach().index_select(0, index).clone(), requires_grad=p.requires_grad))
+    m.normalized_shape = (int(index.numel()),)
 
 
 def _slim_tensor(name: str, m: nn.Module, attr: str, cut: _Cut) -> None:
