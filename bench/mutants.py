@@ -199,6 +199,13 @@ MUTANTS: list[Mutant] = [
     M("sliced-linear-channel-dim", "a sliced linear layer reads its kept inputs from the last dim", "ekg/masks.py",
       "x = x.index_select(self.dim, cols)", "x = x.index_select(1, cols)",
       (LN + "test_a_convnext_cut_at_random_slims_to_the_masked_network",)),
+    M("flatten-module-freezes", "nn.Flatten() passes the channels like torch.flatten(x, 1)", "ekg/graph.py",
+      "elif isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1)",
+      "elif isinstance(m, nn.Unflatten) and (m.start_dim, m.end_dim) == (1, -1)",
+      ("tests/test_zoo.py::test_a_flatten_module_passes_the_channels_like_torch_flatten",)),
+    M("flatten-module-no-blocks", "nn.Flatten() of an (N, C, H, W) map passes blocks of H·W columns", "ekg/graph.py",
+      "                    block[node.name] = int(np.prod(shape(node.args[0])[2:]))",
+      "                    pass", ("tests/test_zoo.py::test_a_flatten_module_passes_the_channels_like_torch_flatten",)),
     # ---------------------------------------------------------------- BN modes
     M("search-bn-running", "the search runs BN on batch statistics", "ekg/search/searcher.py",
       "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',

@@ -13,15 +13,16 @@ the rules below say how layers create, pass on or couple spaces:
   is sliced along dim 0);
 * a conv with a channel multiplier (groups = in, out = k·in) or any other grouped conv freezes the
   spaces it touches: its channel blocks cannot be cut consistently by one mask;
-* BatchNorm, activations, pooling, dropout, identity and flattening of ``(N, C, 1, 1)`` pass the
+* BatchNorm, activations, pooling, dropout, identity and flattening of ``(N, C, 1, 1)`` (also by
+  ``nn.Flatten()``, timm's and torchvision's ConvNeXt heads) pass the
   space through; so does a functional ``batch_norm`` on one BatchNorm module's own weight, bias and
   running statistics (a norm-act layer, timm's ``BatchNormAct2d``): it is that module's BN;
 * multiplying (adding, dividing) a map by a tensor of the model's own with one entry per channel,
   broadcast along the channels (layer scale: ``x * self.gamma.view(1, -1, 1, 1)``), passes the space
   through, and the tensor is cut with it (one tensor applied to two spaces couples them);
-* flattening ``(N, C, H, W)`` to ``(N, C·H·W)`` passes the space through in *blocks* of H·W
-  columns per channel (VGG's classifier reads 512·7·7 features): a linear layer reading it consumes
-  whole blocks;
+* flattening ``(N, C, H, W)`` to ``(N, C·H·W)`` (``torch.flatten(x, 1)``, ``x.view(N, -1)``,
+  ``nn.Flatten()``) passes the space through in *blocks* of H·W columns per channel (VGG's
+  classifier reads 512·7·7 features): a linear layer reading it consumes whole blocks;
 * an addition (or any elementwise op of two tensors) *couples* its inputs' spaces: they become one
   group that must be pruned together (a residual stream). So does a product (sum) of two maps of
   equal channel counts broadcast over the other dims: ``x * gate(pool(x))``, a squeeze-and-excitation
@@ -528,6 +529,14 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                     consumers.setdefault(src, []).append(node.target)
                 layer_refs.append((node.target, "linear", src, s, m, positions, in_block(node)))
                 space[node.name] = s
+            elif isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1) and \
+                    isinstance(node.args[0], fx.Node) and block.get(node.args[0].name, 1) == 1 and \
+                    (_keeps_channels(shape(node.args[0]), out_shape) or
+                     _flattens_channels(shape(node.args[0]), out_shape)):
+                # nn.Flatten() is torch.flatten(x, 1): (N, C, 1, 1) -> (N, C), or blocks of H·W columns
+                pass_through(node, node.args[0], False)
+                if not _keeps_channels(shape(node.args[0]), out_shape):
+                    block[node.name] = int(np.prod(shape(node.args[0])[2:]))
             elif isinstance(m, _PASS_MODULES) and isinstance(node.args[0], fx.Node):
                 pass_through(node, node.args[0], isinstance(m, _ACT_MODULES))
                 if isinstance(m, nn.BatchNorm2d) and src is not None:
