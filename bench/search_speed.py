@@ -20,7 +20,9 @@ ensemble K); the script exits non-zero unless every run of a model has the same 
 
 Model names: a torchvision name (``densenet121``, ``wide_resnet50_2``, ...; needs torchvision),
 ``resnet56`` (the release's ``res56_cifar10.pkl``) or ``resnet20`` (akamaster's); ``NAME:V`` sets
-V images per class for that model.
+V images per class for that model, and ``NAME@R`` starts the timed steps from a mid-search state,
+every group at rate R (channels kept in channel order) instead of the unpruned network: the first
+steps of a search leave most layers whole, while later ones run every layer on its kept channels.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def worker(args: argparse.Namespace) -> int:
     from ekg.masks import MaskedNetwork
     from ekg.search import SearchConfig, Searcher, carve_search_sets
 
-    name, _, vpc = args.model.partition(":")
+    spec, _, start = args.model.partition("@")
+    name, _, vpc = spec.partition(":")
     vpc = int(vpc) if vpc else args.val_per_class
     root = Path(args.data)
     data = load_data(root / "cifar10/exact-subset", progress=False)
@@ -95,6 +98,8 @@ def worker(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     state = searcher.initial_state()
     step0_s = time.perf_counter() - t0
+    if start:  # a mid-search state: every group at this rate, channels kept in channel order
+        state.rates = [float(start)] * len(net.gates)
     searcher.restore(state)
     seconds, trajectory = [], []
     for _ in range(args.steps):

@@ -287,10 +287,9 @@ class MaskedLayer(nn.Module):
 
     @staticmethod
     def _scatter(y: torch.Tensor, m_out: GroupMask, channels: int) -> torch.Tensor:
-        full = y.new_zeros((y.shape[0], channels, *y.shape[2:]))
-        if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last):
-            full = full.contiguous(memory_format=torch.channels_last)
-        return full.index_copy(1, m_out.kept_index, y)
+        # The full-width result is contiguous whatever y's layout, as out-of-place index_copy's always
+        # is (its output takes no strides from its input): the same tensor, written in place.
+        return y.new_zeros((y.shape[0], channels, *y.shape[2:])).index_copy_(1, m_out.kept_index, y)
 
 
 class ModuleBatchNorm(nn.Module):
