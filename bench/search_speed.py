@@ -135,6 +135,18 @@ def run_worker(tree: Path, model: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _slim(runs: list[dict]) -> list[dict]:
+    """``runs`` with each trajectory as its SHA-256, the full trajectory kept on a model's first run."""
+    seen, out = set(), []
+    for x in runs:
+        x = dict(x, trajectory_sha=hashlib.sha256(json.dumps(x["trajectory"]).encode()).hexdigest()[:16])
+        if x["model"] in seen:
+            del x["trajectory"]
+        seen.add(x["model"])
+        out.append(x)
+    return out
+
+
 def machine_line(threads: int) -> str:
     import platform
 
@@ -214,8 +226,8 @@ def main() -> int:
                 print(f"   {x['label']} round {x['round']} differs from {mine[0]['label']} round "
                       f"{mine[0]['round']} first at step {k}: {fields}")
     if args.json:
-        args.json.write_text(json.dumps({"argv": sys.argv, "machine": machine_line(args.threads), "runs": runs},
-                                        indent=1))
+        args.json.write_text(json.dumps({"argv": sys.argv, "machine": machine_line(args.threads),
+                                         "runs": _slim(runs)}))
     print(f"\ntrajectories identical across every run and tree: {same}")
     return 0 if same else 1
 
