@@ -66,6 +66,9 @@ REENTRANT = SAFE + "test_the_lock_is_reentrant_in_one_process_and_leaves_nothing
 FULL_BANK = SAFE + "test_the_bank_on_a_full_disk_is_refused_before_any_teacher_runs_and_builds_afterwards"
 LN = "tests/test_layernorm.py::"
 FLOOR = "tests/test_search_rules.py::test_the_floor_of_the_budget_is_every_group_at_one_channel"
+EXACT = RULES + "test_the_optimised_search_takes_bit_identical_steps_to_the_straightforward_one[method]"
+REUSE = RULES + "test_sliced_layers_reuse_weights_only_for_the_same_masks_and_unchanged_weights"
+PHASE = RULES + "test_each_search_phase_starts_without_held_weights"
 BAD = "tests/test_bad_input.py::test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing["
 
 
@@ -166,8 +169,24 @@ MUTANTS: list[Mutant] = [
       "return mw * (w.norm() / mw.norm().clamp_min(1e-30))", "return mw",
       (RULES + "test_effective_weight_is_norm_preserving", WIN)),
     M("no-rescale-sliced", "norm-preserving rescale in the search's sliced layers", "ekg/masks.py",
-      "ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))\n        y = functional_call",
-      "y = functional_call", (NOOTSU, WIN)),
+      "ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))\n        return ws, b, cols",
+      "return ws, b, cols", (NOOTSU, WIN)),
+    # ---------------------------------------------------------------- the search's re-use of work (same numbers)
+    M("weight-reuse-ignores-out-mask", "a sliced layer re-uses its kept weights only for the same mask contents",
+      "ekg/masks.py", "key = (m_in.token if m_in is not None else None, m_out.token if m_out is not None else None)",
+      "key = (m_in.token if m_in is not None else None, None)", (EXACT, REUSE)),
+    M("weight-reuse-mask-token-constant", "a mask's token is its content", "ekg/masks.py",
+      "self.token = host.numpy().tobytes() if self.partial else None",
+      'self.token = b"partial" if self.partial else None', (EXACT, REUSE)),
+    M("weight-reuse-ignores-weight-version", "held weights are used only while the weight is unchanged",
+      "ekg/masks.py", "stamp = tuple((t.device, t.data_ptr(), t._version, t.stride(), t.dtype) for t in params)",
+      "stamp = tuple((t.device, t.data_ptr(), t.stride(), t.dtype) for t in params)", (REUSE,)),
+    M("weight-reuse-with-weight-gradient", "no re-use when a gradient w.r.t. the weights is wanted", "ekg/masks.py",
+      "or (torch.is_grad_enabled() and any(t.requires_grad for t in params))):",
+      "or False):", (REUSE,)),
+    M("weight-reuse-across-steps", "held weights live one search phase", "ekg/search/searcher.py",
+      "        t0 = time.perf_counter()\n        self.net.clear_weight_cache()  # held weights live one phase",
+      "        t0 = time.perf_counter()\n        pass  # held weights live one phase", (PHASE,)),
     M("no-rescale-in-slim", "slimming bakes in the norm-preserving rescale", "ekg/slim.py",
       "return sliced * (full.norm() / norm)", "return sliced", ("tests/test_slim.py",)),
     M("slim-bn-statistics-of-other-channels", "slimming keeps the surviving channels' BN running statistics",

@@ -7,6 +7,7 @@ forward pass".
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -480,6 +481,7 @@ def fresh(net: MaskedNetwork):
         net.set_rates([1.0] * len(net.gates))
         net.collect_scores(False)
         net.set_sliced(False)
+        net.set_weight_reuse(False)
         net.model.to(memory_format=torch.contiguous_format)
         net.model.train()
     reset()
@@ -812,6 +814,134 @@ def test_fast_evaluator_equals_full_evaluation(fresh: MaskedNetwork, batches, wh
     # back at the base state the fast evaluator reproduces the base
     c = fast.evaluate(ensemble, changed_gate=i)
     assert torch.allclose(c.logits, base.logits, rtol=0, atol=1e-5)
+
+
+def _mid_search_state(searcher: Searcher, seed: int):
+    """Step 0, then every group at a random rate in [0.4, 0.9] with random ranks: a state in which
+    every masked layer computes on its kept channels."""
+    state = searcher.initial_state()
+    g = torch.Generator().manual_seed(seed)
+    for i, gate in enumerate(searcher.net.gates):
+        state.rates[i] = round(float(torch.empty(1).uniform_(0.4, 0.9, generator=g)), 5)
+        state.ranks[i] = torch.randperm(gate.channels, generator=g)
+    searcher.restore(state)
+    return state
+
+
+def _trajectory(state) -> list[tuple]:
+    return [(row["group"], row.get("rate"), row.get("widths"), row["j"], row["val_loss"], row["val_accuracy"],
+             row["evaluated"]) for row in state.log]
+
+
+@pytest.mark.parametrize("compat", ["method", "release"])
+def test_the_optimised_search_takes_bit_identical_steps_to_the_straightforward_one(batches, compat: str) -> None:
+    """The optimised search (cached frontier activations, tails, weights re-used per mask content)
+    against the straightforward one (the whole network per candidate, every kept weight re-sliced at
+    every call), from a mid-search state in which every layer is sliced, both with kept-channels-only
+    layers: every step's group, rate, widths, ranks, J, CE, accuracy, history and K are the same
+    floats, not just close (an optimisation may skip work, never change a number)."""
+    runs = []
+    for fast in (True, False):
+        net = MaskedNetwork(_model(0))
+        searcher = Searcher(net, batches, SearchConfig(keep=0.2, batch_size=8, fast=fast, compat=compat))
+        assert searcher.evaluator.fast is fast
+        net.set_weight_reuse(fast)
+        state = _mid_search_state(searcher, seed=21)
+        for _ in range(5):
+            state = searcher.step(state)
+        runs.append(state)
+    opt, ref = runs
+    assert len({row["group"] for row in opt.log[1:]}) > 1  # the steps go to different groups
+    assert _trajectory(opt) == _trajectory(ref)
+    assert all(torch.equal(a, b) for a, b in zip(opt.ranks, ref.ranks))
+    assert torch.equal(opt.ensemble, ref.ensemble)
+    assert [h["loss"] for h in opt.history] == [h["loss"] for h in ref.history]
+    assert all(torch.equal(a, b) for h, k in zip(opt.history, ref.history) for a, b in zip(h["masks"], k["masks"]))
+
+
+def test_sliced_layers_reuse_weights_only_for_the_same_masks_and_unchanged_weights(fresh: MaskedNetwork,
+                                                                                   batches) -> None:
+    """A sliced layer re-uses its kept weights only while its masks have the same content and its
+    weight is the same, unchanged tensor; with a gradient wanted for the weights it never re-uses."""
+    net = fresh
+    x = _slice(net, batches[0][0], True)
+    _randomize(net, seed=22)
+
+    def reference() -> torch.Tensor:
+        net.set_weight_reuse(False)
+        with torch.no_grad():
+            out = net(x)
+        net.set_weight_reuse(True)
+        return out
+
+    net.set_weight_reuse(True)
+    try:
+        with torch.no_grad():
+            first = net(x)
+            layer = net.gm.masked_layer2_0_conv1  # in: the stage-1 stream, out: its own inner group
+            assert layer.reuse and len(layer._reused) == 1
+            held = next(iter(layer._reused.values()))[2][0]
+            assert torch.equal(net(x), first)
+            assert next(iter(layer._reused.values()))[2][0] is held  # the second call re-used it
+            assert torch.equal(first, reference())
+            # another content of one mask (its producer's, its consumer's), then back
+            for name in ("layer2.0.conv1", "conv1"):
+                i = _gi(net, name)
+                old = net.gates[i].rate
+                net.gates[i].rate = round(old - 0.2, 5)
+                net.masks[i].set(net.gates[i].mask())
+                changed = net(x)
+                assert not torch.equal(changed, first) and torch.equal(changed, reference())
+                net.gates[i].rate = old
+                net.masks[i].set(net.gates[i].mask())
+                assert torch.equal(net(x), first)
+            # the weight changed in place: its version counter moved, the held weights are not used
+            w = layer.layer.weight
+            w.mul_(1.5)
+            try:
+                scaled = net(x)
+                assert not torch.equal(scaled, first) and torch.equal(scaled, reference())
+            finally:
+                w.div_(1.5)
+            assert torch.equal(net(x), reference())
+        # a gradient with respect to the weights: computed afresh at every call, so two backward
+        # passes give the same gradient as without re-use
+        w.requires_grad_(True)
+        try:
+            grads = []
+            for _ in range(2):
+                w.grad = None
+                net(x).square().sum().backward()
+                grads.append(w.grad.clone())
+            net.set_weight_reuse(False)
+            w.grad = None
+            net(x).square().sum().backward()
+            assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1]) and torch.equal(grads[0], w.grad)
+        finally:
+            w.requires_grad_(False)
+            w.grad = None
+    finally:
+        net.set_weight_reuse(False)
+
+
+def test_each_search_phase_starts_without_held_weights(batches) -> None:
+    """Weights held for re-use live one phase of the search (a step, step 0, the uniform
+    baseline), in which the weights are frozen: a change the version counter does not see (through
+    ``.data``) between two steps is still used by the next step."""
+    net = MaskedNetwork(_model(0))
+    searcher = Searcher(net, batches, SearchConfig(keep=0.2, batch_size=8))
+    state = searcher.step(_mid_search_state(searcher, seed=23))
+    with torch.no_grad():
+        net.model.layer1[0].conv1.weight.data.mul_(-1.0)
+    saved = copy.deepcopy(state)
+    logs = []
+    for reuse in (True, False):
+        if not reuse:
+            net.set_weight_reuse(False)  # the reference: nothing held, every weight sliced at every call
+        again = copy.deepcopy(saved)
+        searcher.restore(again)
+        logs.append(_trajectory(searcher.step(again))[-1])
+    assert logs[0] == logs[1]
 
 
 # ============================================================================ monotone pruning (known bugs)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -129,23 +130,44 @@ class GroupMask(nn.Module):
         self.collect = False
         self.partial = False
         self.kept_index: torch.Tensor | None = None  # indices of kept channels when partial
+        self.token: bytes | None = None  # the kept channels as bytes when partial (see MaskedLayer)
 
     def set(self, keep: torch.Tensor) -> None:
         """Set the mask from a bool tensor of kept channels."""
-        keep = keep.to(self.mask.device, torch.bool)
+        keep = keep.detach().to(self.mask.device, torch.bool)
         self.mask.copy_(keep)
-        self.partial = not bool(keep.all())
-        self.kept_index = torch.nonzero(keep).flatten() if self.partial else None
+        host = keep.cpu()  # one host sync: partial, the kept indices and the token
+        self.partial = not bool(host.all())
+        self.kept_index = torch.nonzero(host).flatten().to(self.mask.device) if self.partial else None
+        # the mask's content, for the masked layers' sliced-weight cache (None: every channel kept)
+        self.token = host.numpy().tobytes() if self.partial else None
 
     def forward(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return _MaskPoint.apply(x, self.mask, self.score if self.collect else None, dim)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run a hook (its own or a global one)."""
+    from torch.nn.modules import module as mm
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or mm._global_backward_pre_hooks)
 
 
 class MaskedLayer(nn.Module):
     """A conv/linear computed with the norm-preserving masked kernel.
 
     With ``sliced=True`` it computes only the kept input/output channels and scatters the result
-    into a zero tensor of full width: the same function and gradients, fewer FLOPs."""
+    into a zero tensor of full width: the same function and gradients, fewer FLOPs.
+
+    With ``reuse=True`` as well (:meth:`MaskedNetwork.set_weight_reuse`, the search's setting), the
+    kept channels' rescaled weight and bias are computed once per content of the layer's masks and
+    re-used by later calls with the same masks (the search's candidates change one group at a time,
+    so every other layer re-uses its weights): the same tensors, computed by the same operations.
+    An entry is used only while the layer's weight and bias are the same tensors, unchanged
+    (storage, version counter, strides), and never when a gradient with respect to them is wanted;
+    the two most recently used mask contents are kept."""
 
     def __init__(self, layer: nn.Module, in_mask: GroupMask | None, out_mask: GroupMask | None, *,
                  depthwise: bool = False, in_block: int = 1) -> None:
@@ -160,6 +182,8 @@ class MaskedLayer(nn.Module):
         # Plain attributes, not submodules: the masks are registered once, under `gates`.
         self.__dict__["in_mask"] = in_mask
         self.__dict__["out_mask"] = out_mask
+        self.reuse = False
+        self._reused: OrderedDict[tuple, tuple] = OrderedDict()  # (in token, out token) -> (stamp, refs, value)
 
     def _partial(self, m: GroupMask | None) -> GroupMask | None:
         return m if m is not None and m.partial else None
@@ -201,18 +225,55 @@ class MaskedLayer(nn.Module):
             return self.layer(x)
         if self.depthwise:
             return self._sliced_depthwise(x, m_out)
+        ws, b, cols = self._kept_params(m_in, m_out, self._sliced_params)
+        if cols is not None:
+            x = x.index_select(self.dim, cols)
+        y = self._call(x, ws, b)
+        return y if m_out is None else self._scatter(y, m_out, self.layer.weight.shape[0], self.dim)
+
+    def _sliced_params(self, m_in: GroupMask | None, m_out: GroupMask | None) -> tuple:
+        """The kept channels' weight (rescaled), bias and input columns (None: all)."""
         w, b = self.layer.weight, self.layer.bias
-        ws = w
+        ws, cols = w, None
         if m_out is not None:
             ws = ws.index_select(0, m_out.kept_index)
             b = b.index_select(0, m_out.kept_index) if b is not None else None
         if m_in is not None:
             cols = self._expand_index(m_in.kept_index)
             ws = ws.index_select(1, cols)
-            x = x.index_select(self.dim, cols)
         ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))
-        y = functional_call(self.layer, {"weight": ws, "bias": b}, (x,))
-        return y if m_out is None else self._scatter(y, m_out, w.shape[0], self.dim)
+        return ws, b, cols
+
+    def _kept_params(self, m_in: GroupMask | None, m_out: GroupMask | None, compute: Any) -> tuple:
+        """``compute(m_in, m_out)``, or its value from an earlier call with the same mask contents
+        and the same, unchanged parameters (``reuse``; see the class doc)."""
+        params = [t for t in (self.layer.weight, self.layer.bias) if t is not None]
+        if (not self.reuse or torch.is_inference_mode_enabled()
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in params))):
+            return compute(m_in, m_out)
+        key = (m_in.token if m_in is not None else None, m_out.token if m_out is not None else None)
+        stamp = tuple((t.device, t.data_ptr(), t._version, t.stride(), t.dtype) for t in params)
+        hit = self._reused.get(key)
+        if hit is not None and hit[0] == stamp:
+            self._reused.move_to_end(key)
+            return hit[2]
+        value = compute(m_in, m_out)
+        # the references keep the parameters' storages alive, so no other tensor can take their address
+        self._reused[key] = (stamp, [t.detach() for t in params], value)
+        while len(self._reused) > 2:
+            self._reused.popitem(last=False)
+        return value
+
+    def _call(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's forward with ``weight`` and ``bias``: a plain Conv2d/Linear without hooks calls
+        the functional its forward calls, directly; any other layer goes through ``functional_call``."""
+        layer = self.layer
+        if not _has_hooks(layer):
+            if type(layer) is nn.Conv2d and layer.padding_mode == "zeros":
+                return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            if type(layer) is nn.Linear:
+                return F.linear(x, weight, bias)
+        return functional_call(layer, {"weight": weight, "bias": bias}, (x,))
 
     def _sliced_depthwise(self, x: torch.Tensor, m_out: GroupMask) -> torch.Tensor:
         """A depthwise conv on its kept channels (``groups`` = kept count); a conv subclass with its
@@ -220,22 +281,27 @@ class MaskedLayer(nn.Module):
         conv = self.layer
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
             return functional_call(conv, {"weight": self.effective_weight()}, (x,))
+        idx = m_out.kept_index
+        ws, b, _ = self._kept_params(None, m_out, self._depthwise_params)
+        y = F.conv2d(x.index_select(1, idx), ws, b, conv.stride, conv.padding, conv.dilation, int(idx.numel()))
+        return self._scatter(y, m_out, conv.weight.shape[0])
+
+    def _depthwise_params(self, m_in: None, m_out: GroupMask) -> tuple:
+        """The kept filters of a depthwise conv (rescaled) and their bias."""
+        conv = self.layer
         w, idx = conv.weight, m_out.kept_index
         ws = w.index_select(0, idx)
         ws = ws * (w.norm() / ws.norm().clamp_min(1e-30))
         b = conv.bias.index_select(0, idx) if conv.bias is not None else None
-        y = torch.nn.functional.conv2d(x.index_select(1, idx), ws, b, conv.stride, conv.padding, conv.dilation,
-                                       int(idx.numel()))
-        return self._scatter(y, m_out, w.shape[0])
+        return ws, b, None
 
     @staticmethod
     def _scatter(y: torch.Tensor, m_out: GroupMask, channels: int, dim: int = 1) -> torch.Tensor:
+        # The full-width result is contiguous whatever y's layout, as out-of-place index_copy's always
+        # is (its output takes no strides from its input): the same tensor, written in place.
         shape = list(y.shape)
         shape[dim] = channels
-        full = y.new_zeros(shape)
-        if y.dim() == 4 and dim == 1 and y.is_contiguous(memory_format=torch.channels_last):
-            full = full.contiguous(memory_format=torch.channels_last)
-        return full.index_copy(dim, m_out.kept_index, y)
+        return y.new_zeros(shape).index_copy_(dim, m_out.kept_index, y)
 
 
 class MaskedLayerNorm(nn.Module):
@@ -386,6 +452,21 @@ class MaskedNetwork(nn.Module):
         for m in self.gm.modules():
             if isinstance(m, (MaskedLayer, MaskedLayerNorm)):
                 m.sliced = on
+                m._reused.clear()
+
+    def set_weight_reuse(self, on: bool) -> None:
+        """Sliced masked layers re-use their kept channels' weights between calls with the same
+        masks (see :class:`MaskedLayer`; the search's setting). Clears what they hold either way."""
+        for m in self.gm.modules():
+            if isinstance(m, MaskedLayer):
+                m.reuse = on
+                m._reused.clear()
+
+    def clear_weight_cache(self) -> None:
+        """Drop the weights the masked layers hold for re-use (the search does at each phase)."""
+        for m in self.gm.modules():
+            if isinstance(m, MaskedLayer):
+                m._reused.clear()
 
     def set_rates(self, rates: Sequence[float]) -> None:
         for gate, r in zip(self.gates, rates):

@@ -87,6 +87,7 @@ class Searcher:
         if cfg.sliced:  # channels-last convs and kept-channels-only layers: same function, less work
             net.model.to(memory_format=torch.channels_last)
             net.set_sliced(True)
+            net.set_weight_reuse(True)  # a layer whose masks a candidate leaves alone re-uses its weights
             val_batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in val_batches]
         self.net, self.batches, self.cfg, self.dist = net, val_batches, cfg, dist or Dist()
         self.evaluator = CandidateEvaluator(net, val_batches, fast=cfg.fast, dist=self.dist)
@@ -129,6 +130,7 @@ class Searcher:
             return self._initial_state()
 
     def _initial_state(self) -> SearchState:
+        self.net.clear_weight_cache()  # held weights live one phase, in which the weights are frozen
         self.net.set_rates([1.0] * len(self.net.gates))
         base = self.evaluator.evaluate(None)
         logits = self.evaluator.gather(base.parts)
@@ -163,6 +165,7 @@ class Searcher:
 
     def _step(self, state: SearchState) -> SearchState:
         t0 = time.perf_counter()
+        self.net.clear_weight_cache()  # held weights live one phase, in which the weights are frozen
         cfg, gates = self.cfg, self.net.gates
         scores = self.scores(state)
         for gate, s, gm in zip(gates, scores, self.net.masks):
@@ -238,6 +241,7 @@ class Searcher:
         """The same kept fraction for every group, the largest that lands at or below the budget;
         channels chosen by the importance scores of the unpruned network."""
         t0 = time.perf_counter()
+        self.net.clear_weight_cache()
         for gate, s in zip(self.net.gates, self.scores(state)):
             gate.ranks = ranks_from_scores(s)
         grid = sorted({round(k / g.channels, 6) for g in self.net.gates for k in range(1, g.channels + 1)})
