@@ -452,6 +452,7 @@ class MaskedNetwork(nn.Module):
         for m in self.gm.modules():
             if isinstance(m, (MaskedLayer, MaskedLayerNorm)):
                 m.sliced = on
+            if isinstance(m, MaskedLayer):
                 m._reused.clear()
 
     def set_weight_reuse(self, on: bool) -> None:
