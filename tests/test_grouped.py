@@ -13,8 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ekg import flops
-from ekg.arch import record_for
-from ekg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ekg.checkpoint import load_checkpoint
 from ekg.errors import EkgError
 from ekg.graph import ChannelGroup, build_graph
 from ekg.masks import Gate, MaskedNetwork, block_mask, kept_width
@@ -22,7 +21,7 @@ from ekg.search import SearchConfig, Searcher, check_reachable, floor_ratio, ste
 from ekg.search.evaluator import CandidateEvaluator
 from ekg.search.steps import drop_a_unit
 from ekg.slim import check_equivalent, slim_model
-from test_zoo import NORMALIZATION, SMALL, check_slim, randomise, random_cut, random_data
+from test_zoo import SMALL, check_slim, randomise, random_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
