@@ -70,6 +70,16 @@ EXACT = RULES + "test_the_optimised_search_takes_bit_identical_steps_to_the_stra
 REUSE = RULES + "test_sliced_layers_reuse_weights_only_for_the_same_masks_and_unchanged_weights"
 PHASE = RULES + "test_each_search_phase_starts_without_held_weights"
 BAD = "tests/test_bad_input.py::test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing["
+G = "tests/test_grouped.py::"
+G_GRAPH = G + "test_a_grouped_conv_cuts_what_it_reads_and_writes_in_equal_blocks"
+G_LCM = G + "test_blocks_are_the_lcm_where_grouped_convs_of_different_groups_meet"
+G_GATE = G + "test_a_blocked_gate_keeps_its_best_ranked_channels_block_by_block"
+G_SLIM = G + "test_slim_equals_masked_and_the_cost_is_counted"
+G_COLS = G + "test_a_slim_grouped_conv_takes_the_columns_of_its_blocks_kept_inputs"
+G_UNEVEN = G + "test_slimming_refuses_a_grouped_conv_cut_unevenly_naming_it"
+G_STEP = G + "test_a_blocked_groups_step_is_max_1_over_units_0_2_over_n_and_removes_a_unit"
+G_ONE = G + "test_a_blocked_group_down_to_one_channel_a_block_is_no_candidate"
+G_FLOOR = G + "test_the_floor_is_every_blocked_group_at_one_channel_a_block"
 
 
 @dataclass(frozen=True)
@@ -137,18 +147,19 @@ MUTANTS: list[Mutant] = [
       "trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim)",
       "trimmed_otsu_threshold(list(costs.values()), 0.0)", (OTSU,)),
     M("cost-of-a-base-step", "a group's cost is that of its own next step", "ekg/search/searcher.py",
-      "costs = {i: cost_of(scores[i], gates[i].rate, steps[i]) for i in active}",
-      "costs = {i: cost_of(scores[i], gates[i].rate, cfg.step) for i in active}", (OTSU,)),
+      "costs = {i: step_cost(scores[i], gates[i].rate, steps[i], gates[i].blocks) for i in active}",
+      "costs = {i: step_cost(scores[i], gates[i].rate, cfg.step, gates[i].blocks) for i in active}", (OTSU,)),
     M("step-size-ignores-producers", "step size max(1/C, 0.2/n), n = producing layers", "ekg/search/searcher.py",
-      "steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]",
-      "steps = [step_size(g.channels, 1, cfg.step) for g in gates]", (NOOTSU, OTSU)),
+      "steps = [step_size(g.units, g.n_producers, cfg.step) for g in gates]",
+      "steps = [step_size(g.units, 1, cfg.step) for g in gates]", (NOOTSU, OTSU)),
     M("step-size-without-1-over-c", "step size max(1/C, 0.2/n)", "ekg/search/steps.py",
       "return max(1.0 / channels, base / max(1, n_producers))", "return base / max(1, n_producers)", (NOOTSU, OTSU)),
     M("one-channel-groups-stepped", "only groups still above one channel are candidates", "ekg/search/searcher.py",
-      "active = [i for i, g in enumerate(gates) if g.kept > 1]", "active = [i for i, g in enumerate(gates) if g.kept > 0]",
+      "active = [i for i, g in enumerate(gates) if g.kept > g.unit]",
+      "active = [i for i, g in enumerate(gates) if g.kept > 0]",
       (ONE_CHANNEL,)),
     M("landing-skipped", "an overshooting step lands just at or below keep", "ekg/search/searcher.py",
-      "new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)",
+      "new_rate = land_rate(gate.rate, steps[i], gate.units, ratio_at, cfg.keep)",
       "new_rate = round(gate.rate - steps[i], 5)", (LAND,)),
     M("landing-above-keep", "landing is never above keep", "ekg/search/steps.py",
       "        best = up\n    return best",
@@ -225,6 +236,42 @@ MUTANTS: list[Mutant] = [
     M("flatten-module-no-blocks", "nn.Flatten() of an (N, C, H, W) map passes blocks of H·W columns", "ekg/graph.py",
       "                    block[node.name] = int(np.prod(shape(node.args[0])[2:]))",
       "                    pass", ("tests/test_zoo.py::test_a_flatten_module_passes_the_channels_like_torch_flatten",)),
+    # ---------------------------------------------------------------- grouped convs (equal blocks)
+    M("grouped-blocks-ignored", "a grouped conv cuts the groups it reads and writes in G equal blocks", "ekg/graph.py",
+      "    blocks = math.lcm(*(g for _, g in convs)) if convs else 1", "    blocks = 1", (G_GRAPH, G_SLIM)),
+    M("grouped-blocks-max-not-lcm", "where grouped convs meet, the blocks are the lcm of their groups", "ekg/graph.py",
+      "    blocks = math.lcm(*(g for _, g in convs)) if convs else 1",
+      "    blocks = max((g for _, g in convs), default=1)", (G_LCM, G_SLIM)),
+    M("grouped-block-mask-global-top-k", "a blocked gate keeps its best-ranked kept/B channels of every block",
+      "ekg/masks.py", "    return (within < kept // blocks).flatten()", "    return ranks < kept", (G_GATE, G_SLIM)),
+    M("grouped-cost-ignores-groups", "a grouped conv costs cout·cin/G pairs", "ekg/graph.py",
+      'pairs = cout if layer.kind == "dwconv" else cin * cout // layer.groups',
+      'pairs = cout if layer.kind == "dwconv" else cin * cout', (G_SLIM,)),
+    M("grouped-masked-kernel-one-block", "a grouped conv's input mask is taken block by block", "ekg/masks.py",
+      "per_block = per_channel.view(g, 1, -1).expand(g, out // g, -1)",
+      "per_block = per_channel[: per_channel.numel() // g].view(1, 1, -1).expand(g, out // g, -1)", (G_SLIM, G_COLS)),
+    M("grouped-columns-of-other-blocks", "a kept output of block g takes block g's kept input columns", "ekg/masks.py",
+      "cols = local.repeat_interleave(rows // groups, dim=0)", "cols = local.repeat(rows // groups, 1)",
+      (G_COLS, G_SLIM)),
+    M("grouped-no-rescale-sliced", "norm-preserving rescale in the search's sliced grouped convs", "ekg/masks.py",
+      "rescaled = ws * (w.norm() / ws.norm().clamp_min(1e-30))  # the norm-preserving kernel", "rescaled = ws",
+      (G_SLIM, G_COLS)),
+    M("grouped-slim-uneven-blocks", "a grouped conv keeps as many channels in every group", "ekg/slim.py",
+      "    if bool((counts != counts[0]).any()):", "    if False:", (G_UNEVEN,)),
+    M("grouped-step-cost-global", "a blocked group's step cost sums what each block loses", "ekg/search/searcher.py",
+      "costs = {i: step_cost(scores[i], gates[i].rate, steps[i], gates[i].blocks) for i in active}",
+      "costs = {i: step_cost(scores[i], gates[i].rate, steps[i]) for i in active}", (G_STEP,)),
+    M("grouped-step-size-in-channels", "a blocked group's step is max(1/units, 0.2/n)", "ekg/search/searcher.py",
+      "steps = [step_size(g.units, g.n_producers, cfg.step) for g in gates]",
+      "steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]", (G_STEP,)),
+    M("grouped-step-keeps-every-unit", "a blocked group's step removes at least one unit", "ekg/search/searcher.py",
+      "                    new_rate = drop_a_unit(gate.rate, new_rate, gate.units)", "                    pass",
+      (G_STEP,)),
+    M("grouped-one-unit-stepped", "a blocked group at one channel a block is no candidate", "ekg/search/searcher.py",
+      "active = [i for i, g in enumerate(gates) if g.kept > g.unit]",
+      "active = [i for i, g in enumerate(gates) if g.kept > 1]", (G_ONE,)),
+    M("grouped-floor-one-channel", "the floor: every blocked group at one channel a block", "ekg/search/searcher.py",
+      "        widths[g.index] = g.blocks\n", "        widths[g.index] = 1\n", (G_FLOOR,)),
     # ---------------------------------------------------------------- BN modes
     M("search-bn-running", "the search runs BN on batch statistics", "ekg/search/searcher.py",
       "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',
@@ -428,7 +475,7 @@ MUTANTS: list[Mutant] = [
     M("lock-inner-release", "the lock is re-entrant: the inner release keeps it", "ekg/lock.py",
       "    if entry[1]:\n        return\n", "", (REENTRANT,)),
     M("floor-two-channels", "the budget's floor: every prunable group at one channel", "ekg/search/searcher.py",
-      "        widths[g.index] = 1\n", "        widths[g.index] = 2\n", (FLOOR,)),
+      "        widths[g.index] = g.blocks\n", "        widths[g.index] = 2 * g.blocks\n", (FLOOR,)),
     M("student-any-tensors", "a bank's student is a sub-network of its teachers' network", "ekg/bank.py",
       'wrong = [f"{k} is not in the pruned network" for k in own if k not in teacher]', "wrong = []",
       (BAD + "finetune: a ResNet-32 with a ResNet-20 run's bank]",)),

@@ -44,14 +44,14 @@ class TinyMobile(nn.Module):
 
 
 class Opaque(nn.Module):
-    """No group can be pruned: a grouped conv, and a concatenation."""
+    """No group can be pruned: a conv with a channel multiplier, and a concatenation."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1, groups=8)
         self.c3 = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(16 * 16 * 16, 10)
+        self.fc = nn.Linear(24 * 16 * 16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = F.relu(self.c2(F.relu(self.c1(x))))
@@ -96,7 +96,7 @@ def test_a_model_with_no_prunable_group_is_refused_before_any_work(tmp_path):
         prune(Opaque(), random_data(), 0.5, out=tmp_path / "run", config=CFG, progress=False)
     message = str(err.value)
     assert "no prunable channel group" in message and "\n" not in message
-    assert "grouped conv 'c2'" in message and "cat() in the forward of Opaque" in message
+    assert "conv 'c2' has a channel multiplier" in message and "cat() in the forward of Opaque" in message
     assert not (tmp_path / "run").exists()
 
 

@@ -492,12 +492,14 @@ def test_slim_depthwise_conv_and_blocked_linear():
                       bn_ops=True) == (flops.count(slim, (3, 16, 16), bn_ops=True).flops, flops.count(slim, (3, 16, 16)).params)
 
 
-def test_grouped_conv_is_not_supported():
+def test_a_conv_with_groups_the_graph_did_not_see_is_refused():
+    """A conv replaced after the graph was built by a depthwise one (groups 8): cutting 2 of its 8
+    inputs would leave 6 of its groups without input (tests/test_grouped.py: grouped convs)."""
     model = PlainNet()
     graph = build_graph(model, (3, 16, 16))
     g1 = next(g.index for g in graph.groups if g.producers == ["c1"])
     model.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # same name, now depthwise
-    with pytest.raises(EkgError, match="not supported yet"):
+    with pytest.raises(EkgError, match=r"layer 'c2' \(a conv with groups=8\) would keep 1, 1, 0, 0, 0, 0, 0, 0 of"):
         slim_model(model, graph, {g1: [0, 1]})
 
 

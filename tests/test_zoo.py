@@ -762,6 +762,74 @@ def test_an_input_size_other_than_the_images_is_refused_before_any_work(tmp_path
     assert not out.exists()
 
 
+# ----------------------------------------------------------------------------- grouped convs
+
+# prunable groups at 32×32: before (every grouped conv froze both channel groups it touches) and now
+GROUPED_MODELS = {"torchvision:resnext50_32x4d": (5, 37), "torchvision:regnet_x_400mf": (5, 49),
+                  "timm:regnetx_002": (5, 31)}
+
+
+@pytest.mark.parametrize("name", list(GROUPED_MODELS))
+def test_zoo_grouped_convs_are_cut_in_equal_blocks_and_reload_in_every_command(name, tmp_path, make_cifar, capsys):
+    """Every grouped conv's groups are prunable, in blocks of a multiple of its groups; cut at
+    random, slim == masked (both masked-layer kinds), the graph's cost is what ekg.flops and
+    torch.utils.flop_counter count, and the slim model's checkpoint reloads with no factory and
+    is read by `ekg test`, `ekg info`, `ekg export` (and timm's by `ekg finetune`; ekg.prune end to
+    end on a ResNeXt: tests/test_grouped.py)."""
+    lib, _, arch = name.partition(":")
+    pytest.importorskip(lib, reason=f"{lib} is not installed (pip install -e '.[zoo]')")
+    from ekg.arch import zoo_model
+    from ekg.cli import main
+    from ekg.search.searcher import floor_ratio
+
+    torch.manual_seed(0)
+    model = randomise(zoo_model(lib + ":", arch, num_classes=10)).eval()
+    graph = build_graph(model, CIFAR)
+    before, now = GROUPED_MODELS[name]
+    floor = floor_ratio(graph, SearchConfig())
+    print(f"{name}: {len(graph.prunable)} prunable groups of {len(graph.groups)} (before: {before}), floor {floor:.4f}")
+    assert len(graph.prunable) == now
+    assert floor < 0.01  # keep 0.5 is reachable (the floors were 0.057, 0.23 and 0.14 before)
+    grouped = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels}
+    assert grouped
+    writes = {p: g for g in graph.groups for p in g.producers}
+    reads = {c: g for g in graph.groups for c in g.consumers}
+    for n, m in grouped.items():
+        for g in (writes[n], reads[n]):
+            assert g.prunable and g.blocks % m.groups == 0 and n in g.grouped, (n, g.reason)
+    x = torch.randn(2, *CIFAR, generator=torch.Generator().manual_seed(3))
+    _, slim = check_slim(model, CIFAR, x)
+    assert flop_counter(slim, CIFAR) == 2 * flops.count(slim, CIFAR).flops
+    cut = [n for n, m in grouped.items() if slim.get_submodule(n).in_channels < m.in_channels]
+    assert cut and all(slim.get_submodule(n).groups == m.groups for n, m in grouped.items())
+
+    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=CIFAR,
+                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
+    path = save_checkpoint(ckpt, tmp_path / "pruned.pt")
+    back = load_checkpoint(path)
+    assert back.arch == f"{name} (pruned)"
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), slim(x))
+    folder = str(make_cifar(per_batch=4).folder.parent)
+    capsys.readouterr()
+    assert main(["test", "--model", str(path), "--data", folder, "--json"]) == 0
+    tested = json.loads(capsys.readouterr().out)
+    assert tested["arch"] == f"{name} (pruned)" and tested["flops"] == flops.count(slim, CIFAR).flops
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    assert f"{name} (pruned)" in capsys.readouterr().out
+    import importlib.util
+
+    exported = tmp_path / ("m.onnx" if importlib.util.find_spec("onnx") else "m.ts")
+    assert main(["export", "--model", str(path), "--out", str(exported)]) == 0 and exported.exists()
+    if lib != "timm":  # one model fine-tunes (tens of seconds on 2 cores): the cheapest
+        return
+    capsys.readouterr()
+    assert main(["finetune", "--model", str(path), "--data", folder, "--kd", "none", "--epochs", "1", "--batch-size", "10",
+                 "--out", str(tmp_path / "ft"), "--quiet"]) == 0
+    tuned = load_checkpoint(tmp_path / "ft" / "model.pt")
+    assert tuned.arch == back.arch and all(tuned.model.get_submodule(n).groups == m.groups for n, m in grouped.items())
+
+
 # ----------------------------------------------------------------------------- timm checkpoints (deliverable 3)
 
 def test_convert_timm_weights_prune_and_reload_with_every_command(tmp_path, make_cifar, capsys, monkeypatch):

@@ -11,8 +11,15 @@ the rules below say how layers create, pass on or couple spaces:
 * a depthwise ``Conv2d`` (groups = in = out channels) passes its input's space through: channel c
   of its output depends on channel c of its input only, so both sides are cut together (its weight
   is sliced along dim 0);
-* a conv with a channel multiplier (groups = in, out = k·in) or any other grouped conv freezes the
-  spaces it touches: its channel blocks cannot be cut consistently by one mask;
+* a grouped ``Conv2d`` (groups G with 1 < G < in channels: in = G·a, out = G·b) consumes its input's
+  space and creates a new one like a plain conv, and cuts both in G equal *blocks*: output channel
+  o of block g reads block g's inputs only, so the slim conv keeps ``groups=G`` if each block keeps
+  the same number of channels (the kept indices within the blocks may differ). A group's ``blocks``
+  is the least common multiple of the G of every grouped conv reading or writing it (1 if none); a
+  group whose blocks are single channels (G = its width) cannot be cut and is frozen, naming the
+  convs;
+* a conv with a channel multiplier (groups = in, out = k·in) freezes the spaces it touches: each
+  input channel is a block of its own, which no mask can cut;
 * BatchNorm, activations, pooling, dropout, identity and flattening of ``(N, C, 1, 1)`` (also by
   ``nn.Flatten()``, timm's and torchvision's ConvNeXt heads) pass the
   space through; so does a functional ``batch_norm`` on one BatchNorm module's own weight, bias and
@@ -74,6 +81,7 @@ FLOPs/params of any assignment of group widths follow from the per-layer coeffic
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -134,6 +142,10 @@ class ChannelGroup:
     mask_nodes: list[str] = field(default_factory=list)
     prunable: bool = True
     reason: str = ""
+    # equal blocks the group is cut in (every block keeps as many channels): the lcm of the groups of
+    # the grouped convs reading or writing it, listed in `grouped`
+    blocks: int = 1
+    grouped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -247,21 +259,35 @@ class DependencyGraph:
 
 
 def _conv_kind(m: nn.Conv2d) -> str:
-    """plain (groups=1), depthwise (groups = in = out), or grouped (anything else)."""
+    """plain (groups=1), depthwise (groups = in = out), multiplier (groups = in < out) or grouped
+    (1 < groups < in: both sides cut in ``groups`` equal blocks)."""
     if m.groups == 1:
         return "plain"
     if m.groups == m.in_channels == m.out_channels:
         return "depthwise"
+    if m.groups == m.in_channels:
+        return "multiplier"
     return "grouped"
 
 
-def _grouped_reason(name: str, m: nn.Conv2d) -> str:
-    if m.groups == m.in_channels:
-        return (f"conv '{name}' has a channel multiplier (groups={m.groups}, {m.in_channels} in, "
-                f"{m.out_channels} out channels): each input channel feeds {m.out_channels // m.groups} "
-                "output channels, which one channel mask cannot cut consistently")
-    return (f"grouped conv '{name}' (groups={m.groups}, {m.in_channels} in, {m.out_channels} out channels) "
-            "needs every group cut to the same width, which ekg does not do")
+def _multiplier_reason(name: str, m: nn.Conv2d) -> str:
+    return (f"conv '{name}' has a channel multiplier (groups={m.groups}, {m.in_channels} in, "
+            f"{m.out_channels} out channels): each input channel feeds {m.out_channels // m.groups} "
+            "output channels, which one channel mask cannot cut consistently")
+
+
+def _group_blocks(channels: int, grouped: list[tuple[str, int]]) -> tuple[int, str]:
+    """The equal blocks a group of ``channels`` is cut in, given the (name, groups) of the grouped
+    convs reading or writing it: the lcm of their groups (every block keeps as many channels, so
+    each conv's own blocks do too), and why the group cannot be cut ("" if it can)."""
+    convs = list(dict.fromkeys(grouped))
+    blocks = math.lcm(*(g for _, g in convs)) if convs else 1
+    if channels % blocks == 0 and channels // blocks > 1:
+        return blocks, ""
+    names = " and ".join(f"'{n}' (groups={g})" for n, g in convs)
+    what = "one channel each" if channels == blocks else f"which {channels} is not a multiple of"
+    return blocks, (f"grouped conv{'s' if len(convs) > 1 else ''} {names} cut these {channels} channels in "
+                    f"{blocks} equal blocks, {what}: no channel can be cut")
 
 
 def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
@@ -302,6 +328,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
     norms: dict[int, list[str]] = {}
     consumers: dict[int, list[str]] = {}
     depthwise: dict[int, list[str]] = {}
+    grouped: dict[int, list[tuple[str, int]]] = {}   # space id -> (grouped conv, its groups) reading/writing it
     acts: dict[int, list[str]] = {}
     tensors: dict[int, list[str]] = {}
     own: dict[str, str] = {}                    # node name -> the model's tensor it is (a get_attr, reshaped)
@@ -495,20 +522,24 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                 depthwise.setdefault(src, []).append(node.target)
                 layer_refs.append((node.target, "dwconv", src, src, m, out_shape[-2:], 1))
                 space[node.name] = src
-            elif isinstance(m, nn.Conv2d) and _conv_kind(m) != "plain":
-                why = _grouped_reason(node.target, m)
+            elif isinstance(m, nn.Conv2d) and _conv_kind(m) == "multiplier":
+                why = _multiplier_reason(node.target, m)
                 freeze(src, why)
                 s = new_space(m.out_channels)
                 freeze(s, why)
                 writer[s] = f"conv '{node.target}'"
                 layer_refs.append((node.target, "conv", src, s, m, out_shape[-2:], 1))
                 space[node.name] = s
-            elif isinstance(m, nn.Conv2d):
+            elif isinstance(m, nn.Conv2d):  # plain or grouped
                 s = new_space(m.out_channels)
                 writer[s] = f"conv '{node.target}'"
                 producers.setdefault(s, []).append(node.target)
                 if src is not None:
                     consumers.setdefault(src, []).append(node.target)
+                if m.groups > 1:  # its input and output are cut in m.groups equal blocks
+                    for side in (src, s):
+                        if side is not None:
+                            grouped.setdefault(side, []).append((node.target, m.groups))
                 layer_refs.append((node.target, "conv", src, s, m, out_shape[-2:], 1))
                 space[node.name] = s
             elif isinstance(m, nn.Linear):
@@ -645,6 +676,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             g.depthwise += depthwise.get(s, [])
             g.tensors += tensors.get(s, [])
             g.mask_nodes += acts.get(s, [])
+        g.blocks, blocks_reason = _group_blocks(g.channels, [c for s in members for c in grouped.get(s, [])])
+        g.grouped = list(dict.fromkeys(name for s in members for name, _ in grouped.get(s, [])))
         for names in (g.producers, g.norms, g.consumers, g.depthwise):
             names[:] = dict.fromkeys(names)  # a module called twice is listed once
         reasons = [frozen[s] for s in members if s in frozen]
@@ -663,6 +696,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             g.prunable, g.reason = False, "a single channel cannot be pruned"
         elif not g.mask_nodes:
             g.prunable, g.reason = False, "no activation follows these channels (no mask point)"
+        elif blocks_reason:
+            g.prunable, g.reason = False, blocks_reason
         groups.append(g)
 
     layers = []
@@ -923,6 +958,7 @@ def _flattens_channels(src: tuple[int, ...] | None, dst: tuple[int, ...] | None)
 
 def describe(graph: DependencyGraph) -> list[dict[str, Any]]:
     """One row per group, for logs and ``ekg info``."""
-    return [{"index": g.index, "name": g.name, "channels": g.channels, "producers": len(g.producers),
-             "mask_points": len(g.mask_nodes), "prunable": g.prunable, "reason": g.reason} for g in graph.groups]
+    return [{"index": g.index, "name": g.name, "channels": g.channels, "blocks": g.blocks,
+             "producers": len(g.producers), "mask_points": len(g.mask_nodes), "prunable": g.prunable,
+             "reason": g.reason} for g in graph.groups]
 

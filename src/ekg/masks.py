@@ -10,7 +10,9 @@ mask does in the forward pass"):
 2. every conv/linear whose input or output channels are partly masked computes with the
    norm-preserving kernel ``(W ⊙ M)·‖W‖/‖W ⊙ M‖``. For a depthwise conv (input and output in one
    group) ``M`` masks its filters (dim 0); for a linear reading a flattened map, each input
-   channel's mask entry covers its block of H·W columns.
+   channel's mask entry covers its block of H·W columns; for a grouped conv (G groups) weight
+   entry ``[o, j]`` pairs output o of block g = o // (out/G) with input ``g·(in/G) + j``, so its
+   input mask is taken block by block.
 
 A mask point on channels-last values (ConvNeXt's MLP after a permute) masks their last dim, and a
 LayerNorm over a group's channels (:class:`MaskedLayerNorm`) normalises over the kept channels
@@ -26,7 +28,11 @@ from the wrapped model, and a functional ``batch_norm`` of a norm-act layer on i
 batch statistics (:func:`ekg.bn.batch_statistics_bn`) apply to it as to any BatchNorm.
 
 Each group's :class:`Gate` holds the channel scores, their ranks (0 = most important) and the
-kept fraction ``rate``; the mask keeps the channels ranked below ``max(C·rate, 1)``.
+kept fraction ``rate``; the mask keeps the channels ranked below ``max(C·rate, 1)``. A group cut in
+B equal blocks (a grouped conv's, :attr:`ekg.graph.ChannelGroup.blocks`) keeps
+``B·kept_channels(C/B, rate)`` channels: in every block, its best-ranked ``kept_channels(C/B, rate)``
+(by the same global ranks). Its width moves in *units* of B channels (:attr:`Gate.unit`, the width
+quantum every kept width is a multiple of), and the search's step sizes and landing count units.
 The masked network shares its parameters with the model it wraps; it never changes them.
 """
 
@@ -53,6 +59,22 @@ def kept_channels(channels: int, rate: float) -> int:
     """How many channels a mask keeps: those ranked below ``max(C·rate, 1)``, i.e.
     ``ceil(C·rate)`` clamped to [1, C] (C·rate is rounded to 6 decimals against float noise)."""
     return int(min(channels, max(1, math.ceil(round(channels * rate, 6)))))
+
+
+def kept_width(channels: int, rate: float, unit: int = 1) -> int:
+    """How many channels a group of ``channels`` moving in units of ``unit`` channels keeps at
+    ``rate``: ``unit·kept_channels(channels / unit, rate)`` (``kept_channels`` for ``unit`` 1)."""
+    return unit * kept_channels(channels // unit, rate)
+
+
+def block_mask(ranks: torch.Tensor, blocks: int, kept: int) -> torch.Tensor:
+    """Bool mask keeping ``kept`` channels (a multiple of ``blocks``): the ``kept / blocks``
+    best-ranked (lowest rank) channels of each of ``blocks`` equal, consecutive blocks."""
+    if blocks == 1:
+        return ranks < kept
+    per_block = ranks.view(blocks, -1)
+    within = torch.argsort(torch.argsort(per_block, dim=1, stable=True), dim=1, stable=True)
+    return (within < kept // blocks).flatten()
 
 
 def ranks_from_scores(scores: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,13 +108,34 @@ class Gate:
         return max(1, len(self.group.producers))
 
     @property
+    def blocks(self) -> int:
+        """Equal blocks the group is cut in (each keeps as many channels)."""
+        return self.group.blocks
+
+    @property
+    def unit(self) -> int:
+        """The width quantum: every kept width is a multiple of it (the group's blocks; a kept width
+        rounded to N channels would make it ``lcm(blocks, N)``)."""
+        return self.group.blocks
+
+    @property
+    def units(self) -> int:
+        """The group's width in units: the C of the step-size rule and of the landing's 1/C."""
+        return self.channels // self.unit
+
+    @property
     def kept(self) -> int:
-        return kept_channels(self.channels, self.rate)
+        return self.kept_at(self.rate)
+
+    def kept_at(self, rate: float) -> int:
+        """Channels kept at ``rate``: ``unit·kept_channels(units, rate)``."""
+        return kept_width(self.channels, rate, self.unit)
 
     def mask(self, rate: float | None = None) -> torch.Tensor:
-        """Bool mask of the kept channels at ``rate`` (default: the gate's own)."""
+        """Bool mask of the kept channels at ``rate`` (default: the gate's own): the best-ranked
+        ``kept / blocks`` of every block."""
         ranks = self.ranks if self.ranks is not None else torch.arange(self.channels)
-        return ranks < kept_channels(self.channels, self.rate if rate is None else rate)
+        return block_mask(ranks, self.blocks, self.kept_at(self.rate if rate is None else rate))
 
 
 class _MaskPoint(torch.autograd.Function):
@@ -170,13 +213,14 @@ class MaskedLayer(nn.Module):
     the two most recently used mask contents are kept."""
 
     def __init__(self, layer: nn.Module, in_mask: GroupMask | None, out_mask: GroupMask | None, *,
-                 depthwise: bool = False, in_block: int = 1) -> None:
+                 depthwise: bool = False, in_block: int = 1, groups: int = 1) -> None:
         super().__init__()
         self.layer = layer
         self.sliced = False
         self.depthwise = depthwise  # one group on both sides; the mask cuts dim 0 of the weight only
         self.in_block = in_block    # input columns per input channel (linear after a spatial flatten)
         self.dim = -1 if isinstance(layer, nn.Linear) else 1  # its channels' dim: a linear's are the last
+        self.groups = 1 if depthwise else groups  # a grouped conv: output block g reads input block g only
         if depthwise:
             in_mask = None
         # Plain attributes, not submodules: the masks are registered once, under `gates`.
@@ -199,8 +243,17 @@ class MaskedLayer(nn.Module):
         if m_out is not None:
             mw = mw * m_out.mask.view(-1, *shape[1:])
         if m_in is not None:
-            mw = mw * self._expand(m_in.mask).view(1, -1, *shape[2:])
+            mw = mw * self._in_weight_mask(m_in.mask, w.shape[0])
         return mw * (w.norm() / mw.norm().clamp_min(1e-30))
+
+    def _in_weight_mask(self, per_channel: torch.Tensor, out: int) -> torch.Tensor:
+        """An input mask laid out like the weight: one entry per column, or for a grouped conv one
+        per ``[o, j]`` (output o of block g reads input channel ``g·(in/G) + j``)."""
+        if self.groups == 1:
+            return self._expand(per_channel).view(1, -1, *[1] * (self.layer.weight.dim() - 2))
+        g = self.groups
+        per_block = per_channel.view(g, 1, -1).expand(g, out // g, -1)
+        return per_block.reshape(out, -1, *[1] * (self.layer.weight.dim() - 2))
 
     def _expand(self, per_channel: torch.Tensor) -> torch.Tensor:
         """A per-channel mask as one entry per input column (blocks of ``in_block``)."""
@@ -225,6 +278,8 @@ class MaskedLayer(nn.Module):
             return self.layer(x)
         if self.depthwise:
             return self._sliced_depthwise(x, m_out)
+        if self.groups > 1:
+            return self._sliced_grouped(x, m_in, m_out)
         ws, b, cols = self._kept_params(m_in, m_out, self._sliced_params)
         if cols is not None:
             x = x.index_select(self.dim, cols)
@@ -295,6 +350,20 @@ class MaskedLayer(nn.Module):
         b = conv.bias.index_select(0, idx) if conv.bias is not None else None
         return ws, b, None
 
+    def _sliced_grouped(self, x: torch.Tensor, m_in: GroupMask | None, m_out: GroupMask | None) -> torch.Tensor:
+        """A grouped conv on its kept channels, still ``groups`` = G: every block keeps as many
+        inputs (and outputs), and kept output o of block g takes the columns of block g's kept inputs."""
+        w, b = self.layer.weight, self.layer.bias
+        ws = w if m_out is None else w.index_select(0, m_out.kept_index)
+        if m_out is not None and b is not None:
+            b = b.index_select(0, m_out.kept_index)
+        if m_in is not None:
+            x = x.index_select(1, m_in.kept_index)
+            ws = ws.gather(1, grouped_columns(m_in.kept_index, self.groups, w.shape[1], ws.shape[0], w.shape[2:]))
+        rescaled = ws * (w.norm() / ws.norm().clamp_min(1e-30))  # the norm-preserving kernel
+        y = functional_call(self.layer, {"weight": rescaled, "bias": b}, (x,))
+        return y if m_out is None else self._scatter(y, m_out, w.shape[0])
+
     @staticmethod
     def _scatter(y: torch.Tensor, m_out: GroupMask, channels: int, dim: int = 1) -> torch.Tensor:
         # The full-width result is contiguous whatever y's layout, as out-of-place index_copy's always
@@ -337,6 +406,18 @@ class MaskedLayerNorm(nn.Module):
         if ln.weight is not None:
             y = y * ln.weight
         return y + ln.bias * keep if ln.bias is not None else y
+
+
+def grouped_columns(kept_in: torch.Tensor, groups: int, per_group: int, rows: int,
+                    kernel: Sequence[int]) -> torch.Tensor:
+    """The gather index (``rows``, kept per group, *kernel) of a grouped conv's weight for the
+    sorted kept input channels ``kept_in``: row r (an output of block ``r // (rows / groups)``)
+    takes the local columns ``kept_in - g·per_group`` of its block g. ``kept_in`` must hold as many
+    channels of every block."""
+    g = torch.arange(groups, device=kept_in.device).view(groups, 1)
+    local = kept_in.view(groups, -1) - g * per_group
+    cols = local.repeat_interleave(rows // groups, dim=0)
+    return cols.view(*cols.shape, *[1] * len(kernel)).expand(*cols.shape, *kernel)
 
 
 class ModuleBatchNorm(nn.Module):
@@ -419,7 +500,7 @@ class MaskedNetwork(nn.Module):
                         name = "masked_" + node.target.replace(".", "_")
                         if not hasattr(root, name):  # a module called twice is one masked layer
                             root.add_module(name, MaskedLayer(module, mi, mo, depthwise=c.kind == "dwconv",
-                                                              in_block=c.in_block))
+                                                              in_block=c.in_block, groups=c.groups))
                         new.target = name
             if node.name in self.graph.layer_norms and \
                     norm_groups.get(ln := self.graph.layer_norms[node.name]) in group_of_index:
@@ -482,7 +563,7 @@ class MaskedNetwork(nn.Module):
         w = self.graph.full_widths()
         rates = self.rates() if rates is None else rates
         for gate, r in zip(self.gates, rates):
-            w[gate.group.index] = kept_channels(gate.channels, r)
+            w[gate.group.index] = gate.kept_at(r)
         return w
 
     def kept_indices(self) -> dict[int, torch.Tensor]:

@@ -12,6 +12,9 @@ masked one (see the method doc, "What a mask does"):
   flattened ``(N, C, H, W)`` map keeps the H·W columns of each kept channel);
 * every depthwise conv inside a group keeps only the kept filters (dim 0 of its weight) and its
   ``groups``/``in_channels``/``out_channels`` become the kept count;
+* a grouped conv (G groups) keeps ``groups=G``: each of its G blocks of input (output) channels
+  must keep as many channels, and the weight row of a kept output of block g keeps the columns of
+  block g's kept inputs;
 * every per-channel tensor of the model's own that the forward applies to a group (layer scale,
   ``x * self.gamma``) keeps only the kept channels' entries;
 * every conv/linear weight that lost channels on either side is rescaled to its original
@@ -40,6 +43,7 @@ from torch import nn
 
 from .errors import EkgError
 from .graph import ChannelGroup, DependencyGraph
+from .masks import grouped_columns
 from .models import ResNetSpec, build_model
 
 KeepSpec = Mapping[int, torch.Tensor | Sequence[int]]
@@ -89,8 +93,8 @@ def slim_model(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.M
 
     ``graph`` must have been built from ``model`` (or a model of the same architecture). Only
     prunable groups may be cut; the input model is left untouched. Raises :class:`EkgError` for
-    a non-prunable or unknown group, empty/out-of-range/duplicate indices, grouped convs, or a
-    graph that does not fit the model.
+    a non-prunable or unknown group, empty/out-of-range/duplicate indices, a grouped conv whose
+    groups would keep different numbers of channels, or a graph that does not fit the model.
     """
     plan = _plan(graph, _normalise_keep(graph, keep))
     slim = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
@@ -251,8 +255,8 @@ def _slim_weighted(name: str, m: nn.Module, out_cut: _Cut | None, in_cut: _Cut |
     original norm."""
     if isinstance(m, nn.Conv2d):
         if m.groups != 1:
-            raise EkgError(f"layer '{name}' is a grouped/depthwise conv (groups={m.groups}); slimming through "
-                           "grouped convs is not supported yet")
+            _slim_grouped(name, m, out_cut, in_cut)
+            return
         attrs = ("out_channels", "in_channels")
     elif isinstance(m, nn.Linear):
         attrs = ("out_features", "in_features")
@@ -268,6 +272,37 @@ def _slim_weighted(name: str, m: nn.Module, out_cut: _Cut | None, in_cut: _Cut |
         m.bias = nn.Parameter(m.bias.detach()[out_idx].clone(), requires_grad=m.bias.requires_grad)
     setattr(m, attrs[0], int(sliced.shape[0]))
     setattr(m, attrs[1], int(sliced.shape[1]))
+
+
+def _slim_grouped(name: str, m: nn.Conv2d, out_cut: _Cut | None, in_cut: _Cut | None) -> None:
+    """Slice a grouped conv (``groups`` = G kept) to the kept channels, each of its G blocks of
+    inputs and of outputs keeping as many; rescaled to the full kernel's norm."""
+    full = m.weight.detach()
+    out_idx = _even_blocks(name, m.groups, _checked_index(name, full.shape[0], out_cut, "output", full.device),
+                           full.shape[0], "output")
+    in_idx = _even_blocks(name, m.groups, _checked_index(name, m.in_channels, in_cut, "input", full.device),
+                          m.in_channels, "input")
+    sliced = full if out_idx is None else full.index_select(0, out_idx)
+    if in_idx is not None:
+        sliced = sliced.gather(1, grouped_columns(in_idx, m.groups, full.shape[1], sliced.shape[0], full.shape[2:]))
+    m.weight = nn.Parameter(_rescaled(sliced, full), requires_grad=m.weight.requires_grad)
+    if out_idx is not None and m.bias is not None:
+        m.bias = nn.Parameter(m.bias.detach()[out_idx].clone(), requires_grad=m.bias.requires_grad)
+    m.out_channels = int(sliced.shape[0])
+    m.in_channels = int(sliced.shape[1]) * m.groups
+
+
+def _even_blocks(name: str, groups: int, index: torch.Tensor | None, width: int, side: str) -> torch.Tensor | None:
+    """``index``, after checking that it keeps as many of the ``width`` channels in each of the
+    conv's ``groups`` equal blocks."""
+    if index is None:
+        return None
+    counts = torch.bincount(index // (width // groups), minlength=groups)
+    if bool((counts != counts[0]).any()):
+        raise EkgError(f"layer '{name}' (a conv with groups={groups}) would keep {', '.join(map(str, counts.tolist()))} "
+                       f"of the {width // groups} {side} channels of its {groups} groups: a grouped conv keeps the "
+                       "same number in every group (its channel group is cut in equal blocks)")
+    return index
 
 
 def _slim_depthwise(name: str, m: nn.Module, cut: _Cut) -> None:

@@ -20,7 +20,7 @@ from .ensemble import update_ensemble
 from .evaluator import CandidateEvaluator, Evaluation
 from .release import land_rate_release, release_gate_order, release_step_cost
 from .scores import taylor_scores, weight_scores
-from .steps import land_rate, step_cost, step_size, trimmed_otsu_threshold
+from .steps import drop_a_unit, land_rate, step_cost, step_size, trimmed_otsu_threshold
 
 
 @dataclass
@@ -59,14 +59,14 @@ def counts_bn_ops(cfg: SearchConfig) -> bool:
 
 def floor_ratio(graph: Any, cfg: SearchConfig) -> float:
     """The smallest FLOPs ratio the search can reach on ``graph`` (an :class:`ekg.graph.Graph`):
-    every prunable group at one channel (also ``method="uniform"``'s smallest rate, 1/C of the
-    widest group, keeps one channel of every group). What is left is the cost of the layers no mask
-    reaches."""
+    every prunable group at one unit, one channel per block (also ``method="uniform"``'s smallest
+    rate, 1/C of the widest group, keeps one unit of every group). What is left is the cost of the
+    layers no mask reaches."""
     bn_ops = counts_bn_ops(cfg)
     widths = graph.full_widths()
     full = graph.cost(widths, bn_ops=bn_ops)[0]
     for g in graph.prunable:
-        widths[g.index] = 1
+        widths[g.index] = g.blocks
     return graph.cost(widths, bn_ops=bn_ops)[0] / full
 
 
@@ -74,7 +74,8 @@ def check_reachable(graph: Any, cfg: SearchConfig) -> None:
     """Refuse, before any work, a ``keep`` below :func:`floor_ratio`."""
     floor = floor_ratio(graph, cfg)
     if cfg.keep < floor:
-        raise EkgError(f"cannot reach `keep` {cfg.keep}: with every prunable channel group at one channel this model "
+        blocks = " (one a block where grouped convs cut them in blocks)" if any(g.blocks > 1 for g in graph.prunable) else ""
+        raise EkgError(f"cannot reach `keep` {cfg.keep}: with every prunable channel group at one channel{blocks} this model "
                        f"still has a FLOPs ratio of {floor:.4f} (the layers pruning cannot reach); give a `keep` of "
                        f"at least {floor:.4f}")
 
@@ -171,18 +172,19 @@ class Searcher:
         for gate, s, gm in zip(gates, scores, self.net.masks):
             gate.ranks = ranks_from_scores(s, live=gm.mask.bool())
         self.net.apply_gates()
-        steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]
+        steps = [step_size(g.units, g.n_producers, cfg.step) for g in gates]
         if self.release:  # the release: every gate whose rate is above 0, in its numbering
             active = [i for i in self.order if gates[i].rate > 0]
-            cost_of = release_step_cost
-        else:
-            active = [i for i, g in enumerate(gates) if g.kept > 1]
-            cost_of = step_cost
+        else:  # every gate above one unit (one channel per block)
+            active = [i for i, g in enumerate(gates) if g.kept > g.unit]
         if not active:
             left = 'has a rate at or below 0 (`compat` release)' if self.release else "is down to one channel"
             raise EkgError(f"cannot reach `keep` {cfg.keep}: every prunable group {left} "
                            f"at a FLOPs ratio of {self.ratio():.4f}")
-        costs = {i: cost_of(scores[i], gates[i].rate, steps[i]) for i in active}
+        if self.release:
+            costs = {i: release_step_cost(scores[i], gates[i].rate, steps[i]) for i in active}
+        else:
+            costs = {i: step_cost(scores[i], gates[i].rate, steps[i], gates[i].blocks) for i in active}
         threshold = trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim) if cfg.otsu else math.inf
         candidates = [i for i in active if costs[i] <= threshold] or active
         self.last_costs, self.last_candidates = costs, candidates
@@ -198,9 +200,11 @@ class Searcher:
                 return self.ratio(trial)
 
             if self.release:
-                new_rate = land_rate_release(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep, cfg.step)
+                new_rate = land_rate_release(gate.rate, steps[i], gate.units, ratio_at, cfg.keep, cfg.step)
             else:
-                new_rate = land_rate(gate.rate, steps[i], gate.channels, ratio_at, cfg.keep)
+                new_rate = land_rate(gate.rate, steps[i], gate.units, ratio_at, cfg.keep)
+                if gate.unit > 1:  # a step removes a unit (blocks of 1: the release's rounding, as it was)
+                    new_rate = drop_a_unit(gate.rate, new_rate, gate.units)
             old = gate.rate
             gate.rate = new_rate
             self.net.masks[i].set(gate.mask())
@@ -244,7 +248,7 @@ class Searcher:
         self.net.clear_weight_cache()
         for gate, s in zip(self.net.gates, self.scores(state)):
             gate.ranks = ranks_from_scores(s)
-        grid = sorted({round(k / g.channels, 6) for g in self.net.gates for k in range(1, g.channels + 1)})
+        grid = sorted({round(k / g.units, 6) for g in self.net.gates for k in range(1, g.units + 1)})
         lo, hi = 0, len(grid) - 1  # find the largest grid rate with ratio <= keep
         if self.ratio([grid[0]] * len(self.net.gates)) > self.cfg.keep:
             raise EkgError(f"cannot reach `keep` {self.cfg.keep} uniformly: one channel per group leaves "
