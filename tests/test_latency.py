@@ -105,25 +105,35 @@ def test_units_are_the_graphs_conv_linear_and_bn_rows_at_their_input_shapes():
     assert dw.groups == 6 and dw.weight.shape == (6, 1, 3, 3) and rows[2].unit.input_shape(1, 6) == (6, 8, 8)
 
 
-def test_the_prediction_is_the_tables_sum_plus_the_measured_rest(tmp_path):
+def clock_ms(row, cin: int, cout: int) -> float:
+    """ShapeClock's time of ``row``'s unit at (cin, cout)."""
+    module = row.unit.module(cin, cout)
+    shape = row.unit.input_shape(cin, cout)
+    return 0.001 * sum(p.numel() for p in module.parameters()) * (shape[-1] if len(shape) == 3 else 1) + 0.01 * shape[0]
+
+
+def test_the_prediction_is_the_tables_sum_calibrated_on_two_measurements(tmp_path):
     model, graph = tiny()
     target = LatencyTarget(threads=1)
     clock = ShapeClock(target)
     lm = LatencyModel(model, graph, target, cache=tmp_path, progress=False, timer=clock)
     full = graph.full_widths()
-    assert lm.predict(full) == pytest.approx(lm.full_ms)   # the full network's prediction is its measurement
+    # the two end-to-end measurements: the model itself, and every prunable group at the grid point nearest half
+    assert [w for w in lm.half_widths] == [w if not graph.groups[i].prunable else min(grid(w), key=lambda v: (abs(v - w / 2), v))
+                                           for i, w in enumerate(full)]
+    assert clock.calls[-2:] == [("TinyNet", SIZE), ("TinyNet", SIZE)]
+    assert lm.full_ms == clock.time_module(model, SIZE)
+    assert lm.predict(full) == pytest.approx(lm.full_ms) and lm.predict(lm.half_widths) == pytest.approx(lm.half_ms)
     widths = full.copy()
     for g in graph.prunable:
         widths[g.index] = max(1, g.channels // 3)
-    expected = 0.0
-    for row in lm.rows:
-        cin, cout = row.widths(widths)
-        module = row.unit.module(cin, cout)
-        expected += 0.001 * sum(p.numel() for p in module.parameters()) * \
-            (row.unit.input_shape(cin, cout)[-1] if len(row.unit.in_shape) == 3 else 1) + 0.01 * row.unit.input_shape(cin, cout)[0]
-    # the widths are grid points here (16 // 3 = 5 and 24 // 3 = 8 are reachable), so no interpolation
-    assert all(w in grid(c) for w, c in zip(widths, full))
-    assert lm.predict(widths) == pytest.approx(expected + lm.rest_ms)
+    assert all(w in grid(c) for w, c in zip(widths, full))  # grid points: no interpolation
+    table = sum(clock_ms(row, *row.widths(widths)) for row in lm.rows)
+    table_full = sum(clock_ms(row, *row.widths(full)) for row in lm.rows)
+    table_half = sum(clock_ms(row, *row.widths(lm.half_widths)) for row in lm.rows)
+    scale = (lm.full_ms - lm.half_ms) / (table_full - table_half)
+    assert lm.scale == pytest.approx(scale)
+    assert lm.predict(widths) == pytest.approx(lm.full_ms + scale * (table - table_full))
     assert lm.ratio(widths) == pytest.approx(lm.predict(widths) / lm.full_ms)
     assert lm.ratio(widths) < 1
 
