@@ -33,6 +33,10 @@ B equal blocks (a grouped conv's, :attr:`ekg.graph.ChannelGroup.blocks`) keeps
 ``B·kept_channels(C/B, rate)`` channels: in every block, its best-ranked ``kept_channels(C/B, rate)``
 (by the same global ranks). Its width moves in *units* of B channels (:attr:`Gate.unit`, the width
 quantum every kept width is a multiple of), and the search's step sizes and landing count units.
+``round_to`` N (``--round-to``, hardware-friendly widths) makes the unit ``lcm(B, N)``: every kept
+width a multiple of it, or the group's full width (a group narrower than its unit is kept whole;
+where the unit does not divide the width, the last unit is partial: 20 channels at N = 8 keep 8, 16
+or 20).
 The masked network shares its parameters with the model it wraps; it never changes them.
 """
 
@@ -63,8 +67,11 @@ def kept_channels(channels: int, rate: float) -> int:
 
 def kept_width(channels: int, rate: float, unit: int = 1) -> int:
     """How many channels a group of ``channels`` moving in units of ``unit`` channels keeps at
-    ``rate``: ``unit·kept_channels(channels / unit, rate)`` (``kept_channels`` for ``unit`` 1)."""
-    return unit * kept_channels(channels // unit, rate)
+    ``rate``: ``unit·kept_channels(U, rate)`` with ``U = ceil(channels / unit)`` units, capped at
+    ``channels`` (``kept_channels`` for ``unit`` 1). Where ``unit`` does not divide the width
+    (``--round-to 8`` on 20 channels) the last unit is the partial one: 8, 16 or 20 are kept; a group
+    narrower than its unit keeps its full width."""
+    return min(channels, unit * kept_channels(-(-channels // unit), rate))
 
 
 def block_mask(ranks: torch.Tensor, blocks: int, kept: int) -> torch.Tensor:
@@ -98,6 +105,7 @@ class Gate:
     group: ChannelGroup
     rate: float = 1.0
     ranks: torch.Tensor | None = None  # None: channel order
+    round_to: int = 1                  # every kept width a multiple of it (``--round-to``), or the full width
 
     @property
     def channels(self) -> int:
@@ -114,21 +122,22 @@ class Gate:
 
     @property
     def unit(self) -> int:
-        """The width quantum: every kept width is a multiple of it (the group's blocks; a kept width
-        rounded to N channels would make it ``lcm(blocks, N)``)."""
-        return self.group.blocks
+        """The width quantum: every kept width is a multiple of it, or the full width: the lcm of the
+        group's blocks and ``round_to``."""
+        return math.lcm(self.group.blocks, self.round_to)
 
     @property
     def units(self) -> int:
-        """The group's width in units: the C of the step-size rule and of the landing's 1/C."""
-        return self.channels // self.unit
+        """The group's width in units (the last one partial where the unit does not divide it): the
+        C of the step-size rule and of the landing's 1/C."""
+        return -(-self.channels // self.unit)
 
     @property
     def kept(self) -> int:
         return self.kept_at(self.rate)
 
     def kept_at(self, rate: float) -> int:
-        """Channels kept at ``rate``: ``unit·kept_channels(units, rate)``."""
+        """Channels kept at ``rate``: ``unit·kept_channels(units, rate)``, at most the full width."""
         return kept_width(self.channels, rate, self.unit)
 
     def mask(self, rate: float | None = None) -> torch.Tensor:
@@ -447,11 +456,11 @@ class MaskedNetwork(nn.Module):
     """``model`` with a mask per prunable channel group (see the module doc)."""
 
     def __init__(self, model: nn.Module, graph: DependencyGraph | None = None,
-                 input_size: tuple[int, ...] = (3, 32, 32)) -> None:
+                 input_size: tuple[int, ...] = (3, 32, 32), *, round_to: int = 1) -> None:
         super().__init__()
         self.graph = graph if graph is not None else build_graph(model, input_size)
         self.model = model
-        self.gates = [Gate(g) for g in self.graph.prunable]
+        self.gates = [Gate(g, round_to=round_to) for g in self.graph.prunable]
         # the masks live where the model's weights are (a model on a GPU gets its masks there)
         first = next(iter(model.state_dict().values()), None)
         self.masks = nn.ModuleList(GroupMask(g.channels) for g in self.graph.prunable).to(

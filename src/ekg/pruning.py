@@ -193,7 +193,7 @@ def _search(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, d_val: ImageSet, d_
     net_model.eval()  # dropout off; the Searcher runs every pass with BN on cfg.search_bn statistics
 
     val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))
-    net = MaskedNetwork(net_model, input_size=tuple(ckpt.input_size))
+    net = MaskedNetwork(net_model, input_size=tuple(ckpt.input_size), round_to=cfg.round_to)
     searcher = Searcher(net, val_batches, cfg, dist=dist)
     if searcher.evaluator.note and dist.is_main:
         tqdm.write(f"note: {searcher.evaluator.note}")

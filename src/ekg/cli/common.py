@@ -92,6 +92,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="candidate reward: ensemble (J) or val-loss; default: %(default)s")
     p.add_argument("--method", choices=METHODS, default=d.method,
                    help="greedy search, or the same fraction removed from every group; default: %(default)s")
+    p.add_argument("--round-to", type=int, default=d.round_to, metavar="N",
+                   help="keep every width a multiple of N channels (or a group's full width where it is narrower): "
+                        "widths that vectorised CPU kernels and tensor cores run fast; default: %(default)s (any width)")
     p.add_argument("--no-adapt", action="store_true", help="skip the adaptation epoch")
     p.add_argument("--bn-ops", action="store_true", help="count BN ops in the FLOPs ratio, as the original code")
     p.add_argument("--straightforward", action="store_true",
@@ -212,7 +215,7 @@ def search_config(args: argparse.Namespace) -> Any:
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
                        device=args.device, seed=args.search_seed, val_per_class=args.val_per_class,
                        sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb,
-                       search_bn=args.search_bn, compat=args.compat)
+                       search_bn=args.search_bn, compat=args.compat, round_to=args.round_to)
     cfg.validate()
     return cfg
 

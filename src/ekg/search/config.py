@@ -26,6 +26,7 @@ class SearchConfig:
     reward: str = "ensemble"           # ensemble (J) | val-loss (CE)
     method: str = "greedy"             # greedy | uniform
     step: float = 0.2                  # the 0.2 of max(1/C, 0.2/n)
+    round_to: int = 1                  # every kept width a multiple of it (or the group's full width)
     otsu_trim: float = 0.2
     otsu: bool = True                  # the candidate filter
     batch_size: int = 256
@@ -55,6 +56,10 @@ class SearchConfig:
                 raise EkgError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}")
         if not 0 < self.step <= 1:
             raise EkgError(f"`step` must lie in (0, 1], got {self.step}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise EkgError(f"`round_to` must be an integer >= 1 (kept widths a multiple of it), got {self.round_to!r}")
+        if self.round_to > 1 and self.compat == "release":
+            raise EkgError("`round_to` is not part of the original release's search: use compat \"method\" with it")
         if self.batch_size < 2:
             raise EkgError("`batch_size` must be at least 2 (BN uses batch statistics in the search)")
         for name in ("step", "otsu_trim", "cache_gb", "adapt_lr", "adapt_momentum", "adapt_weight_decay"):

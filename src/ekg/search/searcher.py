@@ -20,7 +20,7 @@ from .ensemble import update_ensemble
 from .evaluator import CandidateEvaluator, Evaluation
 from .release import land_rate_release, release_gate_order, release_step_cost
 from .scores import taylor_scores, weight_scores
-from .steps import drop_a_unit, land_rate, step_cost, step_size, trimmed_otsu_threshold
+from .steps import drop_a_unit, land_rate, removed_cost, step_cost, step_size, trimmed_otsu_threshold
 
 
 @dataclass
@@ -65,8 +65,8 @@ def floor_ratio(graph: Any, cfg: SearchConfig) -> float:
     bn_ops = counts_bn_ops(cfg)
     widths = graph.full_widths()
     full = graph.cost(widths, bn_ops=bn_ops)[0]
-    for g in graph.prunable:
-        widths[g.index] = g.blocks
+    for g in graph.prunable:  # one unit: a channel per block, or the rounded width (`round_to`)
+        widths[g.index] = min(g.channels, math.lcm(g.blocks, cfg.round_to))
     return graph.cost(widths, bn_ops=bn_ops)[0] / full
 
 
@@ -75,6 +75,8 @@ def check_reachable(graph: Any, cfg: SearchConfig) -> None:
     floor = floor_ratio(graph, cfg)
     if cfg.keep < floor:
         blocks = " (one a block where grouped convs cut them in blocks)" if any(g.blocks > 1 for g in graph.prunable) else ""
+        if cfg.round_to > 1:
+            blocks = f" (at {cfg.round_to} channels with `round_to` {cfg.round_to}, or whole where narrower)"
         raise EkgError(f"cannot reach `keep` {cfg.keep}: with every prunable channel group at one channel{blocks} this model "
                        f"still has a FLOPs ratio of {floor:.4f} (the layers pruning cannot reach); give a `keep` of "
                        f"at least {floor:.4f}")
@@ -159,6 +161,14 @@ class Searcher:
                                  forward=self.evaluator.recording_forward(), dist=self.dist)
         return weight_scores(self.net, imp, self.cfg.seed)
 
+    @staticmethod
+    def _step_cost(gate: Any, scores: torch.Tensor, step: float) -> float:
+        """The scores a step of ``gate`` removes: positions by rate (the method's, and the release's,
+        rounding), or, for widths rounded to ``round_to``, the channels its rounded widths drop."""
+        if gate.round_to == 1:
+            return step_cost(scores, gate.rate, step, gate.blocks)
+        return removed_cost(scores, gate.kept, gate.kept_at(round(gate.rate - step, 5)), gate.blocks)
+
     def step(self, state: SearchState) -> SearchState:
         """One greedy step: score, filter, evaluate candidates, apply the best."""
         with self.bn():
@@ -184,7 +194,7 @@ class Searcher:
         if self.release:
             costs = {i: release_step_cost(scores[i], gates[i].rate, steps[i]) for i in active}
         else:
-            costs = {i: step_cost(scores[i], gates[i].rate, steps[i], gates[i].blocks) for i in active}
+            costs = {i: self._step_cost(gates[i], scores[i], steps[i]) for i in active}
         threshold = trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim) if cfg.otsu else math.inf
         candidates = [i for i in active if costs[i] <= threshold] or active
         self.last_costs, self.last_candidates = costs, candidates

@@ -41,6 +41,16 @@ def step_cost(scores: torch.Tensor, rate: float, step: float, blocks: int = 1) -
     return float(s[lo:hi].sum())
 
 
+def removed_cost(scores: torch.Tensor, kept: int, kept_after: int, blocks: int = 1) -> float:
+    """Sum of the scores of the channels a step from ``kept`` to ``kept_after`` channels removes, in
+    each of ``blocks`` equal blocks its share: the ascending-sorted scores of each block from position
+    ``(C − kept)/B`` to ``(C − kept_after)/B``. The step cost of a gate whose widths are rounded
+    (``round_to`` > 1), where a rate's channel count is a rounded one, not ``round(rate·C)``."""
+    s = torch.sort(scores.double().view(blocks, -1), dim=1).values
+    c = s.shape[1]
+    return float(s[:, c - kept // blocks:c - kept_after // blocks].sum())
+
+
 def trimmed_otsu_threshold(costs: Sequence[float], trim: float = 0.2) -> float:
     """Otsu's threshold of ``costs`` after dropping the lowest and highest ``ceil(n·trim)``.
 
