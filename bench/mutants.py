@@ -80,6 +80,13 @@ G_UNEVEN = G + "test_slimming_refuses_a_grouped_conv_cut_unevenly_naming_it"
 G_STEP = G + "test_a_blocked_groups_step_is_max_1_over_units_0_2_over_n_and_removes_a_unit"
 G_ONE = G + "test_a_blocked_group_down_to_one_channel_a_block_is_no_candidate"
 G_FLOOR = G + "test_the_floor_is_every_blocked_group_at_one_channel_a_block"
+RT = "tests/test_round_to.py::"
+RT_WIDTHS = RT + "test_kept_widths_are_multiples_of_n_or_the_full_width"
+RT_UNIT = RT + "test_the_unit_is_the_lcm_of_the_blocks_and_n"
+RT_LAND = RT + "test_rounded_searches_land_on_multiples_at_or_just_below_the_budget"
+RT_COST = RT + "test_the_step_cost_of_rounded_widths_sums_the_channels_they_drop"
+RT_FLOOR = RT + "test_the_floor_counts_one_unit_per_group_and_is_checked_up_front"
+RT_E2E = RT + "test_ekg_prune_round_to_8_end_to_end"
 
 
 @dataclass(frozen=True)
@@ -147,8 +154,8 @@ MUTANTS: list[Mutant] = [
       "trimmed_otsu_threshold(list(costs.values()), cfg.otsu_trim)",
       "trimmed_otsu_threshold(list(costs.values()), 0.0)", (OTSU,)),
     M("cost-of-a-base-step", "a group's cost is that of its own next step", "ekg/search/searcher.py",
-      "costs = {i: step_cost(scores[i], gates[i].rate, steps[i], gates[i].blocks) for i in active}",
-      "costs = {i: step_cost(scores[i], gates[i].rate, cfg.step, gates[i].blocks) for i in active}", (OTSU,)),
+      "costs = {i: self._step_cost(gates[i], scores[i], steps[i]) for i in active}",
+      "costs = {i: self._step_cost(gates[i], scores[i], cfg.step) for i in active}", (OTSU,)),
     M("step-size-ignores-producers", "step size max(1/C, 0.2/n), n = producing layers", "ekg/search/searcher.py",
       "steps = [step_size(g.units, g.n_producers, cfg.step) for g in gates]",
       "steps = [step_size(g.units, 1, cfg.step) for g in gates]", (NOOTSU, OTSU)),
@@ -259,8 +266,8 @@ MUTANTS: list[Mutant] = [
     M("grouped-slim-uneven-blocks", "a grouped conv keeps as many channels in every group", "ekg/slim.py",
       "    if bool((counts != counts[0]).any()):", "    if False:", (G_UNEVEN,)),
     M("grouped-step-cost-global", "a blocked group's step cost sums what each block loses", "ekg/search/searcher.py",
-      "costs = {i: step_cost(scores[i], gates[i].rate, steps[i], gates[i].blocks) for i in active}",
-      "costs = {i: step_cost(scores[i], gates[i].rate, steps[i]) for i in active}", (G_STEP,)),
+      "            return step_cost(scores, gate.rate, step, gate.blocks)",
+      "            return step_cost(scores, gate.rate, step)", (G_STEP,)),
     M("grouped-step-size-in-channels", "a blocked group's step is max(1/units, 0.2/n)", "ekg/search/searcher.py",
       "steps = [step_size(g.units, g.n_producers, cfg.step) for g in gates]",
       "steps = [step_size(g.channels, g.n_producers, cfg.step) for g in gates]", (G_STEP,)),
@@ -271,7 +278,24 @@ MUTANTS: list[Mutant] = [
       "active = [i for i, g in enumerate(gates) if g.kept > g.unit]",
       "active = [i for i, g in enumerate(gates) if g.kept > 1]", (G_ONE,)),
     M("grouped-floor-one-channel", "the floor: every blocked group at one channel a block", "ekg/search/searcher.py",
-      "        widths[g.index] = g.blocks\n", "        widths[g.index] = 1\n", (G_FLOOR,)),
+      "        widths[g.index] = min(g.channels, math.lcm(g.blocks, cfg.round_to))\n", "        widths[g.index] = 1\n",
+      (G_FLOOR,)),
+    # ---------------------------------------------------------------- --round-to N
+    M("round-to-no-partial-unit", "a width the unit does not divide keeps its full width as its last unit",
+      "ekg/masks.py", "    return min(channels, unit * kept_channels(-(-channels // unit), rate))",
+      "    return min(channels, unit * kept_channels(max(1, channels // unit), rate))", (RT_WIDTHS, RT_LAND)),
+    M("round-to-unit-ignores-n", "a rounded gate's unit is lcm(blocks, N)", "ekg/masks.py",
+      "        return math.lcm(self.group.blocks, self.round_to)", "        return self.group.blocks",
+      (RT_UNIT, RT_LAND)),
+    M("round-to-step-cost-by-rate", "a rounded gate's step cost sums the channels its rounded widths drop",
+      "ekg/search/searcher.py",
+      "        return removed_cost(scores, gate.kept, gate.kept_at(after), gate.blocks)",
+      "        return step_cost(scores, gate.rate, step, gate.blocks)", (RT_COST,)),
+    M("round-to-floor-ignores-n", "the floor: every rounded group at one unit of N", "ekg/search/searcher.py",
+      "        widths[g.index] = min(g.channels, math.lcm(g.blocks, cfg.round_to))\n",
+      "        widths[g.index] = g.blocks\n", (RT_FLOOR,)),
+    M("round-to-not-passed", "ekg.prune builds its gates with the config's round_to", "ekg/pruning.py",
+      "round_to=cfg.round_to)", ")", (RT_E2E,)),
     # ---------------------------------------------------------------- BN modes
     M("search-bn-running", "the search runs BN on batch statistics", "ekg/search/searcher.py",
       "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',
@@ -475,7 +499,8 @@ MUTANTS: list[Mutant] = [
     M("lock-inner-release", "the lock is re-entrant: the inner release keeps it", "ekg/lock.py",
       "    if entry[1]:\n        return\n", "", (REENTRANT,)),
     M("floor-two-channels", "the budget's floor: every prunable group at one channel", "ekg/search/searcher.py",
-      "        widths[g.index] = g.blocks\n", "        widths[g.index] = 2 * g.blocks\n", (FLOOR,)),
+      "        widths[g.index] = min(g.channels, math.lcm(g.blocks, cfg.round_to))\n",
+      "        widths[g.index] = 2 * min(g.channels, math.lcm(g.blocks, cfg.round_to))\n", (FLOOR,)),
     M("student-any-tensors", "a bank's student is a sub-network of its teachers' network", "ekg/bank.py",
       'wrong = [f"{k} is not in the pruned network" for k in own if k not in teacher]', "wrong = []",
       (BAD + "finetune: a ResNet-32 with a ResNet-20 run's bank]",)),

@@ -56,6 +56,14 @@ def test_the_step_cost_of_rounded_widths_sums_the_channels_they_drop():
     assert removed_cost(scores, 8, 4) == 1 + 2 + 3 + 4
     assert removed_cost(scores, 4, 2) == 5 + 6
     assert removed_cost(scores.view(2, 4).flatten(), 8, 4, blocks=2) == (1 + 2) + (3 + 6)
+    # the search's step cost of a rounded gate: 20 channels in units of 8 (8, 16, 20); a step of
+    # 1/3 from the full width drops 4 channels (20 -> 16), not round(20/3) = 7
+    gate = Gate(_Group(20), round_to=8)
+    s = torch.arange(20, dtype=torch.float64).flip(0)
+    assert Searcher._step_cost(gate, s, 1 / 3) == 0 + 1 + 2 + 3
+    gate.rate = 2 / 3
+    assert Searcher._step_cost(gate, s, 1 / 3) == sum(range(4, 12))
+    assert Searcher._step_cost(Gate(_Group(20)), s, 1 / 3) == sum(range(7))  # unrounded: by rate
 
 
 class RandomNet(nn.Module):
@@ -157,7 +165,6 @@ def test_round_to_is_not_a_release_setting():
         SearchConfig(round_to=8, compat="release").validate()
 
 
-@pytest.mark.slow
 def test_ekg_prune_round_to_8_end_to_end(tmp_path, shared_data, cifar10_exact, capsys):
     """`ekg prune --round-to 8` on the real ResNet-20: every kept width a multiple of 8, the landed
     ratio at or below the budget, the slim checkpoint at the logged FLOPs."""
@@ -168,7 +175,7 @@ def test_ekg_prune_round_to_8_end_to_end(tmp_path, shared_data, cifar10_exact, c
     run = tmp_path / "RUN"
     src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
     assert main(["prune", "--model", str(src), "--data", str(cifar10_exact), "--keep", "0.6", "--out", str(run),
-                 "--round-to", "8", "--val-per-class", "8", "--sub-per-class", "8", "--quiet"]) == 0
+                 "--round-to", "8", "--val-per-class", "4", "--sub-per-class", "4", "--quiet"]) == 0
     capsys.readouterr()
     log = [json.loads(line) for line in (run / "search.jsonl").read_text().splitlines()]
     assert all(w % 8 == 0 for w in log[-1]["widths"]) and 0.5 < log[-1]["flops_ratio"] <= 0.6
@@ -177,5 +184,5 @@ def test_ekg_prune_round_to_8_end_to_end(tmp_path, shared_data, cifar10_exact, c
     assert json.loads(capsys.readouterr().out)["flops"] == log[-1]["flops"]
     # the same folder with another --round-to is another run: refused, naming the setting
     assert main(["prune", "--model", str(src), "--data", str(cifar10_exact), "--keep", "0.6", "--out", str(run),
-                 "--round-to", "4", "--val-per-class", "8", "--sub-per-class", "8", "--quiet", "--resume"]) != 0
+                 "--round-to", "4", "--val-per-class", "4", "--sub-per-class", "4", "--quiet", "--resume"]) != 0
     assert "round_to" in capsys.readouterr().err

@@ -167,7 +167,8 @@ class Searcher:
         rounding), or, for widths rounded to ``round_to``, the channels its rounded widths drop."""
         if gate.round_to == 1:
             return step_cost(scores, gate.rate, step, gate.blocks)
-        return removed_cost(scores, gate.kept, gate.kept_at(round(gate.rate - step, 5)), gate.blocks)
+        after = drop_a_unit(gate.rate, round(gate.rate - step, 5), gate.units)  # a step removes a unit
+        return removed_cost(scores, gate.kept, gate.kept_at(after), gate.blocks)
 
     def step(self, state: SearchState) -> SearchState:
         """One greedy step: score, filter, evaluate candidates, apply the best."""
