@@ -802,3 +802,42 @@ def test_convert_defaults_come_from_the_pretrained_cfg():
     size, norm = _zoo_defaults(model, {})
     assert size == (3, 256, 256) and norm["name"] == "imagenet"
     assert _zoo_defaults(model, {"in_chans": 1})[0] == (1, 256, 256)  # the channels follow in_chans
+
+
+# ----------------------------------------------------------------------------- too small for its input (the zoo table)
+
+class Shrinks(nn.Module):
+    """Two 4×4 poolings: 16×16 inputs end at 1×1, 8×8 ones at nothing (AlexNet at 32×32)."""
+
+    def __init__(self, functional: bool = False, num_classes: int = 10) -> None:
+        super().__init__()
+        self.functional = functional
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.pool2 = nn.MaxPool2d(4), nn.MaxPool2d(4)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c2(self.pool(F.relu(self.c1(x)))))
+        x = F.max_pool2d(x, 4) if self.functional else self.pool2(x)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_model_too_small_for_its_input_is_one_line_naming_the_layer(tmp_path, capsys, functional):
+    """AlexNet at 32×32 used to end ``ekg.prune`` in torch.fx's ShapeProp traceback (printed, then a
+    RuntimeError naming an fx node); it is now one EkgError before any work naming the size, the
+    layer that failed and its error, and what to do."""
+    from ekg.pruning import prune
+
+    model = Shrinks(functional).eval()
+    where = "max_pool2d() in the forward of Shrinks (the model itself)" if functional else "MaxPool2d 'pool2'"
+    out = tmp_path / "run"
+    with pytest.raises(EkgError) as e:
+        prune(model, random_data(8, 1), 0.5, out=out, config=SearchConfig(adapt=False), progress=False)
+    text = str(e.value)
+    assert text.startswith(f"Shrinks cannot run on (3, 8, 8) inputs: {where} fails (RuntimeError: ")
+    assert "Output size is too small" in text and "larger" in text and "`input_size`" in text
+    assert "\n" not in text and not out.exists()
+    assert "Traceback" not in capsys.readouterr().err
+    graph = build_graph(model, (3, 16, 16))  # at a size it accepts: its groups as usual
+    assert len(graph.prunable) == 2
