@@ -14,8 +14,9 @@ size a model accepts). For each model, each in a subprocess of its own with a ti
   EkgError after something was written), or "timed out" with the search's last step.
 * **Torch-Pruning** (``import torch_pruning as tp``): ``tp.pruner.MagnitudePruner`` with
   ``tp.importance.MagnitudeImportance(p=2)``, local (uniform) pruning, the layers writing the
-  class scores ignored, its ``pruning_ratio`` bisected (``--tp-iters`` halvings of [0, 1]) to
-  the smallest one whose ``tp.utils.count_ops_and_params`` FLOPs ratio is at most 0.5. Recorded:
+  class scores ignored, its ``pruning_ratio`` searched in a shrinking bracket of [0, 1] (at most
+  ``--tp-iters`` tries) for the smallest one whose ``tp.utils.count_ops_and_params`` FLOPs ratio
+  is at most 0.5: until a ratio lands in (0.495, 0.5] or the bracket is under 0.001. Recorded:
   pruned (the ratio reached, the pruning ratio, ekg's conv+linear count of the same model, that
   the pruned model runs and gives (2, 10) outputs), the error (type and first line, and the
   pruning ratio it happened at), "cannot reach 0.5", or "timed out" with the best ratio so far.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -211,9 +213,13 @@ def tp_worker(name: str, scratch: Path, args: argparse.Namespace) -> dict:
         macs, params = tp.utils.count_ops_and_params(m, example)
         return m, macs / base_macs, params
 
+    # the smallest pruning_ratio whose FLOPs ratio is at most KEEP: a bracket [lo, hi] (ratio(lo) > KEEP >=
+    # ratio(hi)) narrowed from a first guess (FLOPs ~ (1 - r)^2) by that model's guesses clipped into the
+    # bracket, halving it where a guess falls outside; done when a ratio lands in (KEEP - 0.005, KEEP] or
+    # the bracket is narrower than 1e-3
     lo, hi, best, tried = 0.0, 1.0, None, []
+    r = 1 - math.sqrt(KEEP)
     for _ in range(args.tp_iters):
-        r = (lo + hi) / 2
         try:
             m, ratio, params = prune_at(r)
         except Exception as e:  # noqa: BLE001
@@ -227,6 +233,11 @@ def tp_worker(name: str, scratch: Path, args: argparse.Namespace) -> dict:
             lo = r
             del m
         progress.write_text(json.dumps({"tried": tried, "best": None if best is None else best[:2]}))
+        if (best is not None and best[1] > KEEP - 0.005) or hi - lo < 1e-3:
+            break
+        guess = 1 - (1 - r) * math.sqrt(KEEP / ratio) if ratio > 0 else -1.0
+        margin = min(0.02 * (hi - lo), 1e-3)
+        r = guess if lo + margin < guess < hi - margin else (lo + hi) / 2
     rec["tried"] = tried
     if best is None:
         rec.update(status="cannot reach 0.5", lowest_ratio=min(t[1] for t in tried),
@@ -434,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=4, help="training images per class (D_val 2 + D_sub 2)")
     p.add_argument("--ekg-limit", type=int, default=600, help="seconds per model for ekg.prune (default 600)")
     p.add_argument("--tp-limit", type=int, default=300, help="seconds per model for Torch-Pruning (default 300)")
-    p.add_argument("--tp-iters", type=int, default=12, help="bisection steps of Torch-Pruning's pruning_ratio")
+    p.add_argument("--tp-iters", type=int, default=12, help="most tries of Torch-Pruning's pruning_ratio")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "NAME"), help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
