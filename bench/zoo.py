@@ -29,6 +29,9 @@ there and the counts.
     python bench/zoo.py --only resnet18 timm:dla34 --redo   # a few models again
     python bench/zoo.py --tool ekg --redo                   # ekg again, Torch-Pruning's kept
     python bench/zoo.py --table                             # the table of the results there
+
+Each worker runs with one torch thread; run the sweep under ``nice`` on a shared machine. The
+time limits are wall-clock: on a loaded machine a model's limit buys less work.
 """
 
 from __future__ import annotations
@@ -322,12 +325,17 @@ def select(only: list[str] | None) -> list[str]:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    import torch
+    """Each model's tools in turn, ``--jobs`` models at a time (one JSON per model: no two jobs
+    write the same file)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     tools = args.tool or list(TOOLS)
-    for name in select(args.only):
+    lock = threading.Lock()
+
+    def model(name: str) -> None:
         path = result_path(results, name)
         rec = json.loads(path.read_text()) if path.exists() else {"name": name, "input_size": list(input_size(name))}
         for tool in tools:
@@ -340,8 +348,12 @@ def sweep(args: argparse.Namespace) -> int:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(rec, indent=1))
             tmp.replace(path)
-            print(f"{name:34s} {tool:3s} {r['status']:16s} {summary(tool, r)}", flush=True)
-    del torch
+            with lock:
+                print(f"{name:34s} {tool:3s} {r['status']:16s} {summary(tool, r)}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for f in [pool.submit(model, name) for name in select(args.only)]:
+            f.result()
     return 0
 
 
@@ -446,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ekg-limit", type=int, default=600, help="seconds per model for ekg.prune (default 600)")
     p.add_argument("--tp-limit", type=int, default=300, help="seconds per model for Torch-Pruning (default 300)")
     p.add_argument("--tp-iters", type=int, default=12, help="most tries of Torch-Pruning's pruning_ratio")
+    p.add_argument("--jobs", type=int, default=1, help="models run at once (default 1)")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "NAME"), help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -10,6 +10,7 @@ or 32×32 inputs: each test runs in seconds on 2 CPU cores.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -841,3 +842,106 @@ def test_a_model_too_small_for_its_input_is_one_line_naming_the_layer(tmp_path, 
     assert "Traceback" not in capsys.readouterr().err
     graph = build_graph(model, (3, 16, 16))  # at a size it accepts: its groups as usual
     assert len(graph.prunable) == 2
+
+
+class Rolled(nn.Module):
+    """The costliest conv's channels cannot be cut (a roll on each side): a keep of 0.5 is out of reach."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.roll(F.relu(self.c2(F.relu(self.c1(x)))), 1, 1)
+        return self.fc(torch.roll(F.relu(self.c3(x)), 1, 1).mean((2, 3)))
+
+
+def test_a_budget_below_the_floor_is_refused_naming_where_the_fixed_flops_are(tmp_path):
+    """The floor's refusal said only "the layers pruning cannot reach"; it now says how much of the
+    FLOPs each reason fixes, naming the layer (regnetx_002: 23% behind timm's Flatten head)."""
+    from ekg.pruning import prune
+    from ekg.search.searcher import floor_ratio
+
+    model = Rolled().eval()
+    graph = build_graph(model, SMALL)
+    floor = floor_ratio(graph, SearchConfig())
+    c3 = next(layer for layer in graph.layers if layer.name == "c3")
+    share = 100 * c3.flops_per_pair * 16 * 16 / graph.cost(graph.full_widths())[0]
+    assert 0.6 < floor < 0.7 and graph.prunable
+    out = tmp_path / "run"
+    with pytest.raises(EkgError) as e:
+        prune(model, random_data(8, 1), 0.5, out=out, config=SearchConfig(val_per_class=1, sub_per_class=1),
+              progress=False)
+    text = str(e.value)
+    assert text.startswith(f"cannot reach `keep` 0.5: with every prunable channel group at one channel this model "
+                           f"still has a FLOPs ratio of {floor:.4f}, in layers pruning cannot reach ({share:.1f}% "
+                           "where it passes through roll() in the forward of Rolled (the model itself)")
+    assert text.endswith(f"give a `keep` of at least {floor:.4f}") and not out.exists()
+
+
+# ----------------------------------------------------------------------------- every zoo model (the zoo table)
+
+import zoo_models  # noqa: E402  (tests/zoo_models.py: the list bench/zoo.py runs too)
+
+
+def test_the_zoo_list_is_every_torchvision_classification_model_and_timm_names():
+    tv = pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    assert zoo_models.TORCHVISION == tv.models.list_models(module=tv.models)
+    assert len(zoo_models.TIMM) >= 15 and all(timm.is_model(n) for n in zoo_models.TIMM)
+    assert set(zoo_models.REFUSED) <= set(zoo_models.ZOO) and set(zoo_models.INPUT_SIZE) <= set(zoo_models.ZOO)
+
+
+def test_alexnet_at_32x32_is_refused_naming_its_pooling(tmp_path):
+    """Found building the zoo table: AlexNet at 32×32 ended in torch.fx's ShapeProp traceback."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+    from ekg.pruning import prune
+
+    out = tmp_path / "run"
+    with pytest.raises(EkgError, match=r"^AlexNet cannot run on \(3, 32, 32\) inputs: MaxPool2d 'features.12' fails "
+                                       r"\(RuntimeError: Given input size: \(256x1x1\)\. Calculated output size: "
+                                       r"\(256x0x0\)\. Output size is too small\); give it images of a size it accepts"):
+        prune(zoo_models.build("torchvision:alexnet"), random_data(32, 1), 0.5, out=out, progress=False)
+    assert not out.exists()
+    assert zoo_models.input_size("torchvision:alexnet") == (3, 63, 63)
+
+
+@pytest.mark.usefixtures("one_thread")  # no OpenMP spin-waits on a shared machine
+@pytest.mark.parametrize("name", zoo_models.ZOO)
+def test_a_zoo_model_is_pruned_correctly_or_refused_up_front(name, tmp_path):
+    """Every model of the zoo list at keep 0.5: refused by ``ekg.prune`` before any work (nothing
+    written) in one line naming a layer, or prunable: cut at random, slim == masked in both kinds
+    of masked layer, ekg's FLOPs of the slim model are the graph's and torch.utils.flop_counter's,
+    and its checkpoint reloads (by zoo name) to the same outputs. Which models are refused is
+    ``zoo_models.REFUSED``; the real search at keep 0.5 runs in bench/zoo.py."""
+    from ekg.pruning import check_prunable, prune
+    from ekg.user_model import as_checkpoint
+
+    zoo = name.partition(":")[0]
+    pytest.importorskip(zoo, reason=f"{zoo} is not installed (pip install -e '.[zoo]')")
+    size = zoo_models.input_size(name)
+    model = zoo_models.build(name)
+    data = random_data(size[1], 1)
+    if name in zoo_models.REFUSED:
+        out = tmp_path / "run"
+        with pytest.raises(EkgError) as e:
+            prune(model, data, 0.5, out=out, config=SearchConfig(val_per_class=1, sub_per_class=0), progress=False)
+        text = str(e.value)
+        print(f"{name}: refused: {text[:300]}")
+        assert zoo_models.REFUSED[name] in text and "\n" not in text and not out.exists()
+        assert re.search(r"'[\w.]+'", text), "the reason names no layer"
+        return
+    try:
+        check_prunable(as_checkpoint(model, data), data, SearchConfig(keep=0.5))
+    except EkgError as e:
+        pytest.fail(f"{name} is refused ({e}); if that is right, add it to zoo_models.REFUSED")
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(3))
+    _, slim = check_slim(model, size, x)
+    assert flop_counter(slim, size) == 2 * flops.count(slim, size).flops
+    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=size,
+                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
+    back = load_checkpoint(save_checkpoint(ckpt, tmp_path / "slim.pt"))
+    assert back.arch == f"{name} (pruned)"
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), slim(x))

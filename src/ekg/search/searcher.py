@@ -75,8 +75,30 @@ def check_reachable(graph: Any, cfg: SearchConfig) -> None:
     floor = floor_ratio(graph, cfg)
     if cfg.keep < floor:
         raise EkgError(f"cannot reach `keep` {cfg.keep}: with every prunable channel group at one channel this model "
-                       f"still has a FLOPs ratio of {floor:.4f} (the layers pruning cannot reach); give a `keep` of "
-                       f"at least {floor:.4f}")
+                       f"still has a FLOPs ratio of {floor:.4f}, in layers pruning cannot reach ({_fixed_layers(graph)}); "
+                       f"give a `keep` of at least {floor:.4f}")
+
+
+def _fixed_layers(graph: Any, top: int = 3) -> str:
+    """Where the FLOPs no prunable group reaches are (convs/linears none of whose channels can be
+    cut), summed by why their channels are fixed: the ``top`` largest shares (each reason names a
+    layer), then the rest."""
+    groups = graph.groups
+    by_why: dict[str, int] = {}
+    for layer in graph.layers:
+        if layer.kind not in ("conv", "dwconv", "linear"):
+            continue
+        sides = [groups[i] for i in (layer.out_group, layer.in_group) if i is not None]
+        if any(g.prunable for g in sides):
+            continue
+        pairs = layer.out_channels if layer.kind == "dwconv" else layer.in_channels * layer.out_channels // layer.groups
+        why = next((g.reason for g in sides if g.reason), f"the channels of '{layer.name}' are fixed")
+        by_why[why] = by_why.get(why, 0) + layer.flops_per_pair * pairs
+    full = max(1, graph.cost(graph.full_widths())[0])
+    ranked = sorted(by_why.items(), key=lambda kv: -kv[1])
+    text = "; ".join(f"{100 * flops / full:.1f}% where {why}" for why, flops in ranked[:top])
+    rest = sum(flops for _, flops in ranked[top:])
+    return text + (f"; {100 * rest / full:.1f}% in {len(ranked) - top} more places" if rest else "")
 
 
 class Searcher:
