@@ -73,6 +73,11 @@ REFUSED = {
 }
 
 
+# the few whose zoo test takes more than ~15 s on 2 CPU cores (ViT-H/14: 632 M parameters, 167 GFLOPs
+# per 224×224 image; RegNetY-128GF: 645 M parameters): marked slow, still run by CI
+SLOW = {"torchvision:vit_h_14", "torchvision:regnet_y_128gf"}
+
+
 def input_size(name: str) -> tuple[int, int, int]:
     s = INPUT_SIZE.get(name, 32)
     return (3, s, s)
