@@ -30,8 +30,10 @@ there and the counts.
     python bench/zoo.py --tool ekg --redo                   # ekg again, Torch-Pruning's kept
     python bench/zoo.py --table                             # the table of the results there
 
-Each worker runs with one torch thread; run the sweep under ``nice`` on a shared machine. The
-time limits are wall-clock: on a loaded machine a model's limit buys less work.
+Each worker runs with one torch thread and an address-space limit (``--mem-gb``: a model that
+needs more is "out of memory" instead of waking the machine's OOM killer); run the sweep under
+``nice`` on a shared machine. The time limits are wall-clock: on a loaded machine a model's limit
+buys less work.
 """
 
 from __future__ import annotations
@@ -277,7 +279,8 @@ def run_one(name: str, tool: str, args: argparse.Namespace) -> dict:
         scratch = Path(tmp)
         result = scratch / "result.json"
         cmd = [sys.executable, __file__, "--worker", tool, name, "--scratch", str(scratch),
-               "--step", str(args.step), "--per-class", str(args.per_class), "--tp-iters", str(args.tp_iters)]
+               "--step", str(args.step), "--per-class", str(args.per_class), "--tp-iters", str(args.tp_iters),
+               "--mem-gb", str(args.mem_gb)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         t0 = time.perf_counter()
@@ -291,14 +294,27 @@ def run_one(name: str, tool: str, args: argparse.Namespace) -> dict:
         wall = round(time.perf_counter() - t0, 1)
         if proc.returncode != 0 or not result.exists():
             tail = (proc.stderr or proc.stdout)[-2000:]
-            return {"status": "failed", "error": f"worker exited with {proc.returncode}", "stderr_tail": tail,
-                    "wall_s": wall, "commit": commit()}
+            why = f"worker killed by signal {-proc.returncode}" if proc.returncode < 0 else \
+                f"worker exited with {proc.returncode}"
+            return {"status": "failed", "error": why, "stderr_tail": tail, "wall_s": wall, "commit": commit()}
         rec = json.loads(result.read_text())
         rec["wall_s"] = wall
         return rec
 
 
+def out_of_memory(rec: dict) -> dict:
+    """A worker's failure to allocate (the ``--mem-gb`` address-space limit) is recorded as such."""
+    text = rec.get("error", "") + rec.get("traceback", "")
+    if rec.get("status") in ("failed", "error") and ("can't allocate memory" in text or "MemoryError" in text):
+        rec["status"] = "out of memory"
+    return rec
+
+
 def worker_main(args: argparse.Namespace) -> int:
+    import resource
+
+    limit = int(args.mem_gb * 2**30)  # address space: a model too big fails here, not the machine's OOM killer
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
 
     torch.set_num_threads(1)
@@ -307,8 +323,12 @@ def worker_main(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore")
     tool, name = args.worker
     scratch = Path(args.scratch)
-    rec = ekg_worker(name, scratch, args) if tool == "ekg" else tp_worker(name, scratch, args)
-    (scratch / "result.json").write_text(json.dumps(rec))
+    try:
+        rec = ekg_worker(name, scratch, args) if tool == "ekg" else tp_worker(name, scratch, args)
+    except MemoryError as e:  # building the model, say
+        rec = {"status": "failed", "error": first_line(e) or "MemoryError"}
+    rec["mem_gb"] = args.mem_gb
+    (scratch / "result.json").write_text(json.dumps(out_of_memory(rec)))
     return 0
 
 
@@ -397,12 +417,16 @@ def summary(tool: str, r: dict) -> str:
             where = (f"at step {r['step']}, ratio {r['flops_ratio']:.3f}" if r.get("step") is not None
                      else r.get("reached", ""))
             return f"timed out after {r['limit_s']} s ({where})"
+        if s == "out of memory":
+            return f"out of memory ({r.get('mem_gb')} GiB limit): " + short(r.get("error", ""), 80)
         return "failed: " + short(r.get("error", ""))
     if s == "pruned":
         return f"pruned (pruning_ratio {r['pruning_ratio']:.4f}; runs, output (2, 10))"
     if s == "error":
         where = f" at pruning_ratio {r['at_pruning_ratio']:.4f}" if "at_pruning_ratio" in r else ""
         return f"error{where}: " + short(r.get("error", ""), 120)
+    if s == "out of memory":
+        return f"out of memory ({r.get('mem_gb')} GiB limit)"
     if s == "cannot reach 0.5":
         return f"cannot reach 0.5 (lowest {r['lowest_ratio']:.3f})"
     if s == "timed out":
@@ -459,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp-limit", type=int, default=300, help="seconds per model for Torch-Pruning (default 300)")
     p.add_argument("--tp-iters", type=int, default=12, help="most tries of Torch-Pruning's pruning_ratio")
     p.add_argument("--jobs", type=int, default=1, help="models run at once (default 1)")
+    p.add_argument("--mem-gb", type=float, default=12.0,
+                   help="address-space limit of each worker in GiB (default 12): beyond it, 'out of memory'")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "NAME"), help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
