@@ -162,11 +162,21 @@ def ekg_worker(name: str, scratch: Path, args: argparse.Namespace) -> dict:
     counted = flops.count(slim, size).flops
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(3))
     back = load_checkpoint(out / "pruned.pt").model.eval()
+    # the scale of the outputs prune's slim == masked check compared (its first D_val batch, as it carved it):
+    # that check allows 1e-4 of it
+    from ekg.data import get_normalization, iterate_batches
+    from ekg.search import carve_search_sets
+
+    d_val, _ = carve_search_sets(data.train, val_per_class=2, sub_per_class=2, seed=cfg.split_seed)
+    xv = next(iter(iterate_batches(d_val, cfg.batch_size, normalization=get_normalization(
+        res.checkpoint.normalization))))[0][:64]
     with torch.no_grad():
         reload_equal = bool(torch.equal(back(x), slim(x)))
+        scale = float(slim(xv).abs().max())
     rec.update(status="pruned", flops_ratio=res.flops_ratio, flops=res.flops, full_flops=full, steps=res.steps,
                seconds=round(seconds, 1), in_budget=KEEP - 0.01 < res.flops_ratio <= KEEP,
-               slim_max_diff=res.slim_max_diff, flops_equal_count=counted == res.flops,
+               slim_max_diff=res.slim_max_diff, output_scale=scale, slim_rel_diff=res.slim_max_diff / max(scale, 1.0),
+               flops_equal_count=counted == res.flops,
                flops_equal_flop_counter=2 * counted == flop_counter(slim, size), reload_equal=reload_equal,
                params=res.params)
     return rec
@@ -401,18 +411,33 @@ def short(text: str, n: int = 150) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def refusal(reason: str) -> str:
+    """An ekg refusal in short: the first group's reason of "no prunable channel group", the
+    largest share of the floor's (the JSON has the whole line)."""
+    import re
+
+    m = re.match(r"this model \(.*?\) has no prunable channel group: [^:]*: (.*?)(;|$)", reason)
+    if m:
+        return f"no prunable group ({m.group(1)}; …)"
+    m = re.match(r"cannot reach `keep` [\d.]+: .*? FLOPs ratio of ([\d.]+) \((.*?%.*?)(;|\); give)", reason)
+    if m:
+        return f"floor {m.group(1)} > 0.5 ({m.group(2)}; …)"
+    return reason
+
+
 def summary(tool: str, r: dict) -> str:
     s = r.get("status")
     if tool == "ekg":
         if s == "pruned":
             checks = []
-            checks.append(f"slim−masked {r['slim_max_diff']:.1g}")
+            rel = r.get("slim_rel_diff")
+            checks.append(f"slim−masked {r['slim_max_diff']:.1g}" + (f" ({rel:.1g} of the scale)" if rel else ""))
             checks.append("FLOPs = flop_counter" if r["flops_equal_flop_counter"] and r["flops_equal_count"]
                           else "FLOPs ≠ flop_counter")
             checks.append("reload equal" if r["reload_equal"] else "reload DIFFERS")
             return f"pruned: {r['steps']} steps, {r['seconds']:.0f} s; {', '.join(checks)}"
         if s == "refused":
-            return "refused: " + short(r["reason"]) + ("" if not r["written"] else " (after writing!)")
+            return "refused: " + short(refusal(r["reason"]), 230) + ("" if not r["written"] else " (after writing!)")
         if s == "timed out":
             where = (f"at step {r['step']}, ratio {r['flops_ratio']:.3f}" if r.get("step") is not None
                      else r.get("reached", ""))
