@@ -826,9 +826,11 @@ class Shrinks(nn.Module):
 
 @pytest.mark.parametrize("functional", [False, True])
 def test_a_model_too_small_for_its_input_is_one_line_naming_the_layer(tmp_path, capsys, functional):
-    """AlexNet at 32×32 used to end ``ekg.prune`` in torch.fx's ShapeProp traceback (printed, then a
-    RuntimeError naming an fx node); it is now one EkgError before any work naming the size, the
-    layer that failed and its error, and what to do."""
+    """AlexNet at 32×32: ``build_graph`` (so ``ekg.prune`` of a checkpoint recorded at that size)
+    ended in torch.fx's ShapeProp traceback (printed, then a RuntimeError naming an fx node), and
+    ``ekg.prune`` of the module said "fails on a batch" without the layer. Both are now one
+    EkgError before any work naming the size, the layer that failed and its error, and what to do."""
+    from ekg.graph import CannotRun
     from ekg.pruning import prune
 
     model = Shrinks(functional).eval()
@@ -840,6 +842,9 @@ def test_a_model_too_small_for_its_input_is_one_line_naming_the_layer(tmp_path, 
     assert text.startswith(f"Shrinks cannot run on (3, 8, 8) inputs: {where} fails (RuntimeError: ")
     assert "Output size is too small" in text and "larger" in text and "`input_size`" in text
     assert "\n" not in text and not out.exists()
+    with pytest.raises(CannotRun) as e:
+        build_graph(model, (3, 8, 8))
+    assert str(e.value) == text
     assert "Traceback" not in capsys.readouterr().err
     graph = build_graph(model, (3, 16, 16))  # at a size it accepts: its groups as usual
     assert len(graph.prunable) == 2
@@ -897,7 +902,8 @@ def test_the_zoo_list_is_every_torchvision_classification_model_and_timm_names()
 
 
 def test_alexnet_at_32x32_is_refused_naming_its_pooling(tmp_path):
-    """Found building the zoo table: AlexNet at 32×32 ended in torch.fx's ShapeProp traceback."""
+    """Found building the zoo table: AlexNet's pooling shrinks 32×32 to nothing (the zoo list runs it
+    at 63×63, the smallest it accepts)."""
     pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
     from ekg.pruning import prune
 
