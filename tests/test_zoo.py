@@ -10,6 +10,7 @@ or 32×32 inputs: each test runs in seconds on 2 CPU cores.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -58,10 +59,11 @@ def random_cut(net: MaskedNetwork, seed: int = 4) -> None:
     net.set_rates([0.3 + 0.6 * torch.rand(1, generator=gen).item() for _ in net.gates])
 
 
-def check_slim(model: nn.Module, input_size: tuple[int, ...], x: torch.Tensor) -> tuple[MaskedNetwork, nn.Module]:
-    """Build the masked network, cut it at random and slim it: slim == masked (both kinds of masked
-    layer), and the slim model's counted cost is the graph's."""
-    graph = build_graph(model, input_size)
+def check_slim(model: nn.Module, input_size: tuple[int, ...], x: torch.Tensor,
+               graph=None) -> tuple[MaskedNetwork, nn.Module]:
+    """Build the masked network (on ``graph``, if built already), cut it at random and slim it:
+    slim == masked (both kinds of masked layer), and the slim model's counted cost is the graph's."""
+    graph = graph or build_graph(model, input_size)
     assert graph.prunable
     full = flops.count(model, input_size)
     assert graph.cost(graph.full_widths()) == (full.flops, full.params)
@@ -982,3 +984,159 @@ def test_convert_defaults_come_from_the_pretrained_cfg():
     size, norm = _zoo_defaults(model, {})
     assert size == (3, 256, 256) and norm["name"] == "imagenet"
     assert _zoo_defaults(model, {"in_chans": 1})[0] == (1, 256, 256)  # the channels follow in_chans
+
+
+# ----------------------------------------------------------------------------- too small for its input (the zoo table)
+
+class Shrinks(nn.Module):
+    """Two 4×4 poolings: 16×16 inputs end at 1×1, 8×8 ones at nothing (AlexNet at 32×32)."""
+
+    def __init__(self, functional: bool = False, num_classes: int = 10) -> None:
+        super().__init__()
+        self.functional = functional
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.pool2 = nn.MaxPool2d(4), nn.MaxPool2d(4)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c2(self.pool(F.relu(self.c1(x)))))
+        x = F.max_pool2d(x, 4) if self.functional else self.pool2(x)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_model_too_small_for_its_input_is_one_line_naming_the_layer(tmp_path, capsys, functional):
+    """AlexNet at 32×32: ``build_graph`` (so ``ekg.prune`` of a checkpoint recorded at that size)
+    ended in torch.fx's ShapeProp traceback (printed, then a RuntimeError naming an fx node), and
+    ``ekg.prune`` of the module said "fails on a batch" without the layer. Both are now one
+    EkgError before any work naming the size, the layer that failed and its error, and what to do."""
+    from ekg.graph import CannotRun
+    from ekg.pruning import prune
+
+    model = Shrinks(functional).eval()
+    where = "max_pool2d() in the forward of Shrinks (the model itself)" if functional else "MaxPool2d 'pool2'"
+    out = tmp_path / "run"
+    with pytest.raises(EkgError) as e:
+        prune(model, random_data(8, 1), 0.5, out=out, config=SearchConfig(adapt=False), progress=False)
+    text = str(e.value)
+    assert text.startswith(f"Shrinks cannot run on (3, 8, 8) inputs: {where} fails (RuntimeError: ")
+    assert "Output size is too small" in text and "larger" in text and "`input_size`" in text
+    assert "\n" not in text and not out.exists()
+    with pytest.raises(CannotRun) as e:
+        build_graph(model, (3, 8, 8))
+    assert str(e.value) == text
+    assert "Traceback" not in capsys.readouterr().err
+    graph = build_graph(model, (3, 16, 16))  # at a size it accepts: its groups as usual
+    assert len(graph.prunable) == 2
+
+
+class Rolled(nn.Module):
+    """The costliest conv's channels cannot be cut (a roll on each side): a keep of 0.5 is out of reach."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.roll(F.relu(self.c2(F.relu(self.c1(x)))), 1, 1)
+        return self.fc(torch.roll(F.relu(self.c3(x)), 1, 1).mean((2, 3)))
+
+
+def test_a_budget_below_the_floor_is_refused_naming_where_the_fixed_flops_are(tmp_path):
+    """The floor's refusal said only "the layers pruning cannot reach"; it now gives the FLOPs left
+    at the floor by why they cannot be cut, each reason naming its layer (regnetx_002: 23% behind
+    timm's Flatten head). At 8×8: c1 3·8·9·64 = 13,824 MACs, c2 73,728, c3 147,456, fc 160; at
+    the floor c1 keeps 1 output (1,728: the model's input), c2 1 input (9,216: its output is rolled),
+    c3 all (rolled both sides), fc all (the model's output, a side reported first)."""
+    from ekg.pruning import prune
+    from ekg.search.searcher import floor_ratio
+
+    model = Rolled().eval()
+    graph = build_graph(model, SMALL)
+    assert graph.cost(graph.full_widths())[0] == 235168
+    assert floor_ratio(graph, SearchConfig()) == (1728 + 9216 + 147456 + 160) / 235168
+    out = tmp_path / "run"
+    with pytest.raises(EkgError) as e:
+        prune(model, random_data(8, 1), 0.5, out=out, config=SearchConfig(val_per_class=1, sub_per_class=1),
+              progress=False)
+    assert str(e.value) == (
+        "cannot reach `keep` 0.5: with every prunable channel group at one channel this model still has a FLOPs "
+        "ratio of 0.6742 (66.6% where it passes through roll() in the forward of Rolled (the model itself), which "
+        "ekg cannot prune through; 0.7% where it is the model's input; 0.1% where it is the model's output, written "
+        "by linear layer 'fc'); give a `keep` of at least 0.6742")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- every zoo model (the zoo table)
+
+import zoo_models  # noqa: E402  (tests/zoo_models.py: the list bench/zoo.py runs too)
+
+
+def test_the_zoo_list_is_every_torchvision_classification_model_and_timm_names():
+    tv = pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    assert zoo_models.TORCHVISION == tv.models.list_models(module=tv.models)
+    assert len(zoo_models.TIMM) >= 15 and all(timm.is_model(n) for n in zoo_models.TIMM)
+    assert set(zoo_models.REFUSED) <= set(zoo_models.ZOO) and set(zoo_models.INPUT_SIZE) <= set(zoo_models.ZOO)
+
+
+def test_alexnet_at_32x32_is_refused_naming_its_pooling(tmp_path):
+    """Found building the zoo table: AlexNet's pooling shrinks 32×32 to nothing (the zoo list runs it
+    at 63×63, the smallest it accepts)."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+    from ekg.pruning import prune
+
+    out = tmp_path / "run"
+    with pytest.raises(EkgError, match=r"^AlexNet cannot run on \(3, 32, 32\) inputs: MaxPool2d 'features.12' fails "
+                                       r"\(RuntimeError: Given input size: \(256x1x1\)\. Calculated output size: "
+                                       r"\(256x0x0\)\. Output size is too small\); give it images of a size it accepts"):
+        prune(zoo_models.build("torchvision:alexnet"), random_data(32, 1), 0.5, out=out, progress=False)
+    assert not out.exists()
+    assert zoo_models.input_size("torchvision:alexnet") == (3, 63, 63)
+
+
+@pytest.mark.usefixtures("one_thread")  # no OpenMP spin-waits on a shared machine
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in zoo_models.SLOW else n
+                                  for n in zoo_models.ZOO])
+def test_a_zoo_model_is_pruned_correctly_or_refused_up_front(name, tmp_path):
+    """Every model of the zoo list at keep 0.5: refused by the checks ``ekg.prune`` runs before any
+    work (:func:`ekg.pruning.check_prunable`; that nothing is written then is
+    test_a_model_too_small_for_its_input_... and test_a_budget_below_the_floor_...) in one line
+    naming a layer, or prunable: cut at random, slim == masked in both kinds of masked layer, ekg's
+    FLOPs of the slim model are the graph's and torch.utils.flop_counter's, and its checkpoint
+    reloads (by zoo name) to the same outputs. Which models are refused is
+    ``zoo_models.REFUSED``; the real search at keep 0.5 runs in bench/zoo.py."""
+    from ekg.pruning import check_prunable
+    from ekg.search import check_reachable
+
+    zoo = name.partition(":")[0]
+    pytest.importorskip(zoo, reason=f"{zoo} is not installed (pip install -e '.[zoo]')")
+    size = zoo_models.input_size(name)
+    model = zoo_models.build(name)
+    cfg = SearchConfig(keep=0.5)
+    if name in zoo_models.REFUSED:
+        ckpt = Checkpoint(model=model, normalization=NORMALIZATION, input_size=size,
+                          dataset={"name": "cifar10", "num_classes": 10}, record=record_for(model, 10))
+        with pytest.raises(EkgError) as e:
+            check_prunable(ckpt, random_data(size[1], 1), cfg)
+        text = str(e.value)
+        print(f"{name}: refused: {text[:300]}")
+        assert zoo_models.REFUSED[name] in text and "\n" not in text
+        assert re.search(r"'[\w.]+'", text), "the reason names no layer"
+        return
+    graph = build_graph(model, size)  # check_prunable's checks of the graph, on the graph check_slim cuts
+    try:
+        assert graph.prunable, "no prunable channel group"
+        check_reachable(graph, cfg)
+    except (EkgError, AssertionError) as e:
+        pytest.fail(f"{name} is refused ({e}); if that is right, add it to zoo_models.REFUSED")
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(3))
+    _, slim = check_slim(model, size, x, graph)
+    assert flop_counter(slim, size) == 2 * flops.count(slim, size).flops
+    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=size,
+                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
+    back = load_checkpoint(save_checkpoint(ckpt, tmp_path / "slim.pt"))
+    assert back.arch == f"{name} (pruned)"
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), slim(x))

@@ -319,6 +319,14 @@ def classifier_outputs(model: nn.Module, input_size: tuple[int, ...]) -> int:
         with inference_modes(model), torch.no_grad():
             out = model(x)
     except Exception as e:  # a user's model may fail in any way on this input size
+        from .graph import CannotRun, build_graph
+
+        try:  # the layer that fails, where torch.fx can trace the model
+            build_graph(model, tuple(input_size))
+        except CannotRun as named:
+            raise named from None
+        except Exception:  # noqa: BLE001 - untraceable: the plain message below
+            pass
         raise EkgError(f"{type(model).__name__} fails on a batch of input_size {tuple(input_size)} "
                        f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

@@ -66,7 +66,9 @@ the rules below say how layers create, pass on or couple spaces:
 
 The model is traced and shape-propagated in inference mode (the search's: dropout off, BN on
 running statistics while tracing), and its buffers are restored afterwards: building the graph
-never changes the caller's model.
+never changes the caller's model. A model that cannot run on ``input_size`` (AlexNet's pooling
+shrinks 32×32 to nothing, ViT asserts 224×224) is one :class:`EkgError` naming the size, the layer
+that failed and its error.
 
 A group's **mask points** are the activation outputs in its spaces (for a CIFAR ResNet: a block's
 inner ReLU, the stem's ReLU and every block's add+ReLU), where the EKG mask is applied and the
@@ -91,10 +93,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .bn import inference_modes
-from .errors import EkgError
+from .errors import EkgError, one_line
 
 _PASS_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Identity,
                  nn.Dropout, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d,
@@ -290,6 +292,58 @@ def _group_blocks(channels: int, grouped: list[tuple[str, int]]) -> tuple[int, s
                     f"{blocks} equal blocks, {what}: no channel can be cut")
 
 
+class CannotRun(EkgError):
+    """The model fails on a batch of the given input size (the message names the layer)."""
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node: fx.Node, error: Exception) -> None:
+        super().__init__(node.name)
+        self.node, self.error = node, error
+
+
+class _ShapeProp(ShapeProp):
+    """torch.fx's ShapeProp (no fake tensors) whose failing node raises :class:`_NodeFailed`
+    (ShapeProp prints a traceback and raises a RuntimeError naming fx's node, not the layer)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception as e:  # noqa: BLE001 - the model's own code failed at this input size
+            raise _NodeFailed(n, e) from e
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        tensor_meta = fx.node.map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tensor_meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _cannot_run(failed: _NodeFailed, gm: fx.GraphModule, model: nn.Module, input_size: tuple[int, ...]) -> str:
+    node = failed.node
+    if node.op == "call_module":
+        what = f"{type(gm.get_submodule(node.target)).__name__} '{node.target}'"
+    else:
+        what = f"{_op_name(node)} in {_where(node, model)}"
+    cause = one_line(f"{type(failed.error).__name__}: {failed.error}")
+    cause = cause if len(cause) <= 300 else cause[:299] + "…"
+    return (f"{type(model).__name__} cannot run on {tuple(input_size)} inputs: {what} fails ({cause}); give it "
+            "images of a size it accepts (larger ones where its maps shrink to nothing, or the size it was built "
+            "for; `input_size` follows the images)")
+
+
 def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                 leaf_types: tuple[type, ...] = ()) -> DependencyGraph:
     """Trace ``model`` and derive its channel groups (see the module doc for the rules)."""
@@ -310,7 +364,10 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
             gm = fx.GraphModule(model, graph)
             p = next(model.parameters())
             with torch.no_grad():
-                ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=p.device, dtype=p.dtype))
+                try:
+                    _ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=p.device, dtype=p.dtype))
+                except _NodeFailed as e:  # the model cannot run at this size: the layer that failed, in one line
+                    raise CannotRun(_cannot_run(e, gm, model, input_size)) from None
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():

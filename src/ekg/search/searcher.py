@@ -78,8 +78,35 @@ def check_reachable(graph: Any, cfg: SearchConfig) -> None:
         if cfg.round_to > 1:
             blocks = f" (at {cfg.round_to} channels with `round_to` {cfg.round_to}, or whole where narrower)"
         raise EkgError(f"cannot reach `keep` {cfg.keep}: with every prunable channel group at one channel{blocks} this model "
-                       f"still has a FLOPs ratio of {floor:.4f} (the layers pruning cannot reach); give a `keep` of "
-                       f"at least {floor:.4f}")
+                       f"still has a FLOPs ratio of {floor:.4f} ({_floor_shares(graph, cfg)}); "
+                       f"give a `keep` of at least {floor:.4f}")
+
+
+def _floor_shares(graph: Any, cfg: SearchConfig, top: int = 3) -> str:
+    """What the FLOPs at the floor are (every prunable group at one channel), summed by why the
+    channels a conv/linear still reads or writes cannot be cut (the reason of a fixed side, which
+    names a layer): the ``top`` largest shares of the full FLOPs, then the rest."""
+    groups = graph.groups
+    widths = graph.full_widths()
+    for g in graph.prunable:  # as floor_ratio: one unit of every group
+        widths[g.index] = min(g.channels, math.lcm(g.blocks, cfg.round_to))
+    by_why: dict[str, int] = {}
+    for layer in graph.layers:
+        if layer.kind not in ("conv", "dwconv", "linear"):
+            continue
+        cin = widths[layer.in_group] if layer.in_group is not None else layer.in_channels
+        cout = widths[layer.out_group] if layer.out_group is not None else layer.out_channels
+        pairs = cout if layer.kind == "dwconv" else cin * cout // layer.groups
+        fixed = [groups[i] for i in (layer.out_group, layer.in_group) if i is not None and not groups[i].prunable]
+        why = next((f"where {g.reason}" for g in fixed if g.reason),
+                   f"in '{layer.name}', whose channels are fixed" if fixed else "in the channel left of each group")
+        by_why[why] = by_why.get(why, 0) + layer.flops_per_pair * pairs
+    full = max(1, graph.cost(graph.full_widths())[0])
+    ranked = [kv for kv in sorted(by_why.items(), key=lambda kv: -kv[1]) if 2000 * kv[1] >= full]  # >= 0.05%
+    text = "; ".join(f"{100 * flops / full:.1f}% {why}" for why, flops in ranked[:top])
+    rest = sum(by_why.values()) - sum(flops for _, flops in ranked[:top])
+    return text + (f"; {100 * rest / full:.1f}% in {len(by_why) - len(ranked[:top])} more places"
+                   if 2000 * rest >= full else "")
 
 
 class Searcher:
