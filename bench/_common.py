@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,10 @@ def shared_data_root() -> Path:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (the one ``ekg.latency`` keys its tables by)."""
+    from ekg.latency import device_name
+
+    return device_name("cpu")
 
 
 def machine(device: str = "cpu") -> str:

@@ -81,6 +81,19 @@ def check_slim(model: nn.Module, input_size: tuple[int, ...], x: torch.Tensor,
     return net, slim
 
 
+def reload_equal(slim: nn.Module, name: str, x: torch.Tensor, path, input_size: tuple[int, ...] = (3, 32, 32)):
+    """Save the slim model as a pruned zoo checkpoint, reload it by its zoo name alone: the record
+    says ``NAME (pruned)`` and the reloaded model computes the slim one's outputs exactly."""
+    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=input_size,
+                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
+    path = save_checkpoint(ckpt, path)
+    back = load_checkpoint(path)
+    assert back.arch == f"{name} (pruned)"
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), slim(x))
+    return path
+
+
 def random_data(size: int = 8, per_class: int = 2):
     from conftest import random_splits
 
@@ -475,13 +488,7 @@ def test_a_pruned_convnext_checkpoint_reloads_and_ekg_test_reads_it(name, tmp_pa
     model = zoo_convnext(name)
     x = torch.randn(2, *CIFAR, generator=torch.Generator().manual_seed(3))
     _, slim = check_slim(model, CIFAR, x)
-    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=CIFAR,
-                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
-    path = save_checkpoint(ckpt, tmp_path / "pruned.pt")
-    back = load_checkpoint(path)
-    assert back.arch == f"{name} (pruned)"
-    with torch.no_grad():
-        assert torch.equal(back.model.eval()(x), slim(x))
+    path = reload_equal(slim, name, x, tmp_path / "pruned.pt")
     data = make_cifar(per_batch=4)
     assert main(["test", "--model", str(path), "--data", str(data.folder.parent), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -499,13 +506,7 @@ def test_a_pruned_mnasnet_checkpoint_reloads_and_ekg_test_reads_it(tmp_path, mak
     model = randomise(torchvision_model("mnasnet0_5", num_classes=10)).eval()
     x = torch.randn(2, *CIFAR)
     _, slim = check_slim(model, CIFAR, x)
-    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=CIFAR,
-                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
-    path = save_checkpoint(ckpt, tmp_path / "pruned.pt")
-    back = load_checkpoint(path)
-    assert back.arch == "torchvision:mnasnet0_5 (pruned)"
-    with torch.no_grad():
-        assert torch.equal(back.model.eval()(x), slim(x))
+    path = reload_equal(slim, "torchvision:mnasnet0_5", x, tmp_path / "pruned.pt")
     data = make_cifar(per_batch=4)
     assert main(["test", "--model", str(path), "--data", str(data.folder.parent), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -805,13 +806,7 @@ def test_zoo_grouped_convs_are_cut_in_equal_blocks_and_reload_in_every_command(n
     cut = [n for n, m in grouped.items() if slim.get_submodule(n).in_channels < m.in_channels]
     assert cut and all(slim.get_submodule(n).groups == m.groups for n, m in grouped.items())
 
-    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=CIFAR,
-                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
-    path = save_checkpoint(ckpt, tmp_path / "pruned.pt")
-    back = load_checkpoint(path)
-    assert back.arch == f"{name} (pruned)"
-    with torch.no_grad():
-        assert torch.equal(back.model.eval()(x), slim(x))
+    path = reload_equal(slim, name, x, tmp_path / "pruned.pt")
     folder = str(make_cifar(per_batch=4).folder.parent)
     capsys.readouterr()
     assert main(["test", "--model", str(path), "--data", folder, "--json"]) == 0
@@ -829,7 +824,7 @@ def test_zoo_grouped_convs_are_cut_in_equal_blocks_and_reload_in_every_command(n
     assert main(["finetune", "--model", str(path), "--data", folder, "--kd", "none", "--epochs", "1", "--batch-size", "10",
                  "--out", str(tmp_path / "ft"), "--quiet"]) == 0
     tuned = load_checkpoint(tmp_path / "ft" / "model.pt")
-    assert tuned.arch == back.arch and all(tuned.model.get_submodule(n).groups == m.groups for n, m in grouped.items())
+    assert tuned.arch == f"{name} (pruned)" and all(tuned.model.get_submodule(n).groups == m.groups for n, m in grouped.items())
 
 
 # ----------------------------------------------------------------------------- timm checkpoints (deliverable 3)
@@ -1134,9 +1129,4 @@ def test_a_zoo_model_is_pruned_correctly_or_refused_up_front(name, tmp_path):
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(3))
     _, slim = check_slim(model, size, x, graph)
     assert flop_counter(slim, size) == 2 * flops.count(slim, size).flops
-    ckpt = Checkpoint(model=slim, normalization=NORMALIZATION, input_size=size,
-                      dataset={"name": "cifar10", "num_classes": 10}, record=record_for(slim, 10, pruned=True))
-    back = load_checkpoint(save_checkpoint(ckpt, tmp_path / "slim.pt"))
-    assert back.arch == f"{name} (pruned)"
-    with torch.no_grad():
-        assert torch.equal(back.model.eval()(x), slim(x))
+    reload_equal(slim, name, x, tmp_path / "slim.pt", size)
