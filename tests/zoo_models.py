@@ -64,12 +64,11 @@ INPUT_SIZE = {"torchvision:alexnet": 63, "torchvision:inception_v3": 75, "torchv
 
 _NO_GROUP = "has no prunable channel group"
 _FLOOR = "cannot reach `keep` 0.5"
-# refused up front at keep 0.5 today (77b37de): words their reason contains
+# refused up front at keep 0.5 today (ConvNeXt and the grouped-conv RegNets prune since the
+# channels-last LayerNorm and grouped-conv rules): words their reason contains
 REFUSED = {
-    **{f"torchvision:{n}": _NO_GROUP for n in TORCHVISION if n.startswith(("convnext_", "swin_", "vit_"))},
+    **{f"torchvision:{n}": _NO_GROUP for n in TORCHVISION if n.startswith(("swin_", "vit_"))},
     "torchvision:maxvit_t": _FLOOR,
-    "timm:regnetx_002": _FLOOR,
-    "timm:regnety_002": _FLOOR,
 }
 
 
