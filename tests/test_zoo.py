@@ -765,6 +765,66 @@ def test_an_input_size_other_than_the_images_is_refused_before_any_work(tmp_path
     assert not out.exists()
 
 
+class AuxHead(nn.Module):
+    """GoogLeNet's shape in small: an auxiliary classifier on an inner map that runs in training
+    only; ``tuple_out``: training returns (scores, aux scores), else the aux scores are added."""
+
+    def __init__(self, tuple_out: bool = True) -> None:
+        super().__init__()
+        self.tuple_out = tuple_out
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        aux = self.aux(x) if self.training else None
+        y = self.fc(torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1))
+        if aux is None:
+            return y
+        return (y, aux) if self.tuple_out else y + 0 * aux
+
+
+@pytest.mark.parametrize("tuple_out", [True, False])
+def test_a_model_with_training_only_heads_is_refused_before_any_work(tmp_path, tuple_out):
+    """GoogLeNet (aux_logits=True) as found in the zoo sweep: the graph, traced in inference mode,
+    has no auxiliary heads; the adaptation epoch then crashed on the training-mode GoogLeNetOutputs
+    (a raw TypeError after files were written). Had it trained, slim would have left the heads
+    reading cut channels. Refused up front, naming the head, the model, its buffers and the RNG
+    untouched."""
+    from ekg.pruning import prune
+
+    model = randomise(AuxHead(tuple_out)).train()
+    before = _state(model)
+    rng = torch.get_rng_state()
+    out = tmp_path / "run"
+    match = "returns a tuple in training mode.*'aux'" if tuple_out else "'aux' run in training mode only"
+    with pytest.raises(EkgError, match=match) as e:
+        prune(model, random_data(8, 1), 0.7, out=out, config=SearchConfig(adapt=False), progress=False)
+    assert "\n" not in str(e.value) and "aux_logits=False" in str(e.value)
+    assert not out.exists() and not _changed(model, before) and model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("name", ["torchvision:googlenet", "torchvision:inception_v3"])
+def test_zoo_googlenet_with_its_aux_heads_is_refused_up_front(name, tmp_path):
+    """torchvision's GoogLeNet and Inception-v3 built with their auxiliary heads (aux_logits=True,
+    their random-weights default) are refused before anything is written, naming the heads; the zoo
+    list builds them with aux_logits=False (as their pretrained weights load), and then they prune."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed (pip install -e '.[vision]')")
+    from ekg.arch import zoo_model
+    from ekg.pruning import prune
+
+    size = zoo_models.input_size(name)
+    model = zoo_model("torchvision:", name.partition(":")[2], num_classes=10, aux_logits=True).eval()
+    out = tmp_path / "run"
+    with pytest.raises(EkgError, match=r"in training mode.*'(aux|Aux)[\w.]*'.*aux_logits=False"):
+        prune(model, random_data(size[1], 1), 0.5, out=out, config=SearchConfig(adapt=False), progress=False)
+    assert not out.exists()
+    assert zoo_models.KWARGS[name] == {"aux_logits": False}
+
+
 # ----------------------------------------------------------------------------- grouped convs
 
 # prunable groups at 32×32: before (every grouped conv froze both channel groups it touches) and now

@@ -789,6 +789,64 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                            norm_calls=norm_calls, layer_norms=layer_norms, channel_dims=dims, fixed_params=int(fixed))
 
 
+def check_training_forward(model: nn.Module, input_size: tuple[int, ...]) -> None:
+    """Refuse (one line, naming the layers) a model whose training-mode forward is not the network
+    the graph traced in inference mode: one that returns something other than a tensor of class
+    scores in training (torchvision's GoogLeNet and Inception-v3 return their auxiliary heads'
+    scores too), or that runs layers in training only (auxiliary heads). ekg adapts
+    and fine-tunes on the class scores, and slims only the layers the graph saw: such a layer would
+    read cut channels with its full width. One forward on two zero images in each mode, without
+    gradients; the model's buffers, modes and the RNG are left as they were."""
+    called: dict[bool, list[str]] = {True: [], False: []}
+    mode = [False]
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: called[mode[0]].append(name))
+             for name, m in model.named_modules() if name]
+    p = next(model.parameters())
+    x = torch.zeros(2, *input_size, device=p.device, dtype=p.dtype)
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    modes = [(m, m.training) for m in model.modules()]
+    out: Any = None
+    failed = ""
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+            model.eval()
+            model(x)
+            mode[0] = True
+            model.train()
+            try:
+                out = model(x)
+            except Exception as e:  # the inference-mode forward ran: the training-mode one does not
+                failed = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in saved and saved[name].shape == b.shape:
+                    b.copy_(saved[name])
+    eval_called = set(called[False])
+    only = list(dict.fromkeys(n for n in called[True] if n not in eval_called))
+    only = [n for n in only if not any(n.startswith(o + ".") for o in only)]  # the outermost: the heads
+    heads = ", ".join(f"'{n}'" for n in only[:4]) + (f" and {len(only) - 4} more" if len(only) > 4 else "")
+    where = f" (its layers {heads} run in training only)" if only else ""
+    fix = ("build it without them (torchvision's googlenet and inception_v3: aux_logits=False, as their "
+           "pretrained weights load by default)")
+    what = type(model).__name__
+    if failed:
+        raise EkgError(f"{what} runs in inference mode but not in training mode ({failed})"
+                       + (f"; its layers {heads} run in training only: {fix}" if only else
+                          ": ekg adapts and fine-tunes the network it prunes, so it must train"))
+    if not isinstance(out, torch.Tensor):
+        raise EkgError(f"{what} returns a {type(out).__name__} in training mode, not a tensor of class scores{where}: "
+                       "ekg adapts and fine-tunes on the class scores; "
+                       + (fix if only else "make its training-mode forward return the class scores"))
+    if only:
+        raise EkgError(f"{what}'s layers {heads} run in training mode only (auxiliary heads): ekg slims the "
+                       f"inference network, so they would read cut channels; {fix}")
+
+
 def _unit_outputs(joins: list[fx.Node], in_group: Any) -> list[str]:
     """The mask points of a residual stream with no activation (ConvNeXt's, normalised by
     LayerNorms): where its channels leave a unit, as the method masks a ResNet's stream after the

@@ -37,7 +37,7 @@ from .data import DataSplits, ImageSet, as_splits, get_normalization, iterate_ba
 from .data.datasets import read_split
 from .distributed import Dist
 from .errors import EkgError
-from .graph import build_graph
+from .graph import build_graph, check_training_forward
 from .io import atomic_path, check_output_folder, save_torch, write_json
 from .lock import check_free, hold
 from .masks import MaskedNetwork
@@ -238,7 +238,8 @@ def _adaptation(model: nn.Module, d_sub: Any, norm: Any, cfg: SearchConfig, dist
 
 def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | None = None) -> None:
     """The errors :func:`prune` raises about its model and data before anything is written: another
-    number of classes than the data's, another image size, no prunable channel group, or (with
+    number of classes than the data's, another image size, no prunable channel group, a training-mode
+    forward that is not the traced network (:func:`ekg.graph.check_training_forward`), or (with
     ``cfg``) a ``keep`` below what the graph can reach (:func:`ekg.search.check_reachable`)."""
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
@@ -249,6 +250,7 @@ def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | Non
     if not graph.prunable:
         raise EkgError(f"this model ({ckpt.arch}) has no prunable channel group: "
                        + "; ".join(f"{g.name}: {g.reason}" for g in graph.groups if g.producers))
+    check_training_forward(ckpt.model, tuple(ckpt.input_size))
     if cfg is not None:
         check_reachable(graph, cfg)
 
