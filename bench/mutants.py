@@ -87,6 +87,11 @@ RT_LAND = RT + "test_rounded_searches_land_on_multiples_at_or_just_below_the_bud
 RT_COST = RT + "test_the_step_cost_of_rounded_widths_sums_the_channels_they_drop"
 RT_FLOOR = RT + "test_the_floor_counts_one_unit_per_group_and_is_checked_up_front"
 RT_E2E = RT + "test_ekg_prune_round_to_8_end_to_end"
+LB = "tests/test_latency_budget.py::"
+LB_SAME = LB + "test_on_a_flops_proportional_table_the_latency_budget_makes_the_flops_budgets_decisions"
+LB_LAND = LB + "test_a_latency_budget_lands_at_or_just_below_it_in_predicted_latency"
+LB_E2E = LB + "test_ekg_prune_on_a_latency_budget_end_to_end"
+LB_TEST = LB + "test_ekg_test_predicts_and_measures_the_speed_up_on_the_target"
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,22 @@ MUTANTS: list[Mutant] = [
       "        widths[g.index] = g.blocks\n", (RT_FLOOR,)),
     M("round-to-not-passed", "ekg.prune builds its gates with the config's round_to", "ekg/pruning.py",
       "round_to=cfg.round_to)", ")", (RT_E2E,)),
+    # ---------------------------------------------------------------- --budget latency
+    M("latency-budget-reads-flops", "a latency budget lands and stops on the predicted latency ratio",
+      "ekg/search/searcher.py", "        if self.latency is not None:\n            return self.latency.ratio(",
+      "        if False:\n            return self.latency.ratio(", (LB_LAND,)),
+    M("latency-budget-uncalibrated", "the prediction is the table's sum calibrated on two measurements",
+      "ekg/latency.py", "        return self.full_ms + self.scale * (self.units_ms(widths) - self.full_units_ms)",
+      "        return self.full_ms + (self.units_ms(widths) - self.full_units_ms)", (LB_LAND,)),
+    M("latency-sum-stale-rows", "the table's sum looks up every row whose widths changed", "ekg/latency.py",
+      "                    vals[k] = self._row_ms(self.rows[k], w)", "                    pass", (LB_LAND, LB_SAME)),
+    M("latency-resume-retimes", "a resumed latency search predicts with the run directory's model",
+      "ekg/pruning.py", "    saved = read_json(rd.latency, REMEDY[LATENCY]) if resume and rd.latency.exists() else None",
+      "    saved = None", (LB_E2E,)),
+    M("latency-floor-unchecked", "a latency budget below its floor is refused before any work", "ekg/pruning.py",
+      "        if cfg.keep < floor:\n", "        if False:\n", (LB_E2E,)),
+    M("latency-test-predicts-full", "ekg test predicts the model's widths' speed-up", "ekg/cli/test.py",
+      "    widths = graph.full_widths()\n", "    widths = base_graph.full_widths()\n", (LB_TEST,)),
     # ---------------------------------------------------------------- BN modes
     M("search-bn-running", "the search runs BN on batch statistics", "ekg/search/searcher.py",
       "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',

@@ -447,17 +447,25 @@ class LatencyModel:
 
     def __init__(self, model: nn.Module, graph: Any, target: LatencyTarget, *, quantum: int | Sequence[int] = 1,
                  cache: Path | str | bool | None = None, progress: bool = True,
-                 timer: _Timer | None = None) -> None:
+                 timer: _Timer | None = None, saved: dict[str, Any] | None = None) -> None:
         self.target = target.validate().resolved()
         self.graph = graph
         self.rows = units(model, graph, self.target.runtime)
         key = cache_key(self.target, graph.input_size)
+        self.full_widths = graph.full_widths()
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (widths, per-row ms) of the last sum
+        self._rows_of: dict[int, list[int]] = {}                # group -> the rows it sets a width of
+        for k, row in enumerate(self.rows):
+            for g in {row.in_group, row.out_group} - {None}:
+                self._rows_of.setdefault(g, []).append(k)
+        if saved is not None:  # a run directory's copy: the same predictions, nothing timed
+            self._restore(saved, key)
+            return
         path = None if cache is False else cache_path(key, None if cache in (None, True) else Path(cache))
         self.table = LatencyTable(key, path)
         quanta = [quantum] * len(graph.groups) if isinstance(quantum, int) else list(quantum)
         self.timer = timer or _Timer(self.target)
         self._fill(quanta, progress)
-        self.full_widths = graph.full_widths()
         self.half_widths = self.full_widths.copy()
         for g in graph.prunable:
             points = grid(g.channels, quanta[g.index])
@@ -465,9 +473,39 @@ class LatencyModel:
         fp = _fingerprint(model, graph)
         self.full_ms = self._measured(f"{fp}:full", lambda: model)
         self.half_ms = self._measured(f"{fp}:half", lambda: _first_channels(model, graph, self.half_widths))
-        du = self.units_ms(self.full_widths) - self.units_ms(self.half_widths)
+        self._calibrate()
+
+    def _calibrate(self) -> None:
+        self.full_units_ms = self.units_ms(self.full_widths)
+        du = self.full_units_ms - self.units_ms(self.half_widths)
         dm = self.full_ms - self.half_ms
         self.scale = dm / du if du > 0 and dm > 0 else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """What predicts exactly as this model does (a run directory keeps it: a resumed search
+        predicts with the table it started with, whatever the cache holds by then)."""
+        sigs = dict.fromkeys(row.unit.signature for row in self.rows)
+        return {"version": TABLE_VERSION, "key": self.table.key, "target": asdict(self.target),
+                "full_ms": self.full_ms, "half_ms": self.half_ms, "scale": self.scale,
+                "half_widths": [int(w) for w in self.half_widths],
+                "entries": {sig: asdict(self.table.entries[sig]) for sig in sigs}}
+
+    def _restore(self, saved: dict[str, Any], key: dict[str, Any]) -> None:
+        try:
+            entries = {sig: Entry(**e) for sig, e in saved["entries"].items()}
+            missing = [row.unit for row in self.rows if row.unit.signature not in entries]
+            if missing or saved["key"] != key:
+                raise ValueError(f"{len(missing)} layers not in it" if missing else
+                                 "measured for another target: " + ", ".join(
+                                     f"{k} {saved['key'].get(k)!r} (here {v!r})" for k, v in key.items()
+                                     if saved["key"].get(k) != v))
+            self.table = LatencyTable(dict(saved["key"]), None)
+            self.table.entries = entries
+            self.full_ms, self.half_ms = float(saved["full_ms"]), float(saved["half_ms"])
+            self.half_widths = np.asarray(saved["half_widths"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise EkgError(f"the saved latency model does not fit this model and target ({e})") from None
+        self._calibrate()
 
     def _measured(self, key: str, build: Callable[[], nn.Module]) -> float:
         if key not in self.table.full:
@@ -520,18 +558,78 @@ class LatencyModel:
         ms = self.timer.time_module(unit.module(cin, cout), unit.input_shape(cin, cout))
         return max(ms - self.timer.overhead(), 0.0)
 
+    def _row_ms(self, row: UnitRow, widths: Sequence[int]) -> float:
+        cin, cout = row.widths(widths)
+        return self.table.entries[row.unit.signature].at(1 if row.unit.one_width else cin, cout)
+
     def units_ms(self, widths: Sequence[int]) -> float:
-        """The units' sum of the table at ``widths`` (one width per group)."""
-        total = 0.0
-        for row in self.rows:
-            cin, cout = row.widths(widths)
-            entry = self.table.entries[row.unit.signature]
-            total += entry.at(1 if row.unit.one_width else cin, cout)
-        return total
+        """The units' sum of the table at ``widths`` (one width per group). The rows whose widths
+        changed since the last call are looked up again, the others kept: the same sum either way."""
+        w = np.asarray(widths, dtype=np.int64)
+        if self._last is None or self._last[0].shape != w.shape:
+            vals = np.array([self._row_ms(row, w) for row in self.rows], dtype=np.float64)
+        else:
+            last_w, vals = self._last
+            changed = np.nonzero(last_w != w)[0]
+            if len(changed):
+                vals = vals.copy()
+                for k in sorted({k for g in changed.tolist() for k in self._rows_of.get(g, ())}):
+                    vals[k] = self._row_ms(self.rows[k], w)
+        self._last = (w.copy(), vals)
+        return float(vals.sum())
 
     def predict(self, widths: Sequence[int]) -> float:
         """Predicted latency (ms) of the sub-network with group widths ``widths``."""
-        return self.full_ms + self.scale * (self.units_ms(widths) - self.units_ms(self.full_widths))
+        return self.full_ms + self.scale * (self.units_ms(widths) - self.full_units_ms)
 
     def ratio(self, widths: Sequence[int]) -> float:
         return self.predict(widths) / self.full_ms
+
+    def floor(self, quantum: Sequence[int]) -> float:
+        """The predicted ratio with every prunable group at one unit (``quantum[g]`` channels, or
+        whole where narrower): the smallest a latency budget can reach."""
+        w = self.full_widths.copy()
+        for g in self.graph.prunable:
+            w[g.index] = min(g.channels, quantum[g.index])
+        return self.ratio(w)
+
+
+# -- end-to-end, on the target -------------------------------------------------------------------
+
+
+class _OrtRunner:
+    """An ONNX Runtime session that :func:`ekg.evaluate.compare_latency` times like a module."""
+
+    def __init__(self, model: nn.Module, target: LatencyTarget, input_size: Sequence[int]) -> None:
+        shape = (target.batch, *input_size)
+        self.session = ort_session(onnx_bytes(model, shape), target.threads or 1)
+        self.name = self.session.get_inputs()[0].name
+        self.x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+    def eval(self) -> "_OrtRunner":
+        return self
+
+    def __call__(self, x: Any) -> Any:
+        return self.session.run(None, {self.name: self.x})
+
+
+def compare_on_target(models: dict[str, nn.Module], input_size: Sequence[int], target: LatencyTarget, *,
+                      rounds: int | None = None, baseline: str | None = None) -> dict[str, Any]:
+    """:func:`ekg.evaluate.compare_latency` on ``target``: the models timed interleaved, round by
+    round, in its runtime (eager torch in inference mode on its device, or ONNX Runtime sessions),
+    with its threads and batch. Adds ``target`` (its description) to the result."""
+    import copy
+
+    from .evaluate import COMPARE_ROUNDS, compare_latency
+
+    t = target.validate().resolved()
+    if t.runtime == "onnxruntime":
+        runners: dict[str, Any] = {n: _OrtRunner(copy.deepcopy(m), t, input_size) for n, m in models.items()}
+    else:
+        runners = {n: copy.deepcopy(m).to(t.device).eval() for n, m in models.items()}
+    with _threads(t.threads):
+        out = compare_latency(runners, tuple(input_size), t.batch, device="cpu" if t.runtime == "onnxruntime" else t.device,
+                              rounds=rounds or COMPARE_ROUNDS, baseline=baseline)
+    out["target"] = t.describe()
+    out["threads"] = t.threads
+    return out

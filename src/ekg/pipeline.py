@@ -167,6 +167,8 @@ def _run(ckpt: Checkpoint, splits: DataSplits, rd: RunDir, cfg: SearchConfig, ft
     _say(progress, "== final comparison")
     summary = {"settings": settings, "data": splits.source, "flops_convention": FLOPS_CONVENTION,
                **_measure(rd.original, rd.final, splits, latency_batches, dist.device(cfg.device), factory_fn)}
+    if cfg.budget == "latency":  # the target the budget named: predicted by the search's table, and measured
+        summary["latency_target"] = _target_latency(rd, ckpt, final, cfg)
     o, q = summary["original"], summary["pruned"]
     summary["flops_reduction"] = 1 - q["flops"] / o["flops"]
     summary["params_reduction"] = 1 - q["params"] / o["params"]
@@ -211,6 +213,24 @@ def _measure(original: Path, pruned: Path, splits: DataSplits, latency_batches: 
     return out
 
 
+def _target_latency(rd: RunDir, original: Checkpoint, final: Checkpoint, cfg: SearchConfig) -> dict[str, Any]:
+    """The final model's latency on a latency budget's target against the original's, with the
+    speed-up the search's latency model (RUN/latency.json) predicts for its widths."""
+    from .graph import build_graph
+    from .io import read_json
+    from .latency import LatencyModel
+    from .pruning import latency_report
+    from .rundir import LATENCY, REMEDY
+
+    size = tuple(original.input_size)
+    saved = read_json(rd.latency, REMEDY[LATENCY])
+    model = original.model.cpu()
+    lat = LatencyModel(model, build_graph(model, size), cfg.latency_target(), saved=saved["model"])
+    report = latency_report(lat, model, final.model.cpu(), size, build_graph(final.model.cpu(), size).full_widths())
+    report.pop("comparison")
+    return report
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
     o, q = s["original"], s["pruned"]
     rows = [("top-1 (%)", f"{o['top1']:.2f}", f"{q['top1']:.2f}"), ("top-5 (%)", f"{o['top5']:.2f}", f"{q['top5']:.2f}"),
@@ -225,8 +245,14 @@ def summary_markdown(s: dict[str, Any]) -> str:
             if k in speedup:  # older summaries have no speed-up
                 pruned += f"; speed-up {format_speedup(speedup[k])}"
             rows.append((label.format(k[1:]), f"{o[f'latency_{kind}_ms'][k]:.{digits}f}", pruned))
+    t = s.get("latency_target")
+    if t:  # a latency budget: its target, predicted and measured
+        rows.append((f"latency on {t['target']} (ms, median; the budget's target)", f"{t['original_ms']:.3g}",
+                     f"{t['measured_ms']:.3g}; speed-up {format_speedup(t['measured_speedup'])}; predicted "
+                     f"{t['predicted_speedup']:.2f}× ({100 * t['prediction_error']:+.1f}%)"))
     rows.append(("checkpoint size", f"{o['checkpoint_bytes'] / 1e6:.2f} MB", f"{q['checkpoint_bytes'] / 1e6:.2f} MB"))
-    head = (f"keep {s['settings']['keep']}, preset {s['settings']['preset']}, kd {s['settings']['kd']}; "
+    of = " of the latency" if s.get("latency_target") else ""
+    head = (f"keep {s['settings']['keep']}{of}, preset {s['settings']['preset']}, kd {s['settings']['kd']}; "
             f"test images: {o['n_images']}; {s['flops_convention']}"
             + ("; latency: both models timed interleaved, the speed-up is the median of the per-round ratios "
                "original/pruned, with their quartiles and range over the rounds" if "latency_cpu_speedup" in s else "")

@@ -57,6 +57,7 @@ class PruneResult:
     steps: int
     seconds: float
     slim_max_diff: float = 0.0  # largest |slim - masked| output difference on a D_val batch
+    latency: dict[str, Any] | None = None  # a latency budget's predicted and measured speed-up (latency_report)
 
     @property
     def model(self) -> nn.Module:
@@ -105,6 +106,7 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
                          factory_kwargs=factory_kwargs)
     explicit = _read_search_sets(search_sets, splits, progress)
     check_prunable(ckpt, splits, cfg)
+    latency = _latency_model(ckpt, cfg, rd, resume, progress and dist.is_main)  # a latency budget's, before any write
     source = str(ckpt.meta.get("source", model))
     if explicit is None:
         sizes = fit_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class)
@@ -129,8 +131,10 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
         saved_state = SearchState.from_dict(load_artifact(rd.search_state)) if have_state else None
         if dist.is_main:
             write_json(rd.config, record)
+            if latency is not None:
+                write_json(rd.latency, {"model": latency.to_dict()})
         state, net, net_model, val_batches = _search(ckpt, cfg, rd, d_val, d_sub, source, adapted, saved_state,
-                                                     progress, dist)
+                                                     progress, dist, latency)
         # the search left BN running statistics untouched: slim with them
         slim, diff = _slim_and_check(net, net_model, net.kept_indices(), val_batches[0][0])
         slim.requires_grad_(True)  # the search froze the weights; the slim model is a plain trainable module
@@ -140,13 +144,17 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
         result_ckpt = Checkpoint(model=slim.cpu(), normalization=dict(ckpt.normalization), dataset=dict(ckpt.dataset),
                                  meta={"source": source, "pruned_by": "ekg prune", "search": cfg.to_dict()},
                                  input_size=tuple(ckpt.input_size), record=record)
+        measured = None
+        if latency is not None and dist.is_main:  # the slim network on the target, interleaved with the original
+            measured = latency_report(latency, ckpt.model, slim, tuple(ckpt.input_size), net.widths())
+            write_json(rd.latency, {"model": latency.to_dict(), "measured": measured})
         if dist.is_main:
             _write_outputs(out, net, state, result_ckpt, diff)
         dist.barrier()  # the run directory is complete for every rank
     last = state.log[-1]
     return PruneResult(run_dir=out, checkpoint=result_ckpt, flops=last["flops"], params=last["params"],
                        flops_ratio=last["flops_ratio"], steps=state.step, seconds=time.perf_counter() - t_start,
-                       slim_max_diff=diff)
+                       slim_max_diff=diff, latency=measured)
 
 
 def _check_folder(rd: RunDir, resume: bool, restart: bool) -> None:
@@ -169,7 +177,7 @@ def _adapted_weights(rd: RunDir) -> dict[str, torch.Tensor]:
 
 def _search(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, d_val: ImageSet, d_sub: ImageSet, source: str,
             adapted: dict[str, torch.Tensor] | None, saved_state: SearchState | None, progress: bool,
-            dist: Dist) -> tuple[Any, ...]:
+            dist: Dist, latency: Any = None) -> tuple[Any, ...]:
     """Phases 1 and 2, resumed from the ``adapted`` weights and the ``saved_state`` of the run
     directory where it has them: the final search state, the masked network, the adapted model
     and the D_val batches."""
@@ -194,7 +202,10 @@ def _search(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, d_val: ImageSet, d_
 
     val_batches = list(iterate_batches(d_val.to(device), cfg.batch_size, normalization=norm))
     net = MaskedNetwork(net_model, input_size=tuple(ckpt.input_size), round_to=cfg.round_to)
-    searcher = Searcher(net, val_batches, cfg, dist=dist)
+    if latency is not None and [g.name for g in net.graph.groups] != [g.name for g in latency.graph.groups]:
+        raise EkgError("internal error: the latency model's channel groups are not the masked network's "
+                       "(this is a bug in ekg)")
+    searcher = Searcher(net, val_batches, cfg, dist=dist, latency=latency)
     if searcher.evaluator.note and dist.is_main:
         tqdm.write(f"note: {searcher.evaluator.note}")
     if saved_state is not None:
@@ -204,16 +215,18 @@ def _search(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, d_val: ImageSet, d_
         if dist.is_main:
             _save_state(rd.path, state)
     searcher.restore(state)
+    ratio = "latency_ratio" if latency is not None else "flops_ratio"
+    what = "of the predicted latency" if latency is not None else "of FLOPs"
     bar = tqdm(total=round(1 - cfg.keep, 4), desc="search", unit="FLOPs", disable=not progress,
-               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} of FLOPs removed [{elapsed}<{remaining}{postfix}]")
-    bar.update(round(1 - state.log[-1]["flops_ratio"], 4))
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} " + what + " removed [{elapsed}<{remaining}{postfix}]")
+    bar.update(min(bar.total, round(1 - state.log[-1][ratio], 4)))
 
     def on_step(s: SearchState) -> None:
         if dist.is_main:
             _save_state(rd.path, s)
         row = s.log[-1]
-        bar.update(max(0.0, round(1 - row["flops_ratio"], 4) - bar.n))
-        bar.set_postfix_str(f"step {row['step']}, ratio {row['flops_ratio']:.4f}, val acc {row['val_accuracy']:.1f}%")
+        bar.update(max(0.0, min(bar.total, round(1 - row[ratio], 4)) - bar.n))  # lands at or just past the budget
+        bar.set_postfix_str(f"step {row['step']}, ratio {row[ratio]:.4f}, val acc {row['val_accuracy']:.1f}%")
 
     try:
         state = searcher.run(state, on_step=on_step)
@@ -236,6 +249,59 @@ def _adaptation(model: nn.Module, d_sub: Any, norm: Any, cfg: SearchConfig, dist
     dist.broadcast_([*model.parameters(), *model.buffers()])
 
 
+def _latency_model(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, resume: bool, progress: bool) -> Any:
+    """A latency budget's cost model (None for a FLOPs budget): the run directory's saved one when a
+    run is resumed (it predicts as the search did so far), else built on the target (the layers the
+    cache does not have are timed). A ``keep`` below its floor (every prunable group at one unit) is
+    refused here, before anything is written in the run directory."""
+    if cfg.budget != "latency":
+        return None
+    import math
+
+    from .io import read_json
+    from .latency import LatencyModel
+    from .rundir import REMEDY, LATENCY
+
+    graph = build_graph(ckpt.model, tuple(ckpt.input_size))
+    target = cfg.latency_target()
+    saved = read_json(rd.latency, REMEDY[LATENCY]) if resume and rd.latency.exists() else None
+    if saved is not None:
+        if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict)):
+            raise EkgError(f"{rd.latency} holds no latency model; {REMEDY[LATENCY]}")
+        try:
+            lat = LatencyModel(ckpt.model, graph, target, saved=saved["model"])
+        except EkgError as e:
+            raise EkgError(f"{rd.latency}: {e}; {REMEDY[LATENCY]}") from None
+    else:
+        quantum = [math.lcm(g.blocks, cfg.round_to) for g in graph.groups]
+        lat = LatencyModel(ckpt.model, graph, target, quantum=quantum, progress=progress)
+        floor = lat.floor(quantum)
+        if cfg.keep < floor:
+            raise EkgError(f"cannot reach `keep` {cfg.keep} of the latency on {target.describe()}: with every prunable "
+                           f"channel group at one channel the predicted latency is still {floor:.4f} of the original's "
+                           f"({floor * lat.full_ms:.3g} of {lat.full_ms:.3g} ms); give a `keep` of "
+                           f"at least {floor:.4f}")
+    return lat
+
+
+def latency_report(latency: Any, original: nn.Module, slim: nn.Module, input_size: tuple[int, ...],
+                   widths: Any, rounds: int | None = None) -> dict[str, Any]:
+    """The slim network's latency on the latency model's target: predicted (ms, ratio and speed-up
+    from the table) and measured end to end, interleaved with the original round by round
+    (:func:`ekg.latency.compare_on_target`: the median speed-up with its spread over the rounds)."""
+    from .latency import compare_on_target
+
+    cmp = compare_on_target({"original": original, "pruned": slim}, input_size, latency.target, rounds=rounds)
+    predicted = latency.predict(widths)
+    measured_ratio = cmp["ratio"]["pruned"]["median"]
+    return {"target": cmp["target"], "device": cmp["device"], "batch": latency.target.batch,
+            "predicted_ms": predicted, "predicted_ratio": predicted / latency.full_ms,
+            "predicted_speedup": latency.full_ms / predicted, "table_full_ms": latency.full_ms,
+            "measured_ms": cmp["models"]["pruned"]["median_ms"], "original_ms": cmp["models"]["original"]["median_ms"],
+            "measured_ratio": measured_ratio, "measured_speedup": cmp["speedup"]["pruned"],
+            "prediction_error": predicted / latency.full_ms / measured_ratio - 1, "comparison": cmp}
+
+
 def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | None = None) -> None:
     """The errors :func:`prune` raises about its model and data before anything is written: another
     number of classes than the data's, another image size, no prunable channel group, a training-mode
@@ -251,7 +317,7 @@ def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | Non
         raise EkgError(f"this model ({ckpt.arch}) has no prunable channel group: "
                        + "; ".join(f"{g.name}: {g.reason}" for g in graph.groups if g.producers))
     check_training_forward(ckpt.model, tuple(ckpt.input_size))
-    if cfg is not None:
+    if cfg is not None and cfg.budget == "flops":  # a latency budget's floor is its latency model's
         check_reachable(graph, cfg)
 
 

@@ -8,6 +8,8 @@ Layout (every phase leaves its artifacts, so each can be inspected or resumed al
     RUN/search_state.pt    the search state after the last finished step (the resume point)
     RUN/search.jsonl       one line per search step
     RUN/history.pt         (masks, val loss) of every interim sub-network, for the memory bank
+    RUN/latency.json       a latency budget's cost model (the table it predicts with, its target) and the
+                           slim network's latency measured on the target against the original's
     RUN/widths.json        final width of every channel group
     RUN/pruned.pt          the slim model
     RUN/trajectory.png     FLOPs ratio vs val loss/J and accuracy
@@ -61,6 +63,7 @@ SEARCH_STATE = "search_state.pt"
 SEARCH_LOG = "search.jsonl"
 HISTORY = "history.pt"
 WIDTHS = "widths.json"
+LATENCY = "latency.json"
 PRUNED = "pruned.pt"
 TRAJECTORY_PLOT = "trajectory.png"
 WIDTHS_PLOT = "widths.png"
@@ -72,7 +75,7 @@ FINAL = "final.pt"
 SUMMARY = "summary.json"
 SUMMARY_MD = "summary.md"
 
-PRUNE_FILES = (CONFIG, ADAPTED, SEARCH_STATE, SEARCH_LOG, HISTORY, WIDTHS, PRUNED, TRAJECTORY_PLOT, WIDTHS_PLOT)
+PRUNE_FILES = (CONFIG, ADAPTED, SEARCH_STATE, SEARCH_LOG, HISTORY, WIDTHS, LATENCY, PRUNED, TRAJECTORY_PLOT, WIDTHS_PLOT)
 RUN_FILES = (RUN_RECORD, ORIGINAL, FINAL, SUMMARY, SUMMARY_MD)
 
 # a training run (ekg train, ekg finetune, RUN/finetune)
@@ -98,6 +101,8 @@ REMEDY = {
                   "step 0 on the saved adapted model",
     HISTORY: f"delete it and {PRUNED} and run the same command again (`ekg prune` with `resume=True`) to write "
              f"them again from {SEARCH_STATE}",
+    LATENCY: "delete it and run the same command again (with `resume=True`): the latency model is built again "
+             "(from the cache where it has the layers)",
     TRAIN_STATE: "delete it to train again from epoch 0, or choose another `out`",
 }
 
@@ -144,6 +149,7 @@ class RunDir(_Folder):
     search_log = property(lambda self: self.path / SEARCH_LOG)
     history = property(lambda self: self.path / HISTORY)
     widths = property(lambda self: self.path / WIDTHS)
+    latency = property(lambda self: self.path / LATENCY)
     pruned = property(lambda self: self.path / PRUNED)
     trajectory_plot = property(lambda self: self.path / TRAJECTORY_PLOT)
     widths_plot = property(lambda self: self.path / WIDTHS_PLOT)

@@ -68,13 +68,21 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     """--model, --data, --device, --keep, --out and the search's settings: what `ekg prune` and
     `ekg run` start from (defaults from SearchConfig)."""
     from ..bn import BN_STATS
-    from ..search import COMPATS, IMPORTANCES, METHODS, REWARDS, SearchConfig
+    from ..search import BUDGETS, COMPATS, IMPORTANCES, METHODS, REWARDS, SearchConfig
 
     d = SearchConfig()
     add_model_arg(p)
     add_data_args(p)
     add_device_arg(p)
-    p.add_argument("--keep", type=float, default=d.keep, help="target FLOPs ratio in (0, 1); default: %(default)s")
+    p.add_argument("--keep", type=float, default=d.keep,
+                   help="target FLOPs ratio in (0, 1) (--budget latency: the fraction of the original's measured "
+                        "latency); default: %(default)s")
+    p.add_argument("--budget", choices=BUDGETS, default=d.budget,
+                   help="what --keep is a fraction of: flops, or latency measured on the --latency-* target (a "
+                        "per-layer latency table timed there once, cached in $EKG_CACHE/latency); default: %(default)s")
+    add_latency_target_args(p)
+    p.add_argument("--latency-batch", type=int, default=d.latency_batch, metavar="B",
+                   help="batch size of the latency target; default: %(default)s")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
     p.add_argument("--search-bn", choices=BN_STATS, default=d.search_bn,
                    help="BN statistics in every search pass: batch (the method: each D_val batch's statistics, "
@@ -109,6 +117,29 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-cache-gb", type=float, default=d.cache_gb, metavar="GB",
                    help="memory the search may use to cache activations (the same decisions, less compute); "
                         "above it, each candidate runs the whole network; default: half the device's free memory")
+
+
+def add_latency_target_args(p: argparse.ArgumentParser) -> None:
+    """--latency-device, --latency-runtime, --latency-threads: the machine a latency is measured on
+    (defaults from SearchConfig)."""
+    from ..latency import DEVICES, RUNTIMES
+    from ..search import SearchConfig
+
+    d = SearchConfig()
+    p.add_argument("--latency-device", choices=DEVICES, default=d.latency_device,
+                   help="where latency is measured; default: %(default)s")
+    p.add_argument("--latency-runtime", choices=RUNTIMES, default=d.latency_runtime,
+                   help="torch (eager, inference mode) or onnxruntime (CPU; needs the 'export' extra); "
+                        "default: %(default)s")
+    p.add_argument("--latency-threads", type=int, default=d.latency_threads, metavar="T",
+                   help="CPU threads of the latency target; default: torch's current number")
+
+
+def latency_target(args: argparse.Namespace, batch: int) -> Any:
+    """The LatencyTarget of the --latency-* flags at ``batch``, validated."""
+    from ..latency import LatencyTarget
+
+    return LatencyTarget(args.latency_device, args.latency_runtime, args.latency_threads, batch).validate()
 
 
 def _percents(fractions: Any) -> str:
@@ -215,7 +246,9 @@ def search_config(args: argparse.Namespace) -> Any:
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
                        device=args.device, seed=args.search_seed, val_per_class=args.val_per_class,
                        sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb,
-                       search_bn=args.search_bn, compat=args.compat, round_to=args.round_to)
+                       search_bn=args.search_bn, compat=args.compat, round_to=args.round_to, budget=args.budget,
+                       latency_device=args.latency_device, latency_runtime=args.latency_runtime,
+                       latency_threads=args.latency_threads, latency_batch=args.latency_batch)
     cfg.validate()
     return cfg
 

@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from ..errors import EkgError
-from .common import (add_data_args, add_device_arg, add_model_arg, check_fits, default_of, open_data, open_model,
-                     print_json)
+from .common import (add_data_args, add_device_arg, add_latency_target_args, add_model_arg, check_fits, default_of,
+                     latency_target, open_data, open_model, print_json)
 
 
 def add_parser(sub: Any) -> None:
@@ -24,13 +24,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--bn", choices=BN_STATS, default=default_of(evaluate, "bn_mode"),
                    help="running: running statistics (inference mode); batch: each test batch's statistics, as "
                         "the original EKG test.py did; default: %(default)s")
-    p.add_argument("--latency", action="store_true", help="also measure CPU latency")
+    p.add_argument("--latency", action="store_true",
+                   help="also measure latency (on the CPU with torch, or on the --latency-* target)")
+    add_latency_target_args(p)
     p.add_argument("--latency-batch", type=int, nargs="+", default=list(LATENCY_BATCHES), metavar="B",
                    help=f"batch sizes of the latency measurement; default: {' '.join(map(str, LATENCY_BATCHES))}")
     p.add_argument("--latency-baseline", default=None, metavar="CKPT",
                    help="also time this checkpoint (e.g. the unpruned original), interleaved with --model round "
                         "by round so that load on the machine lands on both, and print the speed-up "
-                        "baseline/--model with its range over the rounds; implies --latency")
+                        "baseline/--model with its range over the rounds, and the speed-up the baseline's latency "
+                        "table predicts for --model's widths on the target; implies --latency")
     p.add_argument("--latency-rounds", type=int, default=None, metavar="N",
                    help=f"rounds of the --latency-baseline comparison; default: {COMPARE_ROUNDS}")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
@@ -39,7 +42,8 @@ def add_parser(sub: Any) -> None:
 
 def cmd_test(args: argparse.Namespace) -> int:
     from ..data import get_normalization
-    from ..evaluate import COMPARE_ROUNDS, compare_latency, evaluate, measure_latency
+    from ..evaluate import COMPARE_ROUNDS, evaluate, measure_latency
+    from ..latency import compare_on_target
     from ..flops import count
     from ..runtime import resolve_device
 
@@ -51,6 +55,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise EkgError(f"--batch-size must be at least 1, got {args.batch_size}")
     if any(b < 1 for b in args.latency_batch):
         raise EkgError(f"--latency-batch sizes must be at least 1, got {' '.join(map(str, args.latency_batch))}")
+    targets = [latency_target(args, b) for b in args.latency_batch]  # checked before any work
     ckpt = open_model(args)
     baseline = None
     if args.latency_baseline is not None:
@@ -69,23 +74,52 @@ def cmd_test(args: argparse.Namespace) -> int:
     result.update(evaluate(model, split, norm, batch_size=args.batch_size, device=device, bn_mode=args.bn))
     counts = count(ckpt.model, ckpt.input_size)
     result.update({"flops": counts.flops, "params": counts.params, "flops_convention": counts.convention})
-    if baseline is not None:  # both timed interleaved, round by round
+    default_target = (args.latency_device, args.latency_runtime, args.latency_threads) == ("cpu", "torch", None)
+    if baseline is not None:  # both timed interleaved, round by round, on the target
         models = {"model": ckpt.model.to("cpu"), "baseline": baseline.model.to("cpu")}
         rounds = args.latency_rounds or COMPARE_ROUNDS
-        cmp = [compare_latency(models, ckpt.input_size, b, rounds=rounds, baseline="baseline")
-               for b in args.latency_batch]
+        cmp = [compare_on_target(models, ckpt.input_size, t, rounds=rounds, baseline="baseline") for t in targets]
         result["latency_baseline"] = str(args.latency_baseline)
-        result["latency_cpu"] = [{"batch_size": c["batch_size"], **{k: c["models"]["model"][k] for k in
-                                  ("median_ms", "p90_ms", "images_per_s")}, "threads": c["threads"]} for c in cmp]
+        result["latency_target"] = targets[0].describe().rsplit(", batch", 1)[0]
+        result["latency_cpu" if default_target else "latency_on_target"] = [
+            {"batch_size": c["batch_size"], **{k: c["models"]["model"][k] for k in ("median_ms", "p90_ms", "images_per_s")},
+             "threads": c["threads"]} for c in cmp]
         result["latency_cpu_comparison"] = cmp
-    elif args.latency:
+        result["latency_predicted"] = [predicted_speedup(baseline.model.to("cpu"), ckpt.model, ckpt.input_size, t)
+                                       for t in targets]
+    elif args.latency and default_target:
         cpu_model = ckpt.model.to("cpu")
         result["latency_cpu"] = [measure_latency(cpu_model, ckpt.input_size, b) for b in args.latency_batch]
+    elif args.latency:
+        result["latency_target"] = targets[0].describe().rsplit(", batch", 1)[0]
+        result["latency_on_target"] = []
+        for t in targets:
+            c = compare_on_target({"model": ckpt.model.to("cpu")}, ckpt.input_size, t)
+            result["latency_on_target"].append({"batch_size": t.batch, **{k: c["models"]["model"][k] for k in
+                                                ("median_ms", "p90_ms", "images_per_s")}, "threads": c["threads"]})
     if args.json:
         print_json(result)
     else:
         print_test(result)
     return 0
+
+
+def predicted_speedup(baseline: Any, model: Any, input_size: Any, target: Any) -> dict[str, Any]:
+    """The speed-up of ``model`` over ``baseline`` on ``target`` that the baseline's latency table
+    predicts (``model`` must be the baseline with its channel groups cut: the same groups, by name),
+    or why there is none."""
+    from ..graph import build_graph
+    from ..latency import LatencyModel
+
+    base_graph, graph = build_graph(baseline, tuple(input_size)), build_graph(model, tuple(input_size))
+    names = [g.name for g in base_graph.groups]
+    if names != [g.name for g in graph.groups]:
+        return {"batch_size": target.batch, "note": "--model is not --latency-baseline with its channels cut (other "
+                                                    "channel groups): no prediction"}
+    lat = LatencyModel(baseline, base_graph, target, progress=False)
+    widths = graph.full_widths()
+    return {"batch_size": target.batch, "predicted_ms": lat.predict(widths), "baseline_ms": lat.full_ms,
+            "predicted_speedup": lat.full_ms / lat.predict(widths)}
 
 
 def print_test(r: dict[str, Any]) -> None:
@@ -101,13 +135,17 @@ def print_test(r: dict[str, Any]) -> None:
     comparison = r.get("latency_cpu_comparison")
     if comparison:  # --latency-baseline
         c = comparison[0]
-        print(f"latency on CPU ({c['threads']} thread{'s' if c['threads'] != 1 else ''}), against the baseline {r['latency_baseline']}; both timed "
+        print(f"latency on {r['latency_target']}, against the baseline {r['latency_baseline']}; both timed "
               f"interleaved, {c['rounds']} rounds of {c['iters_per_round']} passes each")
-        for c in comparison:
+        for c, pred in zip(comparison, r.get("latency_predicted", [{}] * len(comparison))):
+            guess = (f"; predicted {pred['predicted_speedup']:.2f}x" if "predicted_speedup" in pred else "")
             print(f"latency batch {c['batch_size']:>3}: {c['models']['model']['median_ms']:.2f} ms median vs "
                   f"{c['models']['baseline']['median_ms']:.2f} ms baseline; "
-                  f"speed-up {format_speedup(c['speedup']['model'])}")
+                  f"speed-up {format_speedup(c['speedup']['model'])}{guess}")
         return
+    for lat in r.get("latency_on_target", []):
+        print(f"latency batch {lat['batch_size']:>3}: {lat['median_ms']:.2f} ms median, "
+              f"{lat['images_per_s']:.0f} images/s on {r['latency_target']}")
     for lat in r.get("latency_cpu", []):
         print(f"latency batch {lat['batch_size']:>3}: {lat['median_ms']:.2f} ms median, "
               f"{lat['images_per_s']:.0f} images/s on CPU ({lat['threads']} threads)")

@@ -18,7 +18,7 @@ function the search calls (a test's monkeypatch), patch it in the module that *u
 """
 
 from .adaptation import adapt
-from .config import COMPATS, IMPORTANCES, METHODS, REWARDS, SearchConfig, with_keep
+from .config import BUDGETS, COMPATS, IMPORTANCES, METHODS, REWARDS, SearchConfig, with_keep
 from .ensemble import objective, update_ensemble
 from .evaluator import CandidateEvaluator, Evaluation, _base_module, _tail_module, free_memory
 from .release import RELEASE_ADAPT_DIVISOR, land_rate_release, release_gate_order, release_step_cost
@@ -28,7 +28,7 @@ from .sets import MIN_PER_CLASS, SearchSetSizes, carve_search_sets, fit_search_s
 from .steps import land_rate, step_cost, step_size, trimmed_otsu_threshold
 
 __all__ = [
-    "COMPATS", "IMPORTANCES", "METHODS", "REWARDS", "RELEASE_ADAPT_DIVISOR",
+    "BUDGETS", "COMPATS", "IMPORTANCES", "METHODS", "REWARDS", "RELEASE_ADAPT_DIVISOR",
     "CandidateEvaluator", "Evaluation", "SearchConfig", "SearchState", "Searcher",
     "adapt", "check_reachable", "floor_ratio", "with_keep", "carve_search_sets", "fit_search_sets", "SearchSetSizes", "MIN_PER_CLASS", "free_memory", "land_rate", "land_rate_release", "objective", "pack_masks",
     "release_gate_order", "release_step_cost", "step_cost", "step_size", "taylor_scores",

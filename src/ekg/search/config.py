@@ -13,6 +13,7 @@ IMPORTANCES = ("ekg", "taylor", "l1", "fpgm", "random")
 REWARDS = ("ensemble", "val-loss")
 METHODS = ("greedy", "uniform")
 COMPATS = ("method", "release")
+BUDGETS = ("flops", "latency")
 
 DEFAULT_KEEP = 0.45  # the paper's CIFAR budget
 
@@ -21,7 +22,12 @@ DEFAULT_KEEP = 0.45  # the paper's CIFAR budget
 class SearchConfig:
     """Settings of the search. Defaults: the paper's CIFAR run."""
 
-    keep: float = DEFAULT_KEEP         # target FLOPs ratio
+    keep: float = DEFAULT_KEEP         # target FLOPs ratio (budget "latency": fraction of the measured latency)
+    budget: str = "flops"              # flops | latency (a measured-latency cost model on the latency_* target)
+    latency_device: str = "cpu"        # the latency target: cpu | cuda
+    latency_runtime: str = "torch"     # torch (eager) | onnxruntime (CPU)
+    latency_threads: int | None = None  # CPU threads; None: torch's current number
+    latency_batch: int = 1
     importance: str = "ekg"            # ekg | taylor | l1 | fpgm | random
     reward: str = "ensemble"           # ensemble (J) | val-loss (CE)
     method: str = "greedy"             # greedy | uniform
@@ -48,12 +54,26 @@ class SearchConfig:
 
     def validate(self) -> None:
         if not 0 < self.keep < 1:
-            raise EkgError(f"`keep` must lie in (0, 1) (the FLOPs ratio to reach), got {self.keep}")
+            what = "fraction of the measured latency" if self.budget == "latency" else "FLOPs ratio"
+            raise EkgError(f"`keep` must lie in (0, 1) (the {what} to reach), got {self.keep}")
         for name, value, allowed in (("importance", self.importance, IMPORTANCES),
                                      ("reward", self.reward, REWARDS), ("method", self.method, METHODS),
                                      ("search_bn", self.search_bn, BN_STATS), ("compat", self.compat, COMPATS)):
             if value not in allowed:
                 raise EkgError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}")
+        if self.budget not in BUDGETS:
+            raise EkgError(f"`budget` must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.budget == "latency":
+            if self.compat == "release":
+                raise EkgError('a latency budget is not part of the original release\'s search: use compat "method"')
+            self.latency_target().validate()
+        else:
+            given = [f"latency_{k}" for k, v in (("device", self.latency_device), ("runtime", self.latency_runtime),
+                                                 ("threads", self.latency_threads), ("batch", self.latency_batch))
+                     if v != SearchConfig.__dataclass_fields__[f"latency_{k}"].default]
+            if given:
+                raise EkgError(f"{', '.join(f'`{g}`' for g in given)} set{'s' if len(given) == 1 else ''} the latency "
+                               "target of a latency budget: add budget \"latency\" (--budget latency), or drop it")
         if not 0 < self.step <= 1:
             raise EkgError(f"`step` must lie in (0, 1], got {self.step}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
@@ -71,6 +91,12 @@ class SearchConfig:
         if self.val_per_class < 1 or self.sub_per_class < 0:
             raise EkgError(f"`val_per_class` must be at least 1 and `sub_per_class` at least 0, got "
                            f"{self.val_per_class} and {self.sub_per_class}")
+
+    def latency_target(self) -> Any:
+        """The :class:`ekg.latency.LatencyTarget` the latency_* settings name."""
+        from ..latency import LatencyTarget
+
+        return LatencyTarget(self.latency_device, self.latency_runtime, self.latency_threads, self.latency_batch)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

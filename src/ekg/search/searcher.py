@@ -63,11 +63,16 @@ def floor_ratio(graph: Any, cfg: SearchConfig) -> float:
     rate, 1/C of the widest group, keeps one unit of every group). What is left is the cost of the
     layers no mask reaches."""
     bn_ops = counts_bn_ops(cfg)
+    full = graph.cost(graph.full_widths(), bn_ops=bn_ops)[0]
+    return graph.cost(floor_widths(graph, cfg), bn_ops=bn_ops)[0] / full
+
+
+def floor_widths(graph: Any, cfg: SearchConfig) -> Any:
+    """The group widths at the floor: every prunable group at one unit."""
     widths = graph.full_widths()
-    full = graph.cost(widths, bn_ops=bn_ops)[0]
     for g in graph.prunable:  # one unit: a channel per block, or the rounded width (`round_to`)
         widths[g.index] = min(g.channels, math.lcm(g.blocks, cfg.round_to))
-    return graph.cost(widths, bn_ops=bn_ops)[0] / full
+    return widths
 
 
 def check_reachable(graph: Any, cfg: SearchConfig) -> None:
@@ -87,9 +92,7 @@ def _floor_shares(graph: Any, cfg: SearchConfig, top: int = 3) -> str:
     channels a conv/linear still reads or writes cannot be cut (the reason of a fixed side, which
     names a layer): the ``top`` largest shares of the full FLOPs, then the rest."""
     groups = graph.groups
-    widths = graph.full_widths()
-    for g in graph.prunable:  # as floor_ratio: one unit of every group
-        widths[g.index] = min(g.channels, math.lcm(g.blocks, cfg.round_to))
+    widths = floor_widths(graph, cfg)
     by_why: dict[str, int] = {}
     for layer in graph.layers:
         if layer.kind not in ("conv", "dwconv", "linear"):
@@ -113,7 +116,14 @@ class Searcher:
     """Greedy EKG search over ``net`` on ``D_val`` batches."""
 
     def __init__(self, net: MaskedNetwork, val_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                 cfg: SearchConfig, dist: Dist | None = None) -> None:
+                 cfg: SearchConfig, dist: Dist | None = None, latency: Any = None) -> None:
+        """``latency``: for a latency budget, the :class:`ekg.latency.LatencyModel` whose predicted
+        latency ratio is the budget's cost (the step sizes, candidate costs and rewards are the
+        same; the landing and the stop test use it); None: the FLOPs ratio."""
+        if (latency is None) != (cfg.budget == "flops"):
+            raise EkgError(f"a {cfg.budget} budget needs {'a' if latency is None else 'no'} latency model")
+        self.latency = latency
+        self.what = "predicted latency ratio" if latency is not None else "FLOPs ratio"
         if cfg.sliced:  # channels-last convs and kept-channels-only layers: same function, less work
             net.model.to(memory_format=torch.channels_last)
             net.set_sliced(True)
@@ -147,6 +157,10 @@ class Searcher:
 
     # -- budget
     def ratio(self, rates: Sequence[float] | None = None) -> float:
+        """The budget's cost at ``rates`` (default: the gates' own) relative to the full network's:
+        the FLOPs ratio, or with a latency budget the predicted latency ratio."""
+        if self.latency is not None:
+            return self.latency.ratio(self.net.widths(rates))
         flops, _ = self.net.graph.cost(self.net.widths(rates), bn_ops=self.bn_ops)
         return flops / self.full_cost[0]
 
@@ -170,7 +184,8 @@ class Searcher:
                             ensemble=logits, ensemble_count=1, history=[entry])
         flops, params = self.cost()
         state.log.append({"step": 0, "group": None, "group_name": None, "flops": flops, "params": params,
-                          "flops_ratio": 1.0, "val_accuracy": base.accuracy, "val_loss": base.loss,
+                          "flops_ratio": 1.0, **({"latency_ratio": 1.0} if self.latency is not None else {}),
+                          "val_accuracy": base.accuracy, "val_loss": base.loss,
                           "j": self.evaluator._metrics(logits, logits).j,
                           "candidates": 0, "evaluated": 0, "seconds": 0.0})
         return state
@@ -218,7 +233,7 @@ class Searcher:
         if not active:
             left = 'has a rate at or below 0 (`compat` release)' if self.release else "is down to one channel"
             raise EkgError(f"cannot reach `keep` {cfg.keep}: every prunable group {left} "
-                           f"at a FLOPs ratio of {self.ratio():.4f}")
+                           f"at a {self.what} of {self.ratio():.4f}")
         if self.release:
             costs = {i: release_step_cost(scores[i], gates[i].rate, steps[i]) for i in active}
         else:
@@ -268,6 +283,7 @@ class Searcher:
             "step": state.step, "group": winner, "group_name": gates[winner].group.name,
             "rate": new_rate, "kept": gates[winner].kept, "widths": [g.kept for g in gates],
             "flops": flops, "params": params, "flops_ratio": flops / self.full_cost[0],
+            **({"latency_ratio": self.ratio()} if self.latency is not None else {}),
             "val_accuracy": ev.accuracy, "val_loss": ev.loss, "j": ev.j,
             "candidates": len(active), "evaluated": len(candidates), "seconds": time.perf_counter() - t0,
         })
@@ -290,7 +306,7 @@ class Searcher:
         lo, hi = 0, len(grid) - 1  # find the largest grid rate with ratio <= keep
         if self.ratio([grid[0]] * len(self.net.gates)) > self.cfg.keep:
             raise EkgError(f"cannot reach `keep` {self.cfg.keep} uniformly: one channel per group leaves "
-                           f"a FLOPs ratio of {self.ratio([grid[0]] * len(self.net.gates)):.4f}")
+                           f"a {self.what} of {self.ratio([grid[0]] * len(self.net.gates)):.4f}")
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self.ratio([grid[mid]] * len(self.net.gates)) <= self.cfg.keep:
@@ -306,7 +322,9 @@ class Searcher:
                               "loss": ev.loss, "accuracy": ev.accuracy})
         state.log.append({"step": 1, "group": None, "group_name": "all (uniform)", "rate": grid[lo],
                           "widths": [g.kept for g in self.net.gates], "flops": flops, "params": params,
-                          "flops_ratio": flops / self.full_cost[0], "val_accuracy": ev.accuracy,
+                          "flops_ratio": flops / self.full_cost[0],
+                          **({"latency_ratio": self.ratio()} if self.latency is not None else {}),
+                          "val_accuracy": ev.accuracy,
                           "val_loss": ev.loss, "j": ev.j, "candidates": 0, "evaluated": 1,
                           "seconds": time.perf_counter() - t0})
         state.done = True

@@ -1,0 +1,245 @@
+"""`--budget latency` (issue 15): the search on a latency model's predicted ratio — the same step
+rules, the landing and the stop test on the prediction — its checks before any work, the run
+directory's copy of the model (a resumed search predicts as it did), and the predicted and measured
+speed-up in `ekg prune`, `ekg run` and `ekg test`.
+
+The search's rules are checked with deterministic clocks (no test asserts a real timing): on a table
+proportional to FLOPs the latency budget makes the FLOPs budget's decisions exactly; on a table with
+another shape it makes others, landing at or just below the budget in predicted latency."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import random_bn
+from ekg import flops
+from ekg.errors import EkgError
+from ekg.graph import build_graph
+from ekg.latency import LatencyModel, LatencyTarget, _Timer
+from ekg.masks import MaskedNetwork
+from ekg.search import SearchConfig
+from ekg.search.searcher import Searcher
+from test_round_to import SIZE, RandomNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TARGET = LatencyTarget(threads=1)
+
+
+class FlopsClock(_Timer):
+    """A module's "time" is its MACs (a network's: the sum of its convs' and linears'; a BN's: 0)."""
+
+    def time_module(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        return flops.count(module, tuple(shape)).flops * 1e-6
+
+
+class RoundedClock(_Timer):
+    """A conv's "time" is its MACs with its output channels rounded up to a multiple of 8 (as a
+    vectorised kernel's remainder costs a whole vector); a linear's its MACs, a BN's 0; a network's
+    1.5 times the sum over its convs and linears (what the units leave out: the adds, activations
+    and pooling that shrink with them), so the calibration's scale is 1.5."""
+
+    def time_module(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        total = [0.0]
+
+        def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if isinstance(m, nn.Conv2d):
+                rounded = -(-m.out_channels // 8) * 8
+                positions = out[0].numel() // m.out_channels
+                total[0] += positions * rounded * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            else:
+                total[0] += m.in_features * m.out_features
+
+        hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            with torch.no_grad():
+                module.eval()(torch.zeros(1, *shape))
+        finally:
+            for h in hooks:
+                h.remove()
+        return total[0] * 1e-6 * (1.5 if len(hooks) > 1 else 1.0)
+
+
+def _search(seed: int, keep: float, clock: type[_Timer] | None, tmp_path) -> tuple[Searcher, list[dict]]:
+    torch.manual_seed(seed)
+    model = random_bn(RandomNet(seed), seed).eval()
+    graph = build_graph(model, SIZE)
+    latency = None if clock is None else LatencyModel(model, graph, TARGET, cache=tmp_path / str(seed),
+                                                      progress=False, timer=clock(TARGET))
+    net = MaskedNetwork(model, graph)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(12, *SIZE, generator=gen), torch.randint(0, 10, (12,), generator=gen))]
+    cfg = SearchConfig(keep=keep, batch_size=12, **({} if clock is None else {"budget": "latency"}))
+    searcher = Searcher(net, batches, cfg, latency=latency)
+    return searcher, searcher.run(searcher.initial_state()).log
+
+
+@pytest.mark.parametrize("seed,keep", [(0, 0.5), (1, 0.6), (2, 0.45)])
+def test_on_a_flops_proportional_table_the_latency_budget_makes_the_flops_budgets_decisions(seed, keep, tmp_path):
+    """The latency budget changes only the cost the landing and the stop test read: where the
+    predicted latency is the FLOPs, every step picks the same group at the same rate."""
+    _, by_flops = _search(seed, keep, None, tmp_path)
+    searcher, by_latency = _search(seed, keep, FlopsClock, tmp_path)
+    assert searcher.latency.scale == pytest.approx(1.0)
+    assert [(r["group"], r.get("rate"), r.get("widths")) for r in by_latency] == \
+        [(r["group"], r.get("rate"), r.get("widths")) for r in by_flops]
+    assert [r["latency_ratio"] for r in by_latency] == pytest.approx([r["flops_ratio"] for r in by_flops], abs=1e-12)
+    assert "latency_ratio" not in by_flops[-1]
+
+
+@pytest.mark.parametrize("seed,keep", [(0, 0.5), (3, 0.6)])
+def test_a_latency_budget_lands_at_or_just_below_it_in_predicted_latency(seed, keep, tmp_path):
+    """On a table that is not the FLOPs, the search lands on the predicted latency: at or below
+    ``keep``, and the last step's group could not keep one more channel; the logged ratio is the
+    prediction of the widths kept, the table's calibrated sum. Its FLOPs ratio is another number."""
+    searcher, log = _search(seed, keep, RoundedClock, tmp_path)
+    net, lat = searcher.net, searcher.latency
+    assert lat.scale == pytest.approx(1.5)
+    widths = net.widths()
+    assert log[-1]["latency_ratio"] == lat.ratio(widths) <= keep
+    table = sum(lat.table.entries[r.unit.signature].at(1 if r.unit.one_width else r.widths(widths)[0],
+                                                       r.widths(widths)[1]) for r in lat.rows)
+    assert lat.predict(widths) == pytest.approx(lat.full_ms + lat.scale * (table - lat.full_units_ms))
+    last = net.gates[log[-1]["group"]]
+    if last.kept < last.channels:
+        wider = widths.copy()
+        wider[last.group.index] += 1
+        assert lat.ratio(wider) > keep
+    assert abs(log[-1]["flops_ratio"] - log[-1]["latency_ratio"]) > 1e-3
+    _, by_flops = _search(seed, keep, None, tmp_path)
+    assert [r.get("widths") for r in log] != [r.get("widths") for r in by_flops]
+
+
+def test_a_searcher_needs_a_latency_model_exactly_for_a_latency_budget():
+    torch.manual_seed(0)
+    model = RandomNet(0).eval()
+    net = MaskedNetwork(model, build_graph(model, SIZE))
+    batches = [(torch.randn(4, *SIZE), torch.arange(4))]
+    with pytest.raises(EkgError, match="latency budget needs a latency model"):
+        Searcher(net, batches, SearchConfig(budget="latency", batch_size=4))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"latency_runtime": "onnxruntime"}, r"`latency_runtime` sets the latency target of a latency budget"),
+    ({"latency_threads": 2, "latency_batch": 8}, r"`latency_threads`, `latency_batch` set the latency target"),
+    ({"budget": "time"}, r"`budget` must be one of flops, latency"),
+    ({"budget": "latency", "compat": "release"}, "not part of the original release"),
+    ({"budget": "latency", "latency_device": "tpu"}, "latency device must be one of cpu, cuda"),
+    ({"budget": "latency", "latency_batch": 0}, "latency batch must be an integer >= 1"),
+    ({"budget": "latency", "keep": 1.5}, r"fraction of the measured latency"),
+])
+def test_bad_latency_settings_are_one_line(kwargs, match):
+    with pytest.raises(EkgError, match=match) as e:
+        SearchConfig(**kwargs).validate()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_a_cuda_target_without_a_gpu_is_refused():
+    with pytest.raises(EkgError, match="no CUDA GPU is available"):
+        SearchConfig(budget="latency", latency_device="cuda").validate()
+
+
+# ----------------------------------------------------------------------------- end to end, real timings
+
+def _prune_args(src, data, run, keep: str, *extra: str) -> list[str]:
+    return ["prune", "--model", str(src), "--data", str(data), "--keep", keep, "--out", str(run), "--budget",
+            "latency", "--latency-threads", "1", "--val-per-class", "2", "--sub-per-class", "2", "--no-adapt",
+            "--quiet", *extra]
+
+
+def test_ekg_prune_on_a_latency_budget_end_to_end(tmp_path, shared_data, cifar10_exact, capsys, monkeypatch):
+    """`ekg prune --budget latency` on the real ResNet-20: the search lands on the predicted ratio,
+    RUN/latency.json keeps the model it predicted with and the measurement of the slim network
+    against the original on the target (interleaved rounds), and the printed line gives both. A
+    resumed run predicts with the saved model (nothing is timed again, whatever the cache holds);
+    an out-of-reach budget is refused before anything is written."""
+    from ekg.cli import main
+
+    monkeypatch.setenv("EKG_CACHE", str(tmp_path / "cache"))
+    src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
+    run = tmp_path / "RUN"
+    assert main(_prune_args(src, cifar10_exact, run, "0.7")) == 0
+    out = capsys.readouterr().out
+    assert "latency on torch on CPU, 1 thread, batch 1: predicted" in out and "speed-up" in out
+    log = [json.loads(line) for line in (run / "search.jsonl").read_text().splitlines()]
+    saved = json.loads((run / "latency.json").read_text())
+    m = saved["measured"]
+    assert log[-1]["latency_ratio"] <= 0.7 and m["predicted_ratio"] == pytest.approx(log[-1]["latency_ratio"])
+    assert m["comparison"]["rounds"] == 10 and m["measured_speedup"]["rounds"] == 10
+    assert m["measured_ms"] > 0 and m["original_ms"] > 0 and m["target"] == "torch on CPU, 1 thread, batch 1"
+    assert saved["model"]["key"]["threads"] == 1 and saved["model"]["key"]["batch"] == 1
+    assert json.loads((run / "config.json").read_text())["search"]["budget"] == "latency"
+    # resumed from the last step, with an empty cache: the saved model predicts, the clock is never asked
+    (run / "pruned.pt").unlink()
+    monkeypatch.setenv("EKG_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(_Timer, "time_module", lambda *a, **k: pytest.fail("a resumed run timed a layer"))
+    monkeypatch.setattr("ekg.pruning.latency_report", lambda *a, **k: m)  # the end-to-end check times on purpose
+    assert main(_prune_args(src, cifar10_exact, run, "0.7", "--resume")) == 0
+    capsys.readouterr()
+    again = [json.loads(line) for line in (run / "search.jsonl").read_text().splitlines()]
+    assert again == log
+    # below the floor: refused before the run directory exists
+    monkeypatch.undo()
+    monkeypatch.setenv("EKG_CACHE", str(tmp_path / "cache"))
+    code = main(_prune_args(src, cifar10_exact, tmp_path / "LOW", "0.01"))
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot reach --keep 0.01 of the latency on torch on CPU" in err
+    assert "give a --keep of at least" in err and not (tmp_path / "LOW").exists()
+
+
+def test_ekg_test_predicts_and_measures_the_speed_up_on_the_target(tmp_path, shared_data, cifar10_exact, capsys,
+                                                                  monkeypatch):
+    """`ekg test --latency-baseline` on a named target: the measured speed-up (interleaved rounds)
+    and the one the baseline's latency table predicts for the model's widths."""
+    from ekg.checkpoint import load_checkpoint, save_checkpoint
+    from ekg.cli import main
+    from ekg.slim import slim_model
+
+    monkeypatch.setenv("EKG_CACHE", str(tmp_path / "cache"))
+    base = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
+    ckpt = load_checkpoint(base)
+    graph = build_graph(ckpt.model, tuple(ckpt.input_size))
+    keep = {g.index: list(range(g.channels // 2)) for g in graph.prunable}
+    ckpt.model = slim_model(ckpt.model, graph, keep)
+    half = save_checkpoint(ckpt, tmp_path / "half.pt")
+    assert main(["test", "--model", str(half), "--data", str(cifar10_exact), "--latency-baseline", str(base),
+                 "--latency-threads", "1", "--latency-batch", "1", "--latency-rounds", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["latency_target"] == "torch on CPU, 1 thread"
+    (pred,) = res["latency_predicted"]
+    assert pred["batch_size"] == 1 and pred["predicted_speedup"] > 1 and pred["predicted_ms"] < pred["baseline_ms"]
+    (cmp,) = res["latency_cpu_comparison"]
+    assert cmp["rounds"] == 3 and cmp["threads"] == 1 and cmp["speedup"]["model"]["rounds"] == 3
+    assert main(["test", "--model", str(half), "--data", str(cifar10_exact), "--latency-baseline", str(base),
+                 "--latency-threads", "1", "--latency-batch", "1", "--latency-rounds", "2"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("latency batch"))
+    assert "speed-up" in line and "predicted" in line
+    # a bad target is one line, before any work
+    code = main(["test", "--model", str(half), "--data", str(tmp_path / "nowhere"), "--latency",
+                 "--latency-threads", "0"])
+    assert code == 1 and "latency threads must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_ekg_run_summary_reports_the_latency_target(tmp_path, shared_data, cifar10_exact, capsys, monkeypatch):
+    """`ekg run --budget latency`: summary.json and the printed table give the final model's latency
+    on the target, measured against the original's, and the speed-up the search predicted."""
+    from ekg.cli import main
+
+    monkeypatch.setenv("EKG_CACHE", str(tmp_path / "cache"))
+    src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
+    run = tmp_path / "RUN"
+    assert main(["run", "--model", str(src), "--data", str(cifar10_exact), "--keep", "0.7", "--out", str(run),
+                 "--budget", "latency", "--latency-threads", "1", "--val-per-class", "2", "--sub-per-class", "2",
+                 "--no-adapt", "--preset", "quick", "--epochs", "1", "--limit-train", "256", "--kd", "none",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    t = json.loads((run / "summary.json").read_text())["latency_target"]
+    assert t["target"] == "torch on CPU, 1 thread, batch 1" and t["predicted_ratio"] <= 0.7
+    assert t["measured_speedup"]["rounds"] == 10 and t["measured_ms"] > 0
+    assert "latency on torch on CPU, 1 thread, batch 1" in printed and "predicted" in printed
+    assert "keep 0.7 of the latency" in printed
