@@ -243,3 +243,24 @@ def test_ekg_run_summary_reports_the_latency_target(tmp_path, shared_data, cifar
     assert t["measured_speedup"]["rounds"] == 10 and t["measured_ms"] > 0
     assert "latency on torch on CPU, 1 thread, batch 1" in printed and "predicted" in printed
     assert "keep 0.7 of the latency" in printed
+
+
+def test_a_slim_models_widths_are_read_on_the_original_graph():
+    """The widths the predictions are made at (ekg run's summary, ekg test, the benchmark) are read
+    from the slim model's layers on the original's graph: the slim model's own graph can group its
+    channels otherwise (a depthwise conv cut to one channel is a plain conv there)."""
+    from ekg.slim import slim_model, slim_widths
+    from test_latency import SIZE as TINY, TinyNet
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    graph = build_graph(model, TINY)
+    keep = {g.index: [0] if "conv1" in g.producers else list(range(g.channels // 2)) for g in graph.prunable}
+    slim = slim_model(model, graph, keep)
+    want = graph.full_widths()
+    for g in graph.prunable:
+        want[g.index] = len(keep[g.index])
+    assert slim_widths(graph, slim).tolist() == want.tolist()
+    assert len(build_graph(slim, TINY).groups) != len(graph.groups)  # why the slim graph is not read
+    with pytest.raises(EkgError, match="no layer 'conv1'"):
+        slim_widths(graph, nn.Sequential(nn.Conv2d(3, 4, 1)))

@@ -22,7 +22,8 @@ run on is the one users care about. Built the way NetAdapt/HALP-style tools buil
   a small conv), and the rest of the network (adds, activations, pooling) shrinks with it; the scale
   ``s`` absorbs both, while the table keeps the shape of the costs (which widths are slow). Both
   end points are predicted exactly. When the two measurements cannot tell a scale (no prunable
-  group, or equal sums), ``s = 1``.
+  group, equal sums, or a half-width network measured no faster than the full one), the prediction
+  is proportional to the table: ``s = M_full / U(full)``, ``predict(w) = M_full·U(w)/U(full)``.
 
 Targets (:class:`LatencyTarget`): ``device`` cpu or cuda, ``runtime`` torch (eager, inference mode)
 or onnxruntime (CPU; a unit is a one-node ONNX graph, batch norm folds into the conv there as in a
@@ -479,7 +480,9 @@ class LatencyModel:
         self.full_units_ms = self.units_ms(self.full_widths)
         du = self.full_units_ms - self.units_ms(self.half_widths)
         dm = self.full_ms - self.half_ms
-        self.scale = dm / du if du > 0 and dm > 0 else 1.0
+        # no scale from two measurements (no prunable group, equal sums, or a half-width network measured
+        # no faster): the prediction is proportional to the table, M_full·U(w)/U(full)
+        self.scale = dm / du if du > 0 and dm > 0 else self.full_ms / max(self.full_units_ms, 1e-12)
 
     def to_dict(self) -> dict[str, Any]:
         """What predicts exactly as this model does (a run directory keeps it: a resumed search

@@ -221,12 +221,13 @@ def _target_latency(rd: RunDir, original: Checkpoint, final: Checkpoint, cfg: Se
     from .latency import LatencyModel
     from .pruning import latency_report
     from .rundir import LATENCY, REMEDY
+    from .slim import slim_widths
 
     size = tuple(original.input_size)
     saved = read_json(rd.latency, REMEDY[LATENCY])
     model = original.model.cpu()
     lat = LatencyModel(model, build_graph(model, size), cfg.latency_target(), saved=saved["model"])
-    report = latency_report(lat, model, final.model.cpu(), size, build_graph(final.model.cpu(), size).full_widths())
+    report = latency_report(lat, model, final.model.cpu(), size, slim_widths(lat.graph, final.model.cpu()))
     report.pop("comparison")
     return report
 

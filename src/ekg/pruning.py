@@ -107,6 +107,10 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     explicit = _read_search_sets(search_sets, splits, progress)
     check_prunable(ckpt, splits, cfg)
     latency = _latency_model(ckpt, cfg, rd, resume, progress and dist.is_main)  # a latency budget's, before any write
+    if latency is not None and cfg.latency_runtime == "onnxruntime" and cfg.round_to % 8:
+        dist.note("ONNX Runtime runs convs whose widths are not multiples of its vector block (8, or 16 with "
+                  "AVX-512) in a slower layout, which a per-layer "
+                  "table cannot see: the prediction may be optimistic; add --round-to 8 (or 16) (BENCHMARKS.md, latency model)")
     source = str(ckpt.meta.get("source", model))
     if explicit is None:
         sizes = fit_search_sets(splits.train, val_per_class=cfg.val_per_class, sub_per_class=cfg.sub_per_class)

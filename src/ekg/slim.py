@@ -38,6 +38,7 @@ import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,6 +112,26 @@ def slim_model(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.M
     if isinstance(getattr(slim, "spec", None), ResNetSpec):
         slim.spec = resnet_spec_from_modules(slim)
     return slim
+
+
+def slim_widths(graph: DependencyGraph, slim: nn.Module) -> np.ndarray:
+    """The width of every channel group of ``graph`` (the unpruned model's) in ``slim``, a slimmed
+    copy of that model: each group's first producer's output channels there (the modules keep their
+    names). Read this way rather than from ``slim``'s own graph, whose groups can differ (a
+    depthwise conv cut to one channel is a plain conv)."""
+    widths = graph.full_widths()
+    for g in graph.groups:
+        if not g.producers:
+            continue
+        try:
+            m = slim.get_submodule(g.producers[0])
+        except AttributeError:
+            raise EkgError(f"the slim model has no layer '{g.producers[0]}': it is not this model slimmed") from None
+        width = getattr(m, "out_channels", getattr(m, "out_features", None))
+        if width is None:
+            raise EkgError(f"layer '{g.producers[0]}' of the slim model is a {type(m).__name__}, not a conv or linear")
+        widths[g.index] = int(width)
+    return widths
 
 
 def resnet_spec_from_modules(model: nn.Module) -> ResNetSpec:

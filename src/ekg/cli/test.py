@@ -106,18 +106,21 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def predicted_speedup(baseline: Any, model: Any, input_size: Any, target: Any) -> dict[str, Any]:
     """The speed-up of ``model`` over ``baseline`` on ``target`` that the baseline's latency table
-    predicts (``model`` must be the baseline with its channel groups cut: the same groups, by name),
-    or why there is none."""
+    predicts for ``model``'s widths (``model`` must be the baseline slimmed: its layers by name), or
+    why there is none."""
     from ..graph import build_graph
     from ..latency import LatencyModel
 
-    base_graph, graph = build_graph(baseline, tuple(input_size)), build_graph(model, tuple(input_size))
-    names = [g.name for g in base_graph.groups]
-    if names != [g.name for g in graph.groups]:
-        return {"batch_size": target.batch, "note": "--model is not --latency-baseline with its channels cut (other "
-                                                    "channel groups): no prediction"}
+    from ..errors import EkgError
+    from ..slim import slim_widths
+
+    base_graph = build_graph(baseline, tuple(input_size))
+    try:
+        widths = slim_widths(base_graph, model)
+    except EkgError as e:
+        return {"batch_size": target.batch, "note": f"--model is not --latency-baseline with its channels cut ({e}): "
+                                                    "no prediction"}
     lat = LatencyModel(baseline, base_graph, target, progress=False)
-    widths = graph.full_widths()
     return {"batch_size": target.batch, "predicted_ms": lat.predict(widths), "baseline_ms": lat.full_ms,
             "predicted_speedup": lat.full_ms / lat.predict(widths)}
 
