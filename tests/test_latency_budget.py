@@ -264,3 +264,16 @@ def test_a_slim_models_widths_are_read_on_the_original_graph():
     assert len(build_graph(slim, TINY).groups) != len(graph.groups)  # why the slim graph is not read
     with pytest.raises(EkgError, match="no layer 'conv1'"):
         slim_widths(graph, nn.Sequential(nn.Conv2d(3, 4, 1)))
+
+
+def test_a_latency_budget_under_torchrun_is_refused_before_any_work(tmp_path):
+    """Each rank would time a table of its own and take other decisions: one process only."""
+    from ekg.distributed import Dist
+    from ekg.pruning import prune
+    from test_zoo import random_data
+
+    out = tmp_path / "run"
+    with pytest.raises(EkgError, match="a latency budget is timed by one process"):
+        prune(RandomNet(0), random_data(16, 2), 0.7, out=out, config=SearchConfig(budget="latency"),
+              dist=Dist(world_size=2), progress=False)
+    assert not out.exists()

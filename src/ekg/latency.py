@@ -51,7 +51,7 @@ from .errors import EkgError
 DEVICES = ("cpu", "cuda")
 RUNTIMES = ("torch", "onnxruntime")
 GRID_POINTS = 8          # widths timed per dimension of a unit when more are reachable
-TABLE_VERSION = 1
+TABLE_VERSION = 2        # 2: ONNX Runtime sessions without spin-waiting
 
 
 @dataclass(frozen=True)
@@ -384,6 +384,9 @@ def ort_session(model: bytes, threads: int) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # no spin-waiting after a run: an idle session's spinning threads would steal the cores from the
+    # next model timed (interleaved comparisons, table cells timed one after another)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 

@@ -94,6 +94,9 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     if resume and restart:
         raise EkgError("`resume=True` continues the run in `out` and `restart=True` starts it over: give only one")
     dist.device(cfg.device)  # an unknown or missing device, before any work
+    if dist.enabled and cfg.budget == "latency":  # each rank would time its own table and decide otherwise
+        raise EkgError("a latency budget is timed by one process: run it without torchrun (the search on one "
+                       "device), or use a FLOPs budget with --round-to under torchrun")
     out = Path(out)
     rd = RunDir(out)
     check_output_folder(out)
