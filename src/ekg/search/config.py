@@ -65,7 +65,7 @@ class SearchConfig:
             raise EkgError(f"`budget` must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.budget == "latency":
             if self.compat == "release":
-                raise EkgError('a latency budget is not part of the original release\'s search: use compat "method"')
+                raise EkgError("a latency budget is not part of the original release's search: use `compat` method")
             self.latency_target().validate()
         else:
             given = [f"latency_{k}" for k, v in (("device", self.latency_device), ("runtime", self.latency_runtime),
@@ -73,13 +73,13 @@ class SearchConfig:
                      if v != SearchConfig.__dataclass_fields__[f"latency_{k}"].default]
             if given:
                 raise EkgError(f"{', '.join(f'`{g}`' for g in given)} set{'s' if len(given) == 1 else ''} the latency "
-                               "target of a latency budget: add budget \"latency\" (--budget latency), or drop it")
+                               "target of a latency budget: add `budget` latency, or drop it")
         if not 0 < self.step <= 1:
             raise EkgError(f"`step` must lie in (0, 1], got {self.step}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise EkgError(f"`round_to` must be an integer >= 1 (kept widths a multiple of it), got {self.round_to!r}")
         if self.round_to > 1 and self.compat == "release":
-            raise EkgError("`round_to` is not part of the original release's search: use compat \"method\" with it")
+            raise EkgError("`round_to` is not part of the original release's search: use `compat` method with it")
         if self.batch_size < 2:
             raise EkgError("`batch_size` must be at least 2 (BN uses batch statistics in the search)")
         for name in ("step", "otsu_trim", "cache_gb", "adapt_lr", "adapt_momentum", "adapt_weight_decay"):
