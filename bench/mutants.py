@@ -317,6 +317,9 @@ MUTANTS: list[Mutant] = [
       "        if cfg.keep < floor:\n", "        if False:\n", (LB_E2E,)),
     M("latency-test-predicts-full", "ekg test predicts the model's widths' speed-up", "ekg/cli/test.py",
       "    widths = graph.full_widths()\n", "    widths = base_graph.full_widths()\n", (LB_TEST,)),
+    M("study-perturb-across-blocks", "a study's perturbation swaps within each block of a grouped group",
+      "ekg/study.py", "        n_blocks = (blocks or {}).get(gi, 1)", "        n_blocks = 1",
+      ("tests/test_study.py::test_perturb_swaps_within_each_block_of_a_grouped_group",)),
     # ---------------------------------------------------------------- BN modes
     M("search-bn-running", "the search runs BN on batch statistics", "ekg/search/searcher.py",
       "return bn_mode(self.net.model, self.cfg.search_bn)", 'return bn_mode(self.net.model, "running")',

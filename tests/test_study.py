@@ -59,6 +59,17 @@ def test_perturb_keeps_widths_and_swaps_the_asked_fraction():
         perturb(kept, channels, 1.5, np.random.RandomState(0))
 
 
+def test_perturb_swaps_within_each_block_of_a_grouped_group():
+    """A group cut in equal blocks (a grouped conv's) stays cut evenly: each block swaps its own kept
+    channels for its own pruned ones, so slimming keeps ``groups`` (swapping across blocks made the
+    study's sub-networks of a ResNeXt uneven, which slimming refuses)."""
+    kept = {0: torch.tensor([0, 1, 2, 8, 9, 10])}      # 3 of 8 in each of 2 blocks
+    for seed in range(20):
+        new = perturb(kept, {0: 16}, 0.7, np.random.RandomState(seed), blocks={0: 2})[0]
+        assert int((new < 8).sum()) == 3 and int((new >= 8).sum()) == 3
+        assert len(set(new.tolist()) - set(kept[0].tolist())) == 4   # round(0.7 · 3) = 2 per block
+
+
 @pytest.mark.slow
 def test_study_end_to_end_on_real_runs(tmp_path, shared_data, exact, capsys):
     from ekg.checkpoint import load_checkpoint

@@ -126,23 +126,30 @@ class SubNetwork:
 
 
 def perturb(kept: dict[int, torch.Tensor], channels: dict[int, int], fraction: float,
-            rng: np.random.RandomState) -> dict[int, torch.Tensor]:
+            rng: np.random.RandomState, blocks: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
     """Swap ``round(fraction · kept)`` kept channels of every pruned group for pruned ones
-    (at random); the widths are unchanged."""
+    (at random); the widths are unchanged. A group cut in equal blocks (``blocks[g]`` > 1: a
+    grouped conv's) swaps within each block, so that every block keeps as many channels as before."""
     if not 0 <= fraction <= 1:
         raise EkgError(f"a swap fraction must lie in [0, 1], got {fraction}")
     out = {}
     for gi, idx in kept.items():
-        keep = idx.cpu().numpy()
-        pruned = np.setdiff1d(np.arange(channels[gi]), keep)
-        s = min(int(round(fraction * len(keep))), len(pruned))
-        if s == 0:
-            out[gi] = idx.clone()
-            continue
-        drop = rng.choice(len(keep), s, replace=False)
-        add = rng.choice(pruned, s, replace=False)
-        new = np.delete(keep, drop)
-        out[gi] = torch.as_tensor(np.sort(np.concatenate([new, add])), dtype=torch.long)
+        n_blocks = (blocks or {}).get(gi, 1)
+        width = channels[gi] // n_blocks
+        all_kept = idx.cpu().numpy()
+        parts = []
+        for k in range(n_blocks):
+            lo = k * width
+            keep = all_kept[(all_kept >= lo) & (all_kept < lo + width)]
+            pruned = np.setdiff1d(np.arange(lo, lo + width), keep)
+            s = min(int(round(fraction * len(keep))), len(pruned))
+            if s == 0:
+                parts.append(keep)
+                continue
+            drop = rng.choice(len(keep), s, replace=False)
+            add = rng.choice(pruned, s, replace=False)
+            parts.append(np.concatenate([np.delete(keep, drop), add]))
+        out[gi] = torch.as_tensor(np.sort(np.concatenate(parts)), dtype=torch.long)
     return out
 
 
@@ -276,13 +283,14 @@ def study(runs: Sequence[str | Path], data: Any, out: str | Path, *, config: Stu
     for ri, (r, (base, graph, kept, criterion)) in enumerate(zip(runs, read)):
         run = Path(r)
         channels = {g.index: g.channels for g in graph.groups}
+        blocks = {g.index: g.blocks for g in graph.groups}
         label = run.name
         subnets.append((SubNetwork(label, criterion, str(run), kept), base, graph))
         rng = np.random.RandomState(cfg.seed * 7919 + ri)
         for k in range(cfg.perturb):
             f = float(rng.uniform(*cfg.swap))
             subnets.append((SubNetwork(f"{label}~{k + 1}", f"{criterion} perturbed", str(run),
-                                       perturb(kept, channels, f, rng), swap=f), base, graph))
+                                       perturb(kept, channels, f, rng, blocks), swap=f), base, graph))
 
     rows = []
     batches_by_norm: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
