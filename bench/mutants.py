@@ -92,6 +92,7 @@ LB_SAME = LB + "test_on_a_flops_proportional_table_the_latency_budget_makes_the_
 LB_LAND = LB + "test_a_latency_budget_lands_at_or_just_below_it_in_predicted_latency"
 LB_E2E = LB + "test_ekg_prune_on_a_latency_budget_end_to_end"
 LB_TEST = LB + "test_ekg_test_predicts_and_measures_the_speed_up_on_the_target"
+LB_REFIT = LB + "test_a_landing_measured_above_the_budget_is_refitted_and_searched_on"
 
 
 @dataclass(frozen=True)
@@ -306,8 +307,8 @@ MUTANTS: list[Mutant] = [
       "ekg/search/searcher.py", "        if self.latency is not None:\n            return self.latency.ratio(",
       "        if False:\n            return self.latency.ratio(", (LB_LAND,)),
     M("latency-budget-uncalibrated", "the prediction is the table's sum calibrated on two measurements",
-      "ekg/latency.py", "        return self.full_ms + self.scale * (self.units_ms(widths) - self.full_units_ms)",
-      "        return self.full_ms + (self.units_ms(widths) - self.full_units_ms)", (LB_LAND,)),
+      "ekg/latency.py", "            return self.full_ms + self.scale * (u - self.full_units_ms)",
+      "            return self.full_ms + (u - self.full_units_ms)", (LB_LAND,)),
     M("latency-sum-stale-rows", "the table's sum looks up every row whose widths changed", "ekg/latency.py",
       "                    vals[k] = self._row_ms(self.rows[k], w)", "                    pass", (LB_LAND, LB_SAME)),
     M("latency-resume-retimes", "a resumed latency search predicts with the run directory's model",
@@ -316,7 +317,17 @@ MUTANTS: list[Mutant] = [
     M("latency-floor-unchecked", "a latency budget below its floor is refused before any work", "ekg/pruning.py",
       "        if cfg.keep < floor:\n", "        if False:\n", (LB_E2E,)),
     M("latency-test-predicts-full", "ekg test predicts the model's widths' speed-up", "ekg/cli/test.py",
-      "    widths = graph.full_widths()\n", "    widths = base_graph.full_widths()\n", (LB_TEST,)),
+      "        widths = slim_widths(base_graph, model)\n", "        widths = base_graph.full_widths()\n", (LB_TEST,)),
+    M("latency-refit-not-added", "a landing measured too slow joins the latency model before the search goes on",
+      "ekg/pruning.py", "        latency.refit(widths, measured * latency.full_ms)\n", "", (LB_REFIT,)),
+    M("latency-landing-never-refitted", "a landing measured more than the tolerance above keep is searched on",
+      "ekg/pruning.py", "        if measured <= keep * (1 + LATENCY_TOLERANCE) or k == refits or one_shot:",
+      "        if True:", (LB_REFIT,)),
+    M("latency-accepted-measured-again", "an accepted landing is not measured again", "ekg/pruning.py",
+      "        if latency.accepted is not None and latency.accepted[\"widths\"] == widths:",
+      "        if False:", (LB_REFIT,)),
+    M("latency-refit-point-ignored", "a refitted prediction passes through every measured landing", "ekg/latency.py",
+      "            pts += [(self.units_ms(w), ms) for w, ms in self.refits]\n", "", (LB_REFIT,)),
     M("study-perturb-across-blocks", "a study's perturbation swaps within each block of a grouped group",
       "ekg/study.py", "        n_blocks = (blocks or {}).get(gi, 1)", "        n_blocks = 1",
       ("tests/test_study.py::test_perturb_swaps_within_each_block_of_a_grouped_group",)),

@@ -75,7 +75,8 @@ def _search(seed: int, keep: float, clock: type[_Timer] | None, tmp_path) -> tup
     batches = [(torch.randn(12, *SIZE, generator=gen), torch.randint(0, 10, (12,), generator=gen))]
     cfg = SearchConfig(keep=keep, batch_size=12, **({} if clock is None else {"budget": "latency"}))
     searcher = Searcher(net, batches, cfg, latency=latency)
-    return searcher, searcher.run(searcher.initial_state()).log
+    searcher.final_state = searcher.run(searcher.initial_state())  # for the tests that go on from it
+    return searcher, searcher.final_state.log
 
 
 @pytest.mark.parametrize("seed,keep", [(0, 0.5), (1, 0.6), (2, 0.45)])
@@ -163,13 +164,13 @@ def test_ekg_prune_on_a_latency_budget_end_to_end(tmp_path, shared_data, cifar10
     monkeypatch.setenv("EKG_CACHE", str(tmp_path / "cache"))
     src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
     run = tmp_path / "RUN"
-    assert main(_prune_args(src, cifar10_exact, run, "0.7")) == 0
+    assert main(_prune_args(src, cifar10_exact, run, "0.8")) == 0
     out = capsys.readouterr().out
     assert "latency on torch on CPU, 1 thread, batch 1: predicted" in out and "speed-up" in out
     log = [json.loads(line) for line in (run / "search.jsonl").read_text().splitlines()]
     saved = json.loads((run / "latency.json").read_text())
     m = saved["measured"]
-    assert log[-1]["latency_ratio"] <= 0.7 and m["predicted_ratio"] == pytest.approx(log[-1]["latency_ratio"])
+    assert log[-1]["latency_ratio"] <= 0.8 and m["predicted_ratio"] == pytest.approx(log[-1]["latency_ratio"])
     assert m["comparison"]["rounds"] == 10 and m["measured_speedup"]["rounds"] == 10
     assert m["measured_ms"] > 0 and m["original_ms"] > 0 and m["target"] == "torch on CPU, 1 thread, batch 1"
     assert saved["model"]["key"]["threads"] == 1 and saved["model"]["key"]["batch"] == 1
@@ -179,7 +180,7 @@ def test_ekg_prune_on_a_latency_budget_end_to_end(tmp_path, shared_data, cifar10
     monkeypatch.setenv("EKG_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(_Timer, "time_module", lambda *a, **k: pytest.fail("a resumed run timed a layer"))
     monkeypatch.setattr("ekg.pruning.latency_report", lambda *a, **k: m)  # the end-to-end check times on purpose
-    assert main(_prune_args(src, cifar10_exact, run, "0.7", "--resume")) == 0
+    assert main(_prune_args(src, cifar10_exact, run, "0.8", "--resume")) == 0
     capsys.readouterr()
     again = [json.loads(line) for line in (run / "search.jsonl").read_text().splitlines()]
     assert again == log
@@ -233,16 +234,16 @@ def test_ekg_run_summary_reports_the_latency_target(tmp_path, shared_data, cifar
     monkeypatch.setenv("EKG_CACHE", str(tmp_path / "cache"))
     src = shared_data / "pretrained/akamaster/resnet20-12fca82f.th"
     run = tmp_path / "RUN"
-    assert main(["run", "--model", str(src), "--data", str(cifar10_exact), "--keep", "0.7", "--out", str(run),
+    assert main(["run", "--model", str(src), "--data", str(cifar10_exact), "--keep", "0.8", "--out", str(run),
                  "--budget", "latency", "--latency-threads", "1", "--val-per-class", "2", "--sub-per-class", "2",
                  "--no-adapt", "--preset", "quick", "--epochs", "1", "--limit-train", "256", "--kd", "none",
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
     t = json.loads((run / "summary.json").read_text())["latency_target"]
-    assert t["target"] == "torch on CPU, 1 thread, batch 1" and t["predicted_ratio"] <= 0.7
+    assert t["target"] == "torch on CPU, 1 thread, batch 1" and t["predicted_ratio"] <= 0.8
     assert t["measured_speedup"]["rounds"] == 10 and t["measured_ms"] > 0
     assert "latency on torch on CPU, 1 thread, batch 1" in printed and "predicted" in printed
-    assert "keep 0.7 of the latency" in printed
+    assert "keep 0.8 of the latency" in printed
 
 
 def test_a_slim_models_widths_are_read_on_the_original_graph():
@@ -277,3 +278,45 @@ def test_a_latency_budget_under_torchrun_is_refused_before_any_work(tmp_path):
         prune(RandomNet(0), random_data(16, 2), 0.7, out=out, config=SearchConfig(budget="latency"),
               dist=Dist(world_size=2), progress=False)
     assert not out.exists()
+
+
+def test_a_landing_measured_above_the_budget_is_refitted_and_searched_on(tmp_path):
+    """The closed loop (ekg.pruning.refit_landing): where the end-to-end measurement of the landed
+    sub-network is more than 2% above ``keep`` (here the network runs 15% slower than the table
+    predicts), the measurement joins the latency model, the search goes on from its last step and
+    lands again, until a landing measures within the tolerance; that landing is accepted and not
+    measured again. Every step before the first landing is the search's own."""
+    import copy
+
+    from ekg.pruning import LATENCY_TOLERANCE, refit_landing
+
+    keep = 0.6
+    searcher, log = _search(0, keep, RoundedClock, tmp_path)
+    lat = searcher.latency
+    table = copy.deepcopy(lat)  # what the table alone predicts
+    measured: list[float] = []
+
+    def measure(widths):  # the "real" latency: 15% above the table's prediction below the full network
+        r = min(1.0, 1.15 * table.ratio(widths))
+        measured.append(r)
+        return r
+
+    first = [dict(row) for row in log]
+    state = refit_landing(searcher, searcher.final_state, lat, measure, keep)
+    assert measured[0] > keep * (1 + LATENCY_TOLERANCE)          # the first landing was too slow
+    assert 1 <= len(lat.refits) <= 3 and len(measured) == len(lat.refits) + 1
+    assert measured[-1] <= keep * (1 + LATENCY_TOLERANCE) and measured[-1] < measured[0]
+    assert lat.accepted["measured_ratio"] == measured[-1] and lat.accepted["refits"] == len(lat.refits)
+    assert state.log[:len(first) - 1] == first[:-1] and len(state.log) > len(first)
+    assert lat.ratio(searcher.net.widths()) <= keep                 # the refitted model's landing
+    # the refitted model passes through every measured landing
+    for widths, ms in lat.refits:
+        assert lat.predict(widths) == pytest.approx(ms)
+    # accepted: not measured again (a resumed run)
+    n = len(measured)
+    refit_landing(searcher, state, lat, measure, keep)
+    assert len(measured) == n
+    # saved and restored, the model predicts the same
+    again = LatencyModel(searcher.net.model, searcher.net.graph, TARGET, saved=json.loads(json.dumps(lat.to_dict())))
+    assert again.ratio(searcher.net.widths()) == lat.ratio(searcher.net.widths()) and again.accepted == lat.accepted
+

@@ -477,6 +477,8 @@ class LatencyModel:
         fp = _fingerprint(model, graph)
         self.full_ms = self._measured(f"{fp}:full", lambda: model)
         self.half_ms = self._measured(f"{fp}:half", lambda: _first_channels(model, graph, self.half_widths))
+        self.refits: list[tuple[list[int], float]] = []
+        self.accepted: dict[str, Any] | None = None  # the landing measured within tolerance (widths, ratio)
         self._calibrate()
 
     def _calibrate(self) -> None:
@@ -486,6 +488,22 @@ class LatencyModel:
         # no scale from two measurements (no prunable group, equal sums, or a half-width network measured
         # no faster): the prediction is proportional to the table, M_full·U(w)/U(full)
         self.scale = dm / du if du > 0 and dm > 0 else self.full_ms / max(self.full_units_ms, 1e-12)
+        self._points: list[tuple[float, float]] = []
+        if self.refits:  # the calibration line, and the sub-networks measured since: a piecewise-linear map
+            low = (self.full_units_ms - du, self.half_ms) if du > 0 and dm > 0 else (0.0, 0.0)  # the line's other end
+            pts = [(self.full_units_ms, self.full_ms), low]
+            pts += [(self.units_ms(w), ms) for w, ms in self.refits]
+            pts.sort()
+            ms = np.maximum.accumulate([m for _, m in pts])  # never cheaper for more of the table
+            self._points = [(u, float(m)) for (u, _), m in zip(pts, ms)]
+
+    def refit(self, widths: Sequence[int], ms: float) -> None:
+        """Add a sub-network measured end to end (``ms`` on this model's target, on the scale of
+        ``full_ms``): the prediction then passes through it, linear between measured points and
+        along the nearest segment beyond them."""
+        self.refits.append(([int(w) for w in widths], float(ms)))
+        self._last = None
+        self._calibrate()
 
     def to_dict(self) -> dict[str, Any]:
         """What predicts exactly as this model does (a run directory keeps it: a resumed search
@@ -493,6 +511,7 @@ class LatencyModel:
         sigs = dict.fromkeys(row.unit.signature for row in self.rows)
         return {"version": TABLE_VERSION, "key": self.table.key, "target": asdict(self.target),
                 "full_ms": self.full_ms, "half_ms": self.half_ms, "scale": self.scale,
+                "refits": [{"widths": w, "ms": ms} for w, ms in self.refits], "accepted": self.accepted,
                 "half_widths": [int(w) for w in self.half_widths],
                 "entries": {sig: asdict(self.table.entries[sig]) for sig in sigs}}
 
@@ -508,6 +527,8 @@ class LatencyModel:
             self.table = LatencyTable(dict(saved["key"]), None)
             self.table.entries = entries
             self.full_ms, self.half_ms = float(saved["full_ms"]), float(saved["half_ms"])
+            self.refits = [([int(v) for v in r["widths"]], float(r["ms"])) for r in saved.get("refits", [])]
+            self.accepted = saved.get("accepted")
             self.half_widths = np.asarray(saved["half_widths"], dtype=np.int64)
         except (KeyError, TypeError, ValueError) as e:
             raise EkgError(f"the saved latency model does not fit this model and target ({e})") from None
@@ -586,7 +607,13 @@ class LatencyModel:
 
     def predict(self, widths: Sequence[int]) -> float:
         """Predicted latency (ms) of the sub-network with group widths ``widths``."""
-        return self.full_ms + self.scale * (self.units_ms(widths) - self.full_units_ms)
+        u = self.units_ms(widths)
+        if not self._points:
+            return self.full_ms + self.scale * (u - self.full_units_ms)
+        pts = self._points
+        k = min(max(int(np.searchsorted([p[0] for p in pts], u)), 1), len(pts) - 1)
+        (u0, m0), (u1, m1) = pts[k - 1], pts[k]
+        return m0 + (m1 - m0) / (u1 - u0) * (u - u0) if u1 > u0 else m1
 
     def ratio(self, widths: Sequence[int]) -> float:
         return self.predict(widths) / self.full_ms

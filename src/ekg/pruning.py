@@ -41,7 +41,9 @@ from .graph import build_graph, check_training_forward
 from .io import atomic_path, check_output_folder, save_torch, write_json
 from .lock import check_free, hold
 from .masks import MaskedNetwork
+from .slim import slim_model
 from .rundir import ADAPTED, REMEDY, RunDir, check_settings, load_artifact, prune_record, prune_settings
+from .latency import compare_on_target
 from .search import (SearchConfig, Searcher, SearchState, adapt, carve_search_sets, check_reachable, fit_search_sets,
                      with_keep)
 from .user_model import AUTO, as_checkpoint
@@ -237,11 +239,66 @@ def _search(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, d_val: ImageSet, d_
 
     try:
         state = searcher.run(state, on_step=on_step)
+        if latency is not None:  # the landing measured end to end; refitted and searched on while too slow
+            def measure(widths: Any) -> float:
+                slim = slim_model(net_model, net.graph, net.kept_indices())
+                cmp = compare_on_target({"original": ckpt.model, "pruned": slim}, tuple(ckpt.input_size),
+                                        latency.target, rounds=REFIT_ROUNDS)
+                return cmp["ratio"]["pruned"]["median"]
+
+            def save() -> None:
+                if dist.is_main:
+                    write_json(rd.latency, {"model": latency.to_dict()})
+
+            state = refit_landing(searcher, state, latency, measure, cfg.keep, on_step=on_step, save=save)
     finally:
         bar.close()
     if dist.is_main:
         _save_state(rd.path, state)
     return state, net, net_model, val_batches
+
+
+LATENCY_REFITS = 3        # most end-to-end refits of a latency budget's landing
+LATENCY_TOLERANCE = 0.02  # a landing measured more than 2% above `keep` is refitted and searched on
+REFIT_ROUNDS = 5          # interleaved rounds of each landing's measurement
+
+
+def refit_landing(searcher: Searcher, state: SearchState, latency: Any, measure: Any, keep: float, *,
+                  on_step: Any = None, save: Any = None, refits: int = LATENCY_REFITS) -> SearchState:
+    """A latency budget's closed loop. The search lands on the table's prediction; ``measure(widths)``
+    times the landed sub-network end to end (its latency ratio to the original's). While that is
+    more than :data:`LATENCY_TOLERANCE` above ``keep`` (at most ``refits`` times), the measurement is
+    added to the latency model (:meth:`ekg.latency.LatencyModel.refit`: the prediction then passes
+    through it) and the search goes on from where it stopped, landing again. A landing measured at
+    or below is accepted (``latency.accepted``; a resumed run does not measure it again); ``save``
+    runs after every change of the model. A landing below the budget is kept: the greedy search
+    only removes channels."""
+    for k in range(refits + 1):
+        widths = [int(w) for w in searcher.net.widths()]
+        if latency.accepted is not None and latency.accepted["widths"] == widths:
+            return state
+        measured = float(measure(widths))
+        one_shot = searcher.cfg.method == "uniform"  # no steps to go on with: its landing is measured only
+        if measured <= keep * (1 + LATENCY_TOLERANCE) or k == refits or one_shot:
+            latency.accepted = {"widths": widths, "measured_ratio": measured, "refits": len(latency.refits)}
+            if save:
+                save()
+            return state
+        latency.refit(widths, measured * latency.full_ms)
+        if save:
+            save()
+        state.done = False
+        try:
+            state = searcher.run(state, on_step=on_step)
+        except EkgError:  # every group down to one unit: the last finished step's network is the answer
+            searcher.restore(state)
+            state.done = True
+            latency.accepted = {"widths": [int(w) for w in searcher.net.widths()], "measured_ratio": None,
+                                "refits": len(latency.refits), "note": "every prunable group is down to one unit"}
+            if save:
+                save()
+            return state
+    return state
 
 
 def _adaptation(model: nn.Module, d_sub: Any, norm: Any, cfg: SearchConfig, dist: Dist) -> None:
@@ -306,7 +363,8 @@ def latency_report(latency: Any, original: nn.Module, slim: nn.Module, input_siz
             "predicted_speedup": latency.full_ms / predicted, "table_full_ms": latency.full_ms,
             "measured_ms": cmp["models"]["pruned"]["median_ms"], "original_ms": cmp["models"]["original"]["median_ms"],
             "measured_ratio": measured_ratio, "measured_speedup": cmp["speedup"]["pruned"],
-            "prediction_error": predicted / latency.full_ms / measured_ratio - 1, "comparison": cmp}
+            "prediction_error": predicted / latency.full_ms / measured_ratio - 1,
+            "refits": len(latency.refits), "note": (latency.accepted or {}).get("note"), "comparison": cmp}
 
 
 def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | None = None) -> None:

@@ -48,4 +48,6 @@ def latency_line(r: dict[str, Any]) -> str:
 
     return (f"latency on {r['target']}: predicted {r['predicted_ms']:.3g} ms ({r['predicted_speedup']:.2f}x faster), "
             f"measured {r['measured_ms']:.3g} ms vs {r['original_ms']:.3g} ms original, speed-up "
-            f"{format_speedup(r['measured_speedup'])}; prediction {100 * r['prediction_error']:+.1f}%")
+            f"{format_speedup(r['measured_speedup'])}; prediction {100 * r['prediction_error']:+.1f}%"
+            + (f" (after {r['refits']} refit{'s' if r['refits'] != 1 else ''} of the landing)" if r.get("refits") else "")
+            + (f"; {r['note']}" if r.get("note") else ""))
