@@ -82,11 +82,12 @@ FLOPs/params of any assignment of group widths follow from the per-layer coeffic
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -344,6 +345,19 @@ def _cannot_run(failed: _NodeFailed, gm: fx.GraphModule, model: nn.Module, input
             "for; `input_size` follows the images)")
 
 
+@contextlib.contextmanager
+def buffers_restored(model: nn.Module) -> Iterator[None]:
+    """On exit, every buffer of ``model`` (BN running statistics, counters) as it was on entry."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in saved and saved[name].shape == b.shape:
+                    b.copy_(saved[name])
+
+
 def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
                 leaf_types: tuple[type, ...] = ()) -> DependencyGraph:
     """Trace ``model`` and derive its channel groups (see the module doc for the rules)."""
@@ -353,26 +367,19 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
     # Traced and run in inference mode, the search's semantics (dropout off, no auxiliary heads),
     # so that nothing the trace bakes in or runs updates BN statistics; the model's buffers are
     # restored all the same: building the graph never changes the caller's model.
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
-    try:
-        with inference_modes(model):
-            try:
-                graph = _Tracer(leaves).trace(model)
-            except Exception as e:  # fx cannot trace data-dependent control flow
-                raise EkgError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
-                               "models with data-dependent control flow cannot be pruned") from None
-            gm = fx.GraphModule(model, graph)
-            p = next(model.parameters())
-            with torch.no_grad():
-                try:
-                    _ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=p.device, dtype=p.dtype))
-                except _NodeFailed as e:  # the model cannot run at this size: the layer that failed, in one line
-                    raise CannotRun(_cannot_run(e, gm, model, input_size)) from None
-    finally:
+    with buffers_restored(model), inference_modes(model):
+        try:
+            graph = _Tracer(leaves).trace(model)
+        except Exception as e:  # fx cannot trace data-dependent control flow
+            raise EkgError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
+                           "models with data-dependent control flow cannot be pruned") from None
+        gm = fx.GraphModule(model, graph)
+        p = next(model.parameters())
         with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in saved and saved[name].shape == b.shape:
-                    b.copy_(saved[name])
+            try:
+                _ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=p.device, dtype=p.dtype))
+            except _NodeFailed as e:  # the model cannot run at this size: the layer that failed, in one line
+                raise CannotRun(_cannot_run(e, gm, model, input_size)) from None
     modules = dict(gm.named_modules())
 
     uf = _UnionFind()
@@ -803,12 +810,12 @@ def check_training_forward(model: nn.Module, input_size: tuple[int, ...]) -> Non
              for name, m in model.named_modules() if name]
     p = next(model.parameters())
     x = torch.zeros(2, *input_size, device=p.device, dtype=p.dtype)
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     modes = [(m, m.training) for m in model.modules()]
     out: Any = None
     failed = ""
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+        with buffers_restored(model), torch.no_grad(), \
+                torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
             model.eval()
             model(x)
             mode[0] = True
@@ -822,10 +829,6 @@ def check_training_forward(model: nn.Module, input_size: tuple[int, ...]) -> Non
             h.remove()
         for m, training in modes:
             m.training = training
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in saved and saved[name].shape == b.shape:
-                    b.copy_(saved[name])
     eval_called = set(called[False])
     only = list(dict.fromkeys(n for n in called[True] if n not in eval_called))
     only = [n for n in only if not any(n.startswith(o + ".") for o in only)]  # the outermost: the heads
