@@ -584,7 +584,7 @@ def test_prune_adapts_one_epoch_over_d_sub_and_searches_on_d_val_in_256_plus_64(
         rec["after"] = copy.deepcopy(model)
 
     class Stopper:
-        def __init__(self, net, val_batches, cfg, dist=None):
+        def __init__(self, net, val_batches, cfg, dist=None, latency=None):
             rec["val"] = [(x.clone(), y.clone()) for x, y in val_batches]
             rec["frozen"] = copy.deepcopy(net.model)
             raise _Stop
