@@ -32,7 +32,7 @@ from .evaluate import LATENCY_BATCHES, compare_latency, evaluate, format_speedup
 from .flops import FLOPS_CONVENTION, count
 from .io import atomic_path, check_output_folder, write_json
 from .lock import check_free, hold
-from .pruning import check_prunable, prune
+from .pruning import check_prunable, latency_report, prune, saved_latency_model
 from .distributed import Dist
 from .rundir import RunDir, TrainDir, check_settings, prune_record, prune_settings, run_settings
 from .runtime import resolve_amp
@@ -217,16 +217,11 @@ def _target_latency(rd: RunDir, original: Checkpoint, final: Checkpoint, cfg: Se
     """The final model's latency on a latency budget's target against the original's, with the
     speed-up the search's latency model (RUN/latency.json) predicts for its widths."""
     from .graph import build_graph
-    from .io import read_json
-    from .latency import LatencyModel
-    from .pruning import latency_report
-    from .rundir import LATENCY, REMEDY
     from .slim import slim_widths
 
     size = tuple(original.input_size)
-    saved = read_json(rd.latency, REMEDY[LATENCY])
     model = original.model.cpu()
-    lat = LatencyModel(model, build_graph(model, size), cfg.latency_target(), saved=saved["model"])
+    lat = saved_latency_model(rd, model, build_graph(model, size), cfg.latency_target())
     report = latency_report(lat, model, final.model.cpu(), size, slim_widths(lat.graph, final.model.cpu()))
     report.pop("comparison")
     return report

@@ -42,7 +42,7 @@ from .io import atomic_path, check_output_folder, save_torch, write_json
 from .lock import check_free, hold
 from .masks import MaskedNetwork
 from .slim import slim_model
-from .rundir import ADAPTED, REMEDY, RunDir, check_settings, load_artifact, prune_record, prune_settings
+from .rundir import ADAPTED, LATENCY, REMEDY, RunDir, check_settings, load_artifact, prune_record, prune_settings
 from .latency import compare_on_target
 from .search import (SearchConfig, Searcher, SearchState, adapt, carve_search_sets, check_reachable, fit_search_sets,
                      with_keep)
@@ -110,8 +110,8 @@ def prune(model: Checkpoint | str | Path | nn.Module, data: Any, keep: float | N
     ckpt = as_checkpoint(model, splits, input_size=input_size, normalization=normalization, factory=factory,
                          factory_kwargs=factory_kwargs)
     explicit = _read_search_sets(search_sets, splits, progress)
-    check_prunable(ckpt, splits, cfg)
-    latency = _latency_model(ckpt, cfg, rd, resume, progress and dist.is_main)  # a latency budget's, before any write
+    graph = check_prunable(ckpt, splits, cfg)
+    latency = _latency_model(ckpt, graph, cfg, rd, resume, progress and dist.is_main)  # a latency budget's, before any write
     if latency is not None and cfg.latency_runtime == "onnxruntime" and cfg.round_to % 8:
         dist.note("ONNX Runtime runs convs whose widths are not multiples of its vector block (8, or 16 with "
                   "AVX-512) in a slower layout, which a per-layer "
@@ -313,7 +313,7 @@ def _adaptation(model: nn.Module, d_sub: Any, norm: Any, cfg: SearchConfig, dist
     dist.broadcast_([*model.parameters(), *model.buffers()])
 
 
-def _latency_model(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, resume: bool, progress: bool) -> Any:
+def _latency_model(ckpt: Checkpoint, graph: Any, cfg: SearchConfig, rd: RunDir, resume: bool, progress: bool) -> Any:
     """A latency budget's cost model (None for a FLOPs budget): the run directory's saved one when a
     run is resumed (it predicts as the search did so far), else built on the target (the layers the
     cache does not have are timed). A ``keep`` below its floor (every prunable group at one unit) is
@@ -322,20 +322,11 @@ def _latency_model(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, resume: bool
         return None
     import math
 
-    from .io import read_json
     from .latency import LatencyModel
-    from .rundir import REMEDY, LATENCY
 
-    graph = build_graph(ckpt.model, tuple(ckpt.input_size))
     target = cfg.latency_target()
-    saved = read_json(rd.latency, REMEDY[LATENCY]) if resume and rd.latency.exists() else None
-    if saved is not None:
-        if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict)):
-            raise EkgError(f"{rd.latency} holds no latency model; {REMEDY[LATENCY]}")
-        try:
-            lat = LatencyModel(ckpt.model, graph, target, saved=saved["model"])
-        except EkgError as e:
-            raise EkgError(f"{rd.latency}: {e}; {REMEDY[LATENCY]}") from None
+    if resume and rd.latency.exists():
+        lat = saved_latency_model(rd, ckpt.model, graph, target)
     else:
         quantum = [math.lcm(g.blocks, cfg.round_to) for g in graph.groups]
         lat = LatencyModel(ckpt.model, graph, target, quantum=quantum, progress=progress)
@@ -348,13 +339,26 @@ def _latency_model(ckpt: Checkpoint, cfg: SearchConfig, rd: RunDir, resume: bool
     return lat
 
 
+def saved_latency_model(rd: RunDir, model: nn.Module, graph: Any, target: Any) -> Any:
+    """The latency model ``RUN/latency.json`` keeps, for ``model`` (its ``graph``) on ``target``; a
+    damaged file, or one of another model or target, is one error naming it with the fix."""
+    from .io import read_json
+    from .latency import LatencyModel
+
+    saved = read_json(rd.latency, REMEDY[LATENCY])
+    if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict)):
+        raise EkgError(f"{rd.latency} holds no latency model; {REMEDY[LATENCY]}")
+    try:
+        return LatencyModel(model, graph, target, saved=saved["model"])
+    except EkgError as e:
+        raise EkgError(f"{rd.latency}: {e}; {REMEDY[LATENCY]}") from None
+
+
 def latency_report(latency: Any, original: nn.Module, slim: nn.Module, input_size: tuple[int, ...],
                    widths: Any, rounds: int | None = None) -> dict[str, Any]:
     """The slim network's latency on the latency model's target: predicted (ms, ratio and speed-up
     from the table) and measured end to end, interleaved with the original round by round
     (:func:`ekg.latency.compare_on_target`: the median speed-up with its spread over the rounds)."""
-    from .latency import compare_on_target
-
     cmp = compare_on_target({"original": original, "pruned": slim}, input_size, latency.target, rounds=rounds)
     predicted = latency.predict(widths)
     measured_ratio = cmp["ratio"]["pruned"]["median"]
@@ -367,11 +371,12 @@ def latency_report(latency: Any, original: nn.Module, slim: nn.Module, input_siz
             "refits": len(latency.refits), "note": (latency.accepted or {}).get("note"), "comparison": cmp}
 
 
-def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | None = None) -> None:
+def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | None = None) -> Any:
     """The errors :func:`prune` raises about its model and data before anything is written: another
     number of classes than the data's, another image size, no prunable channel group, a training-mode
     forward that is not the traced network (:func:`ekg.graph.check_training_forward`), or (with
-    ``cfg``) a ``keep`` below what the graph can reach (:func:`ekg.search.check_reachable`)."""
+    ``cfg``) a ``keep`` below what the graph can reach (:func:`ekg.search.check_reachable`). Returns
+    the dependency graph it checked."""
     if ckpt.num_classes != splits.num_classes:
         raise EkgError(f"the model predicts {ckpt.num_classes} classes but the data has {splits.num_classes}")
     if tuple(splits.train.image_size) != tuple(ckpt.input_size):
@@ -384,6 +389,7 @@ def check_prunable(ckpt: Checkpoint, splits: DataSplits, cfg: SearchConfig | Non
     check_training_forward(ckpt.model, tuple(ckpt.input_size))
     if cfg is not None and cfg.budget == "flops":  # a latency budget's floor is its latency model's
         check_reachable(graph, cfg)
+    return graph
 
 
 def _save_state(out: Path, state: SearchState) -> None:

@@ -111,7 +111,6 @@ def predicted_speedup(baseline: Any, model: Any, input_size: Any, target: Any) -
     from ..graph import build_graph
     from ..latency import LatencyModel
 
-    from ..errors import EkgError
     from ..slim import slim_widths
 
     base_graph = build_graph(baseline, tuple(input_size))
