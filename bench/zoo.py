@@ -30,7 +30,7 @@ there and the counts.
     python bench/zoo.py --tool ekg --redo                   # ekg again, Torch-Pruning's kept
     python bench/zoo.py --table                             # the table of the results there
 
-Each worker runs with one torch thread and an address-space limit (``--mem-gb``: a model that
+Each worker runs with ``--threads`` torch threads (default 1) and an address-space limit (``--mem-gb``: a model that
 needs more is "out of memory" instead of waking the machine's OOM killer); run the sweep under
 ``nice`` on a shared machine. The time limits are wall-clock: on a loaded machine a model's limit
 buys less work.
@@ -42,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,13 @@ TOOLS = ("ekg", "tp")
 
 def result_path(results: Path, name: str) -> Path:
     return results / (name.replace(":", "_") + ".json")
+
+
+def run_folder(name: str, scratch: Path, args: argparse.Namespace) -> Path:
+    """Where the ekg worker prunes ``name``: the scratch folder's ``run`` (deleted with it), or with
+    ``--runs DIR`` a folder of DIR kept while the search has not finished, so that the next sweep
+    resumes it (``ekg.prune(..., resume=True)``) instead of starting over."""
+    return Path(args.runs) / name.replace(":", "_") if args.runs else scratch / "run"
 
 
 def first_line(e: BaseException) -> str:
@@ -140,11 +148,14 @@ def ekg_worker(name: str, scratch: Path, args: argparse.Namespace) -> dict:
     except EkgError as e:
         rec["groups"] = rec["prunable_groups"] = None
         rec["graph_error"] = str(e)
-    out = scratch / "run"
+    out = run_folder(name, scratch, args)
     cfg = SearchConfig(keep=KEEP, val_per_class=2, sub_per_class=2, batch_size=20, step=args.step)
+    resume = (out / "config.json").exists()  # a search an earlier sweep began (--runs)
+    if resume:
+        rec["resumed_at_step"] = ekg_progress(out).get("step")
     t0 = time.perf_counter()
     try:
-        res = prune(model, data, KEEP, out=out, config=cfg, progress=False)
+        res = prune(model, data, KEEP, out=out, config=cfg, progress=False, resume=resume)
     except EkgError as e:
         written = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
         rec.update(status="refused" if not written else "failed", reason=str(e), written=written,
@@ -157,11 +168,15 @@ def ekg_worker(name: str, scratch: Path, args: argparse.Namespace) -> dict:
                    seconds=round(time.perf_counter() - t0, 1))
         return rec
     seconds = time.perf_counter() - t0
+    if resume:  # the search's own time over every part (search.jsonl), beside this part's
+        rec["search_s"] = round(sum(row.get("seconds", 0.0) for row in search_log(out)), 1)
     slim = res.model.eval()
     full = flops.count(model, size).flops
     counted = flops.count(slim, size).flops
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(3))
     back = load_checkpoint(out / "pruned.pt").model.eval()
+    if args.runs:
+        shutil.rmtree(out)  # finished: nothing to resume
     # the scale of the outputs prune's slim == masked check compared (its first D_val batch, as it carved it):
     # that check allows 1e-4 of it
     from ekg.data import get_normalization, iterate_batches
@@ -182,15 +197,19 @@ def ekg_worker(name: str, scratch: Path, args: argparse.Namespace) -> dict:
     return rec
 
 
-def ekg_progress(scratch: Path) -> dict:
-    """The last step of an interrupted search (search.jsonl), if it got that far."""
-    log = scratch / "run" / "search.jsonl"
+def search_log(run: Path) -> list[dict]:
+    """The steps of the search in ``run`` (search.jsonl), [] before the first."""
     try:
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in (run / "search.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
-        rows = []
+        return []
+
+
+def ekg_progress(run: Path) -> dict:
+    """The last step of an interrupted search, if it got that far."""
+    rows = search_log(run)
     if not rows:
-        return {"reached": "adaptation or the first step" if (scratch / "run").exists() else "before the search"}
+        return {"reached": "adaptation or the first step" if run.exists() else "before the search"}
     last = rows[-1]
     return {"step": last.get("step"), "flops_ratio": last.get("flops_ratio")}
 
@@ -290,15 +309,17 @@ def run_one(name: str, tool: str, args: argparse.Namespace) -> dict:
         result = scratch / "result.json"
         cmd = [sys.executable, __file__, "--worker", tool, name, "--scratch", str(scratch),
                "--step", str(args.step), "--per-class", str(args.per_class), "--tp-iters", str(args.tp_iters),
-               "--mem-gb", str(args.mem_gb)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+               "--mem-gb", str(args.mem_gb), "--threads", str(args.threads)] + (["--runs", args.runs] if args.runs else [])
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:
             rec = {"status": "timed out", "limit_s": limit}
-            rec.update(ekg_progress(scratch) if tool == "ekg" else tp_progress(scratch))
+            rec.update(ekg_progress(run_folder(name, scratch, args)) if tool == "ekg" else tp_progress(scratch))
+            if tool == "ekg" and args.runs:
+                rec["kept"] = "the search is kept in --runs: the next sweep resumes it"
             rec["commit"] = commit()
             return rec
         wall = round(time.perf_counter() - t0, 1)
@@ -327,7 +348,7 @@ def worker_main(args: argparse.Namespace) -> int:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -435,7 +456,9 @@ def summary(tool: str, r: dict) -> str:
             checks.append("FLOPs = flop_counter" if r["flops_equal_flop_counter"] and r["flops_equal_count"]
                           else "FLOPs ≠ flop_counter")
             checks.append("reload equal" if r["reload_equal"] else "reload DIFFERS")
-            return f"pruned: {r['steps']} steps, {r['seconds']:.0f} s; {', '.join(checks)}"
+            took = f"{r['seconds']:.0f} s" if "resumed_at_step" not in r else \
+                f"search {r['search_s']:.0f} s, resumed at step {r['resumed_at_step']}"
+            return f"pruned: {r['steps']} steps, {took}; {', '.join(checks)}"
         if s == "refused":
             return "refused: " + short(refusal(r["reason"]), 230) + ("" if not r["written"] else " (after writing!)")
         if s == "timed out":
@@ -510,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="models run at once (default 1)")
     p.add_argument("--mem-gb", type=float, default=12.0,
                    help="address-space limit of each worker in GiB (default 12): beyond it, 'out of memory'")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each worker (default 1)")
+    p.add_argument("--runs", metavar="DIR",
+                   help="keep each ekg search in DIR/NAME until it finishes: a timed-out search is resumed by the "
+                        "next sweep (its row then says at which step, and the search's time over every part)")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "NAME"), help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
