@@ -93,6 +93,8 @@ LB_LAND = LB + "test_a_latency_budget_lands_at_or_just_below_it_in_predicted_lat
 LB_E2E = LB + "test_ekg_prune_on_a_latency_budget_end_to_end"
 LB_TEST = LB + "test_ekg_test_predicts_and_measures_the_speed_up_on_the_target"
 LB_REFIT = LB + "test_a_landing_measured_above_the_budget_is_refitted_and_searched_on"
+LT_FORMAT = "tests/test_latency.py::test_units_and_comparisons_run_in_the_targets_format"
+LT_KEY = "tests/test_latency.py::test_the_cache_key_names_every_setting_a_timing_depends_on"
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,13 @@ MUTANTS: list[Mutant] = [
       "        if False:", (LB_REFIT,)),
     M("latency-refit-point-ignored", "a refitted prediction passes through every measured landing", "ekg/latency.py",
       "            pts += [(self.units_ms(w), ms) for w, ms in self.refits]\n", "", (LB_REFIT,)),
+    M("latency-format-not-deployed", "units and comparisons run in the target's dtype and memory format",
+      "ekg/latency.py", "        module = module.to(device=self.device, dtype=self.torch_dtype).eval()",
+      "        module = module.to(device=self.device).eval()", (LT_FORMAT,)),
+    M("latency-format-not-in-key", "a table's key names the target's format", "ekg/latency.py",
+      "    if t.dtype != \"float32\":\n        key[\"dtype\"] = t.dtype\n", "", (LT_KEY,)),
+    M("latency-format-mutates-model", "timing the full network leaves the caller's model as it was",
+      "ekg/latency.py", "lambda: copy.deepcopy(model))", "lambda: model)", (LT_FORMAT,)),
     M("study-perturb-across-blocks", "a study's perturbation swaps within each block of a grouped group",
       "ekg/study.py", "        n_blocks = (blocks or {}).get(gi, 1)", "        n_blocks = 1",
       ("tests/test_study.py::test_perturb_swaps_within_each_block_of_a_grouped_group",)),

@@ -29,6 +29,8 @@ there and the counts.
     python bench/zoo.py --only resnet18 timm:dla34 --redo   # a few models again
     python bench/zoo.py --tool ekg --redo                   # ekg again, Torch-Pruning's kept
     python bench/zoo.py --table                             # the table of the results there
+    python bench/zoo.py --only regnet_y_128gf --redo --runs /tmp/zoo-runs --ekg-limit 3600
+                                # a long search in parts: run it again to resume where it stopped
 
 Each worker runs with ``--threads`` torch threads (default 1) and an address-space limit (``--mem-gb``: a model that
 needs more is "out of memory" instead of waking the machine's OOM killer); run the sweep under

@@ -161,7 +161,8 @@ def test_the_table_is_cached_per_target_and_reused(tmp_path):
     assert redo.calls
 
 
-@pytest.mark.parametrize("field,value", [("runtime", "onnxruntime"), ("threads", 3), ("batch", 4)])
+@pytest.mark.parametrize("field,value", [("runtime", "onnxruntime"), ("threads", 3), ("batch", 4),
+                                         ("dtype", "bfloat16"), ("channels_last", True)])
 def test_the_cache_key_names_every_setting_a_timing_depends_on(field, value):
     base = LatencyTarget(threads=1)
     other = LatencyTarget(**{**base.__dict__, field: value})
@@ -173,14 +174,74 @@ def test_the_cache_key_names_every_setting_a_timing_depends_on(field, value):
     # another machine (CPU model or GPU name) or another torch is another table
     assert cache_path({**key, "device_name": "another CPU"}) != cache_path(key)
     assert cache_path({**key, "torch": "0.0"}) != cache_path(key)
+    # the default format is not in the key: float32 contiguous tables timed before there was a format keep theirs
+    assert set(key) == {"version", "device", "device_name", "runtime", "torch", "threads", "batch", "input_size"}
 
 
 @pytest.mark.parametrize("kwargs,match", [({"device": "tpu"}, "device"), ({"runtime": "tvm"}, "runtime"),
                                           ({"batch": 0}, "batch"), ({"threads": 0}, "threads"),
-                                          ({"batch": True}, "batch")])
+                                          ({"batch": True}, "batch"),
+                                          ({"dtype": "int8"}, "dtype must be one of float32, bfloat16, float16"),
+                                          ({"dtype": "float16"}, "float16 is a GPU format"),
+                                          ({"channels_last": "yes"}, "channels_last must be True or False"),
+                                          ({"runtime": "onnxruntime", "dtype": "bfloat16"}, "float32 ONNX graphs"),
+                                          ({"runtime": "onnxruntime", "channels_last": True}, "float32 ONNX graphs")])
 def test_bad_targets_are_one_line(kwargs, match):
-    with pytest.raises(EkgError, match=match):
+    with pytest.raises(EkgError, match=match) as e:
         LatencyTarget(**kwargs).validate()
+    assert "\n" not in str(e.value)
+
+
+class Shared(list):
+    """A list that deep copies of its holder share (compare_on_target times copies of the models)."""
+
+    def __deepcopy__(self, memo: dict) -> "Shared":
+        return self
+
+
+class FormatSpy(nn.Module):
+    """Records the dtype and memory format of every input it gets, and its conv's weight's."""
+
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.conv, self.seen = nn.Conv2d(3, 4, 3), seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                          self.conv.weight.dtype,
+                          self.conv.weight.is_contiguous(memory_format=torch.channels_last)
+                          and not self.conv.weight.is_contiguous()))
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("dtype,channels_last", [("float32", False), ("bfloat16", True), ("float32", True)])
+def test_units_and_comparisons_run_in_the_targets_format(dtype, channels_last, tmp_path):
+    """The timer and the end-to-end comparison run the model as deployed: weights and inputs in the
+    target's dtype and memory format; the models handed in are left as they were."""
+    from ekg.latency import compare_on_target
+
+    target = LatencyTarget(threads=1, dtype=dtype, channels_last=channels_last)
+    expect = (target.torch_dtype, channels_last, target.torch_dtype, channels_last)
+    seen = Shared()
+    _Timer(target, warmup=0, min_iters=1, min_ms=0).time_module(FormatSpy(seen), (3, 8, 8))
+    assert seen and set(seen) == {expect}
+    seen.clear()
+    spy = FormatSpy(seen)
+    cmp = compare_on_target({"a": spy, "b": spy}, (3, 8, 8), target, rounds=1)
+    assert seen and set(seen) == {expect} and cmp["target"] == target.describe()
+    assert spy.conv.weight.dtype == torch.float32 and spy.conv.weight.is_contiguous()
+    # a whole table in that format leaves the caller's model in float32, contiguous
+    model, graph = tiny()
+    lm = LatencyModel(model, graph, target, cache=tmp_path, progress=False, quantum=8,
+                      timer=_Timer(target, warmup=0, min_iters=1, min_ms=0))
+    assert lm.full_ms > 0 and all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    assert lm.to_dict()["key"] == cache_key(target, SIZE)
+
+
+def test_the_targets_description_names_a_format_other_than_the_default():
+    assert LatencyTarget(threads=2).describe() == "torch on CPU, 2 threads, batch 1"
+    assert LatencyTarget(threads=1, dtype="bfloat16", channels_last=True, batch=8).describe() == \
+        "torch on CPU, 1 thread, bfloat16, channels-last, batch 8"
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])

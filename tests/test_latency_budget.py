@@ -127,6 +127,9 @@ def test_a_searcher_needs_a_latency_model_exactly_for_a_latency_budget():
 @pytest.mark.parametrize("kwargs,match", [
     ({"latency_runtime": "onnxruntime"}, r"`latency_runtime` sets the latency target of a latency budget"),
     ({"latency_threads": 2, "latency_batch": 8}, r"`latency_threads`, `latency_batch` set the latency target"),
+    ({"latency_dtype": "bfloat16", "latency_channels_last": True},
+     r"`latency_dtype`, `latency_channels_last` set the latency target"),
+    ({"budget": "latency", "latency_dtype": "float64"}, "latency dtype must be one of"),
     ({"budget": "time"}, r"`budget` must be one of flops, latency"),
     ({"budget": "latency", "compat": "release"}, "not part of the original release"),
     ({"budget": "latency", "latency_device": "tpu"}, "latency device must be one of cpu, cuda"),
@@ -224,6 +227,13 @@ def test_ekg_test_predicts_and_measures_the_speed_up_on_the_target(tmp_path, sha
                  "--latency-threads", "1", "--latency-batch", "1", "--latency-rounds", "2"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("latency batch"))
     assert "speed-up" in line and "predicted" in line
+    # the model as deployed in another format: measured in it, and the target says so
+    assert main(["test", "--model", str(half), "--data", str(cifar10_exact), "--latency", "--latency-threads", "1",
+                 "--latency-dtype", "bfloat16", "--latency-channels-last", "--latency-batch", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["latency_target"] == "torch on CPU, 1 thread, bfloat16, channels-last" and "latency_cpu" not in res
+    (on,) = res["latency_on_target"]
+    assert on["batch_size"] == 2 and on["median_ms"] > 0 and on["threads"] == 1
     # a bad target is one line, before any work
     code = main(["test", "--model", str(half), "--data", str(tmp_path / "nowhere"), "--latency",
                  "--latency-threads", "0"])

@@ -173,12 +173,13 @@ def measure_latency(model: nn.Module, input_size: tuple[int, int, int], batch_si
 
 def compare_latency(models: Mapping[str, nn.Module], input_size: tuple[int, int, int], batch_size: int = 1, *,
                     device: torch.device | str = "cpu", rounds: int = COMPARE_ROUNDS, iters_per_round: int = 3,
-                    warmup: int = 3, baseline: str | None = None) -> dict[str, Any]:
+                    warmup: int = 3, baseline: str | None = None, example: torch.Tensor | None = None) -> dict[str, Any]:
     """Latency of several models on one input, timed interleaved: ``rounds`` rounds in which each
     model in turn (in the mapping's order) runs ``iters_per_round`` timed forward passes, after
     ``warmup`` untimed ones each. A round's time of a model is the median of its passes in that
     round; passes of the models in one round run within moments of each other, so a change of load
-    hits them alike and their ratio survives it.
+    hits them alike and their ratio survives it. ``example``: the input batch to time on (its
+    dtype and memory format the models'); default: a random float32 batch on ``device``.
 
     Returns ``batch_size``, ``device``, ``threads``, ``rounds``, ``iters_per_round``, ``warmup``,
     ``baseline`` (the name the others are compared with; default: the first), and
@@ -198,7 +199,7 @@ def compare_latency(models: Mapping[str, nn.Module], input_size: tuple[int, int,
     if baseline not in models:
         raise EkgError(f"baseline {baseline!r} is not one of the models ({', '.join(models)})")
     _check_counts(batch_size=batch_size, rounds=rounds, iters_per_round=iters_per_round, warmup=warmup)
-    x = torch.randn(batch_size, *input_size, device=device)
+    x = torch.randn(batch_size, *input_size, device=device) if example is None else example
     times = dict(zip(models, _timed_rounds(list(models.values()), x, rounds=rounds, iters=iters_per_round,
                                            warmup=warmup)))
     round_ms = {name: [statistics.median(r) for r in per_round] for name, per_round in times.items()}

@@ -27,18 +27,22 @@ run on is the one users care about. Built the way NetAdapt/HALP-style tools buil
 
 Targets (:class:`LatencyTarget`): ``device`` cpu or cuda, ``runtime`` torch (eager, inference mode)
 or onnxruntime (CPU; a unit is a one-node ONNX graph, batch norm folds into the conv there as in a
-real export, so it is no unit), ``threads`` (CPU), ``batch``.
+real export, so it is no unit), ``threads`` (CPU), ``batch``, and for eager torch the format the
+model is deployed in: ``dtype`` (float32, bfloat16, float16 on a GPU: weights and inputs, as
+``model.to(dtype)``) and ``channels_last`` (4-D weights and inputs in channels-last memory format).
+Every unit, every end-to-end measurement and every comparison runs in that format.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -50,6 +54,7 @@ from .errors import EkgError
 
 DEVICES = ("cpu", "cuda")
 RUNTIMES = ("torch", "onnxruntime")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRID_POINTS = 8          # widths timed per dimension of a unit when more are reachable
 TABLE_VERSION = 2        # 2: ONNX Runtime sessions without spin-waiting
 
@@ -62,6 +67,8 @@ class LatencyTarget:
     runtime: str = "torch"
     threads: int | None = None
     batch: int = 1
+    dtype: str = "float32"       # the deployed model's dtype (eager torch): float32 | bfloat16 | float16 (cuda)
+    channels_last: bool = False  # the deployed model's memory format (eager torch)
 
     def validate(self) -> "LatencyTarget":
         if self.device not in DEVICES:
@@ -73,6 +80,16 @@ class LatencyTarget:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EkgError(f"latency {name} must be an integer >= 1, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise EkgError(f"latency dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.channels_last, bool):
+            raise EkgError(f"latency channels_last must be True or False, got {self.channels_last!r}")
+        if self.runtime == "onnxruntime" and (self.dtype != "float32" or self.channels_last):
+            raise EkgError("the onnxruntime latency target times float32 ONNX graphs in their own layout: drop "
+                           "--latency-dtype/--latency-channels-last, or use the torch runtime")
+        if self.dtype == "float16" and self.device != "cuda":
+            raise EkgError("latency dtype float16 is a GPU format (CPU kernels of float16 convolutions are no "
+                           "deployment's): use --latency-device cuda, or bfloat16 on the CPU")
         if self.device == "cuda":
             if self.runtime != "torch":
                 raise EkgError("the onnxruntime latency target runs on the CPU: use --latency-device cpu, or the "
@@ -80,6 +97,9 @@ class LatencyTarget:
             if not torch.cuda.is_available():
                 raise EkgError("latency device cuda was asked for but no CUDA GPU is available: use "
                                "--latency-device cpu")
+            if self.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+                raise EkgError(f"latency dtype bfloat16 is not supported on {torch.cuda.get_device_name()}: use "
+                               "float16 or float32")
         if self.runtime == "onnxruntime":
             import importlib.util
 
@@ -89,12 +109,27 @@ class LatencyTarget:
 
     def resolved(self) -> "LatencyTarget":
         """The target with ``threads`` filled in (torch's current count when unset)."""
-        return LatencyTarget(self.device, self.runtime, self.threads or torch.get_num_threads(), self.batch)
+        return replace(self, threads=self.threads or torch.get_num_threads())
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def deployed(self, module: nn.Module) -> nn.Module:
+        """``module`` (converted in place) on the target's device, in its dtype and memory format, in eval mode."""
+        module = module.to(device=self.device, dtype=self.torch_dtype).eval()
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def example(self, shape: Sequence[int]) -> torch.Tensor:
+        """A random input of ``shape`` (batch included) on the target, in its dtype and memory format."""
+        x = torch.randn(*shape, device=self.device, dtype=self.torch_dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def describe(self) -> str:
         t = self.resolved()
         where = "GPU" if t.device == "cuda" else f"CPU, {t.threads} thread{'s' if t.threads != 1 else ''}"
-        return f"{t.runtime} on {where}, batch {t.batch}"
+        fmt = "".join((f", {t.dtype}" if t.dtype != "float32" else "", ", channels-last" if t.channels_last else ""))
+        return f"{t.runtime} on {where}{fmt}, batch {t.batch}"
 
 
 def device_name(device: str) -> str:
@@ -121,9 +156,15 @@ def runtime_version(runtime: str) -> str:
 def cache_key(target: LatencyTarget, input_size: Sequence[int]) -> dict[str, Any]:
     """What a timing depends on besides the unit itself. Two tables with equal keys are interchangeable."""
     t = target.resolved()
-    return {"version": TABLE_VERSION, "device": t.device, "device_name": device_name(t.device),
-            "runtime": runtime_version(t.runtime), "torch": torch.__version__, "threads": t.threads,
-            "batch": t.batch, "input_size": [int(s) for s in input_size]}
+    key = {"version": TABLE_VERSION, "device": t.device, "device_name": device_name(t.device),
+           "runtime": runtime_version(t.runtime), "torch": torch.__version__, "threads": t.threads,
+           "batch": t.batch, "input_size": [int(s) for s in input_size]}
+    # the format only where it is not the default: float32 contiguous tables keep their keys (and files)
+    if t.dtype != "float32":
+        key["dtype"] = t.dtype
+    if t.channels_last:
+        key["channels_last"] = True
+    return key
 
 
 def cache_path(key: dict[str, Any], root: Path | None = None) -> Path:
@@ -336,13 +377,14 @@ class _Timer:
         return statistics.median(times)
 
     def time_module(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        """The time (ms) of one forward of ``module`` on a batch of ``shape`` inputs on the target; the
+        module is converted to the target's device, dtype and memory format in place."""
         t = self.target
         if t.runtime == "onnxruntime":
             return self._time_onnx(module, shape)
-        device = torch.device(t.device)
-        module = module.to(device).eval()
-        x = torch.randn(t.batch, *shape, device=device)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        module = t.deployed(module)
+        x = t.example((t.batch, *shape))
+        sync = torch.cuda.synchronize if t.device == "cuda" else (lambda: None)
         with _threads(t.threads), torch.inference_mode():
             return self._repeat(lambda: module(x), sync)
 
@@ -475,7 +517,7 @@ class LatencyModel:
             points = grid(g.channels, quanta[g.index])
             self.half_widths[g.index] = min(points, key=lambda w: (abs(w - g.channels / 2), w))
         fp = _fingerprint(model, graph)
-        self.full_ms = self._measured(f"{fp}:full", lambda: model)
+        self.full_ms = self._measured(f"{fp}:full", lambda: copy.deepcopy(model))  # timing converts it
         self.half_ms = self._measured(f"{fp}:half", lambda: _first_channels(model, graph, self.half_widths))
         self.refits: list[tuple[list[int], float]] = []
         self.accepted: dict[str, Any] | None = None  # the landing measured within tolerance (widths, ratio)
@@ -651,18 +693,18 @@ def compare_on_target(models: dict[str, nn.Module], input_size: Sequence[int], t
     """:func:`ekg.evaluate.compare_latency` on ``target``: the models timed interleaved, round by
     round, in its runtime (eager torch in inference mode on its device, or ONNX Runtime sessions),
     with its threads and batch. Adds ``target`` (its description) to the result."""
-    import copy
-
     from .evaluate import COMPARE_ROUNDS, compare_latency
 
     t = target.validate().resolved()
     if t.runtime == "onnxruntime":
         runners: dict[str, Any] = {n: _OrtRunner(copy.deepcopy(m), t, input_size) for n, m in models.items()}
+        x = torch.zeros(t.batch, *input_size)  # unused: each session has its input
     else:
-        runners = {n: copy.deepcopy(m).to(t.device).eval() for n, m in models.items()}
+        runners = {n: t.deployed(copy.deepcopy(m)) for n, m in models.items()}
+        x = t.example((t.batch, *input_size))
     with _threads(t.threads):
-        out = compare_latency(runners, tuple(input_size), t.batch, device="cpu" if t.runtime == "onnxruntime" else t.device,
-                              rounds=rounds or COMPARE_ROUNDS, baseline=baseline)
+        out = compare_latency(runners, tuple(input_size), t.batch, device=x.device, rounds=rounds or COMPARE_ROUNDS,
+                              baseline=baseline, example=x)
     out["target"] = t.describe()
     out["threads"] = t.threads
     return out

@@ -120,9 +120,10 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_latency_target_args(p: argparse.ArgumentParser) -> None:
-    """--latency-device, --latency-runtime, --latency-threads: the machine a latency is measured on
-    (defaults from SearchConfig)."""
-    from ..latency import DEVICES, RUNTIMES
+    """--latency-device, --latency-runtime, --latency-threads, --latency-dtype, --latency-channels-last:
+    the machine a latency is measured on and the format the model runs in there (defaults from
+    SearchConfig)."""
+    from ..latency import DEVICES, DTYPES, RUNTIMES
     from ..search import SearchConfig
 
     d = SearchConfig()
@@ -133,13 +134,19 @@ def add_latency_target_args(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     p.add_argument("--latency-threads", type=int, default=d.latency_threads, metavar="T",
                    help="CPU threads of the latency target; default: torch's current number")
+    p.add_argument("--latency-dtype", choices=list(DTYPES), default=d.latency_dtype,
+                   help="the dtype the model is deployed in (torch runtime; float16 on cuda only); default: "
+                        "%(default)s")
+    p.add_argument("--latency-channels-last", action="store_true", default=d.latency_channels_last,
+                   help="the model is deployed in channels-last memory format (torch runtime)")
 
 
 def latency_target(args: argparse.Namespace, batch: int) -> Any:
     """The LatencyTarget of the --latency-* flags at ``batch``, validated."""
     from ..latency import LatencyTarget
 
-    return LatencyTarget(args.latency_device, args.latency_runtime, args.latency_threads, batch).validate()
+    return LatencyTarget(args.latency_device, args.latency_runtime, args.latency_threads, batch, args.latency_dtype,
+                         args.latency_channels_last).validate()
 
 
 def _percents(fractions: Any) -> str:
@@ -248,7 +255,8 @@ def search_config(args: argparse.Namespace) -> Any:
                        sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb,
                        search_bn=args.search_bn, compat=args.compat, round_to=args.round_to, budget=args.budget,
                        latency_device=args.latency_device, latency_runtime=args.latency_runtime,
-                       latency_threads=args.latency_threads, latency_batch=args.latency_batch)
+                       latency_threads=args.latency_threads, latency_batch=args.latency_batch,
+                       latency_dtype=args.latency_dtype, latency_channels_last=args.latency_channels_last)
     cfg.validate()
     return cfg
 

@@ -43,7 +43,7 @@ def add_parser(sub: Any) -> None:
 def cmd_test(args: argparse.Namespace) -> int:
     from ..data import get_normalization
     from ..evaluate import COMPARE_ROUNDS, evaluate, measure_latency
-    from ..latency import compare_on_target
+    from ..latency import LatencyTarget, compare_on_target
     from ..flops import count
     from ..runtime import resolve_device
 
@@ -74,7 +74,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     result.update(evaluate(model, split, norm, batch_size=args.batch_size, device=device, bn_mode=args.bn))
     counts = count(ckpt.model, ckpt.input_size)
     result.update({"flops": counts.flops, "params": counts.params, "flops_convention": counts.convention})
-    default_target = (args.latency_device, args.latency_runtime, args.latency_threads) == ("cpu", "torch", None)
+    default_target = targets[0] == LatencyTarget(batch=targets[0].batch)  # the plain CPU measurement
     if baseline is not None:  # both timed interleaved, round by round, on the target
         models = {"model": ckpt.model.to("cpu"), "baseline": baseline.model.to("cpu")}
         rounds = args.latency_rounds or COMPARE_ROUNDS

@@ -28,6 +28,8 @@ class SearchConfig:
     latency_runtime: str = "torch"     # torch (eager) | onnxruntime (CPU)
     latency_threads: int | None = None  # CPU threads; None: torch's current number
     latency_batch: int = 1
+    latency_dtype: str = "float32"     # the deployed model's dtype: float32 | bfloat16 | float16 (cuda); torch runtime
+    latency_channels_last: bool = False  # the deployed model's memory format; torch runtime
     importance: str = "ekg"            # ekg | taylor | l1 | fpgm | random
     reward: str = "ensemble"           # ensemble (J) | val-loss (CE)
     method: str = "greedy"             # greedy | uniform
@@ -68,9 +70,8 @@ class SearchConfig:
                 raise EkgError("a latency budget is not part of the original release's search: use `compat` method")
             self.latency_target().validate()
         else:
-            given = [f"latency_{k}" for k, v in (("device", self.latency_device), ("runtime", self.latency_runtime),
-                                                 ("threads", self.latency_threads), ("batch", self.latency_batch))
-                     if v != SearchConfig.__dataclass_fields__[f"latency_{k}"].default]
+            given = [name for name in LATENCY_TARGET_FIELDS
+                     if getattr(self, name) != SearchConfig.__dataclass_fields__[name].default]
             if given:
                 raise EkgError(f"{', '.join(f'`{g}`' for g in given)} set{'s' if len(given) == 1 else ''} the latency "
                                "target of a latency budget: add `budget` latency, or drop it")
@@ -96,7 +97,7 @@ class SearchConfig:
         """The :class:`ekg.latency.LatencyTarget` the latency_* settings name."""
         from ..latency import LatencyTarget
 
-        return LatencyTarget(self.latency_device, self.latency_runtime, self.latency_threads, self.latency_batch)
+        return LatencyTarget(*(getattr(self, name) for name in LATENCY_TARGET_FIELDS))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +105,11 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# the fields that name the latency target, in LatencyTarget's order
+LATENCY_TARGET_FIELDS = ("latency_device", "latency_runtime", "latency_threads", "latency_batch", "latency_dtype",
+                         "latency_channels_last")
 
 
 def with_keep(config: SearchConfig | None, keep: float | None) -> SearchConfig:
