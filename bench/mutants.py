@@ -93,6 +93,7 @@ LB_LAND = LB + "test_a_latency_budget_lands_at_or_just_below_it_in_predicted_lat
 LB_E2E = LB + "test_ekg_prune_on_a_latency_budget_end_to_end"
 LB_TEST = LB + "test_ekg_test_predicts_and_measures_the_speed_up_on_the_target"
 LB_REFIT = LB + "test_a_landing_measured_above_the_budget_is_refitted_and_searched_on"
+LB_FLAT = LB + "test_a_landing_measured_slower_than_a_wider_network_is_searched_on_below_it"
 LT_FORMAT = "tests/test_latency.py::test_units_and_comparisons_run_in_the_targets_format"
 LT_KEY = "tests/test_latency.py::test_the_cache_key_names_every_setting_a_timing_depends_on"
 
@@ -330,6 +331,9 @@ MUTANTS: list[Mutant] = [
       "        if False:", (LB_REFIT,)),
     M("latency-refit-point-ignored", "a refitted prediction passes through every measured landing", "ekg/latency.py",
       "            pts += [(self.units_ms(w), ms) for w, ms in self.refits]\n", "", (LB_REFIT,)),
+    M("latency-refit-flat-floor", "below the cheapest measured point the prediction falls at least as the line",
+      "ekg/latency.py", "            return m0 + max(slope, self.scale) * (u - u0)",
+      "            return m0 + slope * (u - u0)", (LB_FLAT,)),
     M("latency-format-not-deployed", "units and comparisons run in the target's dtype and memory format",
       "ekg/latency.py", "        module = module.to(device=self.device, dtype=self.torch_dtype).eval()",
       "        module = module.to(device=self.device).eval()", (LT_FORMAT,)),

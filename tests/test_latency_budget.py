@@ -334,3 +334,40 @@ def test_a_landing_measured_above_the_budget_is_refitted_and_searched_on(tmp_pat
     again = LatencyModel(searcher.net.model, searcher.net.graph, TARGET, saved=json.loads(json.dumps(lat.to_dict())))
     assert again.ratio(searcher.net.widths()) == lat.ratio(searcher.net.widths()) and again.accepted == lat.accepted
 
+
+
+def test_a_landing_measured_slower_than_a_wider_network_is_searched_on_below_it(tmp_path):
+    """Real kernels are not monotone in width: in bfloat16 and channels-last on this machine's AMX
+    the half-width ResNet-56 ran 1.53× faster than the full one, a narrower landing only 1.27–1.33×
+    (bench/latency_format.py). Such a measurement is the cheapest point of the refitted prediction
+    and the segment above it is flat (the prediction is kept non-decreasing): the search must land
+    again just below it, instead
+    of running every group down to one channel for want of a slope. Below the cheapest measured
+    network the prediction falls with the two-point calibration's slope."""
+    import copy
+
+    from ekg.pruning import LATENCY_TOLERANCE, refit_landing
+
+    keep = 0.2  # below the half-width network (0.28 here): the landing is the cheapest network measured
+    searcher, _ = _search(0, keep, RoundedClock, tmp_path)
+    lat = searcher.latency
+    table = copy.deepcopy(lat)
+    half = lat.half_ms / lat.full_ms
+    assert lat.units_ms(searcher.net.widths()) < lat.units_ms(lat.half_widths) and keep < half
+    measured: list[float] = []
+
+    def measure(widths):  # the first landing runs slower than the half-width network; later ones as the table says
+        r = half + 0.05 if not measured else table.ratio(widths)
+        measured.append(r)
+        return r
+
+    state = refit_landing(searcher, searcher.final_state, lat, measure, keep)
+    assert measured[0] > half and len(lat.refits) == 1 and len(measured) == 2
+    assert "note" not in lat.accepted and measured[-1] <= keep * (1 + LATENCY_TOLERANCE)
+    floor = [min(g.channels, 1) for g in searcher.net.graph.prunable]
+    assert [int(searcher.net.widths()[g.index]) for g in searcher.net.graph.prunable] != floor
+    assert state.done and lat.ratio(searcher.net.widths()) <= keep
+    # below the measured point the prediction falls along the calibration line's slope
+    (u0, m0), (u1, m1) = lat._points[:2]
+    u = lat.units_ms(searcher.net.widths())
+    assert u < u0 and m1 == m0 and lat.predict(searcher.net.widths()) == pytest.approx(m0 + lat.scale * (u - u0))

@@ -542,7 +542,10 @@ class LatencyModel:
     def refit(self, widths: Sequence[int], ms: float) -> None:
         """Add a sub-network measured end to end (``ms`` on this model's target, on the scale of
         ``full_ms``): the prediction then passes through it, linear between measured points and
-        along the nearest segment beyond them."""
+        along the nearest segment beyond them; below the cheapest point it falls at least as steeply
+        as the two-point calibration line (``scale``): a segment made flat or shallow by a narrower
+        network measured no faster must not make every narrower network look no faster, or the
+        search would remove channels down to one per group looking for a slope."""
         self.refits.append(([int(w) for w in widths], float(ms)))
         self._last = None
         self._calibrate()
@@ -655,7 +658,10 @@ class LatencyModel:
         pts = self._points
         k = min(max(int(np.searchsorted([p[0] for p in pts], u)), 1), len(pts) - 1)
         (u0, m0), (u1, m1) = pts[k - 1], pts[k]
-        return m0 + (m1 - m0) / (u1 - u0) * (u - u0) if u1 > u0 else m1
+        slope = (m1 - m0) / (u1 - u0) if u1 > u0 else 0.0
+        if u < u0:  # below every measured network: at least the calibration line's slope
+            return m0 + max(slope, self.scale) * (u - u0)
+        return m0 + slope * (u - u0) if u1 > u0 else m1
 
     def ratio(self, widths: Sequence[int]) -> float:
         return self.predict(widths) / self.full_ms
