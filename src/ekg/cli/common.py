@@ -145,8 +145,10 @@ def latency_target(args: argparse.Namespace, batch: int) -> Any:
     """The LatencyTarget of the --latency-* flags at ``batch``, validated."""
     from ..latency import LatencyTarget
 
-    return LatencyTarget(args.latency_device, args.latency_runtime, args.latency_threads, batch, args.latency_dtype,
-                         args.latency_channels_last).validate()
+    from ..search.config import LATENCY_TARGET_FIELDS
+
+    fields = {name: getattr(args, name) for name in LATENCY_TARGET_FIELDS} | {"latency_batch": batch}
+    return LatencyTarget(*fields.values()).validate()
 
 
 def _percents(fractions: Any) -> str:
@@ -248,15 +250,14 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 def search_config(args: argparse.Namespace) -> Any:
     """The SearchConfig of `ekg prune` / `ekg run` (the flags of add_budget_args), validated."""
     from ..search import SearchConfig
+    from ..search.config import LATENCY_TARGET_FIELDS
 
     cfg = SearchConfig(keep=args.keep, importance=args.importance, reward=args.reward, method=args.method,
                        adapt=not args.no_adapt, bn_ops=args.bn_ops, fast=not args.straightforward,
                        device=args.device, seed=args.search_seed, val_per_class=args.val_per_class,
                        sub_per_class=args.sub_per_class, cache_gb=args.search_cache_gb,
                        search_bn=args.search_bn, compat=args.compat, round_to=args.round_to, budget=args.budget,
-                       latency_device=args.latency_device, latency_runtime=args.latency_runtime,
-                       latency_threads=args.latency_threads, latency_batch=args.latency_batch,
-                       latency_dtype=args.latency_dtype, latency_channels_last=args.latency_channels_last)
+                       **{name: getattr(args, name) for name in LATENCY_TARGET_FIELDS})
     cfg.validate()
     return cfg
 
